@@ -1,0 +1,781 @@
+//! The log: one writer thread owns the active segment and commits appends in groups.
+//!
+//! Appenders queue requests ([`Log::submit`], [`Log::append`]). The writer takes everything
+//! queued, gives the records consecutive offsets, writes them with one positional write per
+//! segment touched, makes them durable with one fdatasync (per [`FsyncPolicy`]), applies them
+//! to the index in one atomic batch, publishes the new durable end, and only then completes
+//! every request. A write or fsync error poisons the log: every waiter gets the error and
+//! every later append gets [`Error::Poisoned`] (fail-stop; no fsync is ever retried).
+//!
+//! **Invariant:** offsets below [`Log::durable_end`] are durable under the policy, indexed,
+//! and readable; nothing above it is visible to readers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::index::{Index, Location};
+use crate::io::{DirLock, Disk, DiskFile, FileDisk};
+use crate::record::{self, Decoded, Frame, Record};
+use crate::recovery::{self, RecoveryReport};
+use crate::Offset;
+
+/// When appended records are made durable (SPEC §4 `fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fdatasync before any append completes (group commit shares one fsync between all the
+    /// appends of a batch).
+    Always,
+    /// Appends complete after the write; the writer fdatasyncs at most this long after.
+    Interval(Duration),
+    /// Appends complete after the write; the OS decides when bytes reach the disk (segments
+    /// are still synced when sealed and when the log closes).
+    Never,
+}
+
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            _ => {
+                let d = s.strip_prefix("interval:").ok_or_else(|| {
+                    format!("fsync policy `{s}` is not one of always, never, interval:<duration>")
+                })?;
+                let (num, unit) =
+                    d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
+                let n: u64 = num
+                    .parse()
+                    .map_err(|_| format!("`{d}` is not a duration like 250ms or 1s"))?;
+                let ms = match unit {
+                    "ms" => n,
+                    "s" => n * 1000,
+                    "m" => n * 60_000,
+                    _ => return Err(format!("`{d}` is not a duration like 250ms or 1s")),
+                };
+                Ok(Self::Interval(Duration::from_millis(ms)))
+            }
+        }
+    }
+}
+
+/// Everything [`Log::open`] needs besides the directory.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// The file system; [`FileDisk`] unless simulating.
+    pub disk: Arc<dyn Disk>,
+    /// When appends are made durable.
+    pub fsync: FsyncPolicy,
+    /// Roll to a new segment once the active one would grow past this.
+    pub segment_bytes: u64,
+    /// Largest accepted record frame.
+    pub max_record_bytes: u64,
+    /// sled's page cache (its default of 1 GiB is far more than the index needs).
+    pub index_cache_bytes: u64,
+    /// Where the sled index lives; `<dir>/index` by default.
+    pub index_dir: Option<PathBuf>,
+    /// Check the CRC of every record of the segments the index checkpoint covers when opening
+    /// (no decoding: about as fast as reading the files), so that damage anywhere refuses the
+    /// open. Off, opening reads only the log after the checkpoint, whatever the log's size, and
+    /// older records are checked when read and by `verify`.
+    pub verify_sealed: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            disk: Arc::new(FileDisk),
+            fsync: FsyncPolicy::Always,
+            segment_bytes: 64 << 20,
+            max_record_bytes: 16 << 20,
+            index_cache_bytes: 64 << 20,
+            index_dir: None,
+            verify_sealed: true,
+        }
+    }
+}
+
+/// The offsets given to one completed append: `first .. first + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record.
+    pub first: Offset,
+    /// Number of records.
+    pub count: u64,
+}
+
+/// A segment as readers see it.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) base: Offset,
+    pub(crate) path: PathBuf,
+    pub(crate) file: Box<dyn DiskFile>,
+}
+
+/// One segment's description, for stats and tools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// First offset.
+    pub base: Offset,
+    /// File path.
+    pub path: PathBuf,
+    /// Length in bytes.
+    pub bytes: u64,
+}
+
+/// Whole segments to delete (SPEC §4 `retention.*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep the log's total size under this, deleting only segments with nothing pending.
+    pub max_bytes: Option<u64>,
+    /// Delete segments whose newest record is older than this, pending or not.
+    pub max_age_ms: Option<u64>,
+}
+
+type Callback = Box<dyn FnOnce(Result<Appended>) + Send>;
+type Listener = Arc<dyn Fn(Offset) + Send + Sync>;
+
+struct Request {
+    timestamp_ms: u64,
+    records: Vec<Record>,
+    done: Callback,
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: Vec<Request>,
+    closed: bool,
+}
+
+/// State shared by the writer thread, appenders and readers.
+pub(crate) struct Shared {
+    /// The data directory.
+    dir: PathBuf,
+    /// `<dir>/log`.
+    log_dir: PathBuf,
+    disk: Arc<dyn Disk>,
+    options: LogOptions,
+    /// The derived index; written only by the writer thread (and recovery before it starts).
+    index: Index,
+    /// Appends waiting for the writer; `wake_writer` is notified on every push and on close.
+    queue: Mutex<Queue>,
+    wake_writer: Condvar,
+    /// Every segment by base offset; the last one is the active segment.
+    segments: RwLock<BTreeMap<Offset, Arc<Segment>>>,
+    /// Next offset to be made visible: every offset below is durable and indexed.
+    durable_end: Mutex<Offset>,
+    durable_advanced: Condvar,
+    /// Called with the new durable end after every commit.
+    listeners: Mutex<Vec<Listener>>,
+    /// Set after any failed write or fsync; never cleared.
+    poisoned: AtomicBool,
+    /// Serializes retention passes.
+    retention: Mutex<()>,
+}
+
+/// The message log. See the module documentation.
+pub struct Log {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    _lock: DirLock,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the fsync interval is measured on the monotonic clock"
+)]
+fn monotonic_now() -> Instant {
+    Instant::now()
+}
+
+impl Log {
+    /// Opens the log in `dir` (creating it if empty), recovering from whatever a crash left:
+    /// a torn tail of the newest segment is truncated and reported, damage anywhere else is
+    /// [`Error::Corrupt`], and the index is brought up to date from its checkpoint.
+    pub fn open(dir: &Path, options: LogOptions) -> Result<(Self, RecoveryReport)> {
+        let disk = options.disk.clone();
+        let log_dir = dir.join("log");
+        disk.create_dir_all(&log_dir)
+            .map_err(|e| Error::io("create directory", &log_dir, e))?;
+        disk.sync_dir(dir)
+            .map_err(|e| Error::io("sync directory", dir, e))?;
+        let lock_path = log_dir.join(".lock");
+        let lock = disk.lock(&lock_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => Error::Locked {
+                path: dir.to_path_buf(),
+            },
+            _ => Error::io("lock", &lock_path, e),
+        })?;
+        let index_dir = options
+            .index_dir
+            .clone()
+            .unwrap_or_else(|| dir.join("index"));
+        let index = Index::open(&index_dir, options.index_cache_bytes)?;
+        let recovered = recovery::recover(disk.as_ref(), &log_dir, &index, options.verify_sealed)?;
+        let end = recovered.report.next_offset;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            log_dir,
+            disk,
+            options,
+            index,
+            queue: Mutex::new(Queue::default()),
+            wake_writer: Condvar::new(),
+            segments: RwLock::new(recovered.segments),
+            durable_end: Mutex::new(end),
+            durable_advanced: Condvar::new(),
+            listeners: Mutex::new(Vec::new()),
+            poisoned: AtomicBool::new(false),
+            retention: Mutex::new(()),
+        });
+        let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
+        let handle = std::thread::Builder::new()
+            .name("courier-log-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io("spawn writer thread", dir, e))?;
+        let log = Self {
+            shared,
+            writer: Mutex::new(Some(handle)),
+            _lock: lock,
+        };
+        Ok((log, recovered.report))
+    }
+
+    /// Queues `records` for appending with the given wall-clock timestamp; `done` is called
+    /// from the writer thread once they are durable (or failed). All or none are appended.
+    pub fn submit(
+        &self,
+        timestamp_ms: u64,
+        records: Vec<Record>,
+        done: impl FnOnce(Result<Appended>) + Send + 'static,
+    ) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return done(Err(Error::Poisoned));
+        }
+        let mut queue = self.shared.queue.lock().expect("queue lock");
+        if queue.closed {
+            drop(queue);
+            return done(Err(Error::Closed));
+        }
+        queue.requests.push(Request {
+            timestamp_ms,
+            records,
+            done: Box::new(done),
+        });
+        drop(queue);
+        self.shared.wake_writer.notify_one();
+    }
+
+    /// Appends `records` and blocks until they are durable under the fsync policy.
+    pub fn append(&self, timestamp_ms: u64, records: Vec<Record>) -> Result<Appended> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.submit(timestamp_ms, records, move |result| {
+            let _ = tx.send(result);
+        });
+        rx.recv().unwrap_or(Err(Error::Closed))
+    }
+
+    /// Reads the record at `offset` through the index (never a scan).
+    pub fn read(&self, offset: Offset) -> Result<Frame> {
+        if offset >= self.durable_end() {
+            return Err(Error::NotFound(offset.0));
+        }
+        let location = self
+            .shared
+            .index
+            .location(offset)?
+            .ok_or(Error::NotFound(offset.0))?;
+        self.read_at(offset, location)
+    }
+
+    fn read_at(&self, offset: Offset, location: Location) -> Result<Frame> {
+        let segment = {
+            let segments = self.shared.segments.read().expect("segments lock");
+            segments
+                .get(&location.segment)
+                .cloned()
+                .ok_or(Error::NotFound(offset.0))?
+        };
+        let len = usize::try_from(location.len).map_err(|_| Error::NotFound(offset.0))?;
+        let mut buf = vec![0u8; len];
+        segment
+            .file
+            .read_at(&mut buf, location.position)
+            .map_err(|e| Error::io("read segment", &segment.path, e))?;
+        let corrupt = |reason| Error::Corrupt {
+            segment: segment.path.clone(),
+            position: location.position,
+            reason,
+        };
+        match record::decode(&buf) {
+            Decoded::Record(frame, _) if frame.offset == offset => Ok(frame),
+            Decoded::Record(frame, _) => Err(corrupt(crate::Corruption::OffsetMismatch {
+                expected: offset.0,
+                found: frame.offset.0,
+            })),
+            Decoded::Corrupt(reason) => Err(corrupt(reason)),
+            Decoded::Zero => Err(corrupt(crate::Corruption::Zeroed)),
+            Decoded::Incomplete { .. } => Err(corrupt(crate::Corruption::Truncated)),
+        }
+    }
+
+    /// The offset after the last durable record: every offset below it can be read.
+    pub fn durable_end(&self) -> Offset {
+        *self.shared.durable_end.lock().expect("durable lock")
+    }
+
+    /// Blocks until the durable end passes `end` or `timeout` elapses; returns the durable end.
+    pub fn wait_past(&self, end: Offset, timeout: Duration) -> Offset {
+        let guard = self.shared.durable_end.lock().expect("durable lock");
+        let (guard, _) = self
+            .shared
+            .durable_advanced
+            .wait_timeout_while(guard, timeout, |current| *current <= end)
+            .expect("durable lock");
+        *guard
+    }
+
+    /// Registers `listener`, called from the writer thread with the new durable end after each
+    /// commit (for example to wake async long-polls). It must not block.
+    pub fn on_durable(&self, listener: impl Fn(Offset) + Send + Sync + 'static) {
+        self.shared
+            .listeners
+            .lock()
+            .expect("listeners lock")
+            .push(Arc::new(listener));
+    }
+
+    /// The derived index (read access; the writer thread is its only writer).
+    pub fn index(&self) -> &Index {
+        &self.shared.index
+    }
+
+    /// Whether an earlier I/O failure stopped the log.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Makes the index durable up to what is applied (the checkpoint) and returns that offset.
+    /// Recovery replays only the log after the last checkpoint. sled also checkpoints by itself
+    /// every second.
+    pub fn checkpoint(&self) -> Result<Option<Offset>> {
+        self.shared.index.flush()
+    }
+
+    /// The segments, oldest first.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let segments = self.shared.segments.read().expect("segments lock");
+        segments
+            .values()
+            .map(|s| SegmentInfo {
+                base: s.base,
+                path: s.path.clone(),
+                bytes: s.file.len().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Deletes whole old segments per `retention` at wall-clock time `now_ms` and returns the
+    /// paths deleted. The active segment is never deleted; a segment is deleted for size only
+    /// if no message in it is pending or dead-lettered, and for age regardless (their delivery
+    /// state is dropped by a [`Record::Truncated`] appended first). Agents and subscriptions
+    /// are appended again first, so that no registration lives only in a deleted segment.
+    pub fn enforce_retention(&self, retention: Retention, now_ms: u64) -> Result<Vec<PathBuf>> {
+        let _serial = self.shared.retention.lock().expect("retention lock");
+        let segments = self.segments();
+        let mut total: u64 = segments.iter().map(|s| s.bytes).sum();
+        let live = self.shared.index.min_live_offset()?;
+        let mut below = None;
+        for pair in segments.windows(2) {
+            let (segment, next) = (&pair[0], &pair[1]);
+            let expired = match retention.max_age_ms {
+                Some(max_age) if next.base.0 > segment.base.0 => {
+                    let newest = self.read(Offset(next.base.0 - 1))?.timestamp_ms;
+                    newest.saturating_add(max_age) < now_ms
+                }
+                _ => false,
+            };
+            let oversize = retention.max_bytes.is_some_and(|max| total > max)
+                && live.is_none_or(|live| live >= next.base);
+            if !expired && !oversize {
+                break;
+            }
+            total -= segment.bytes;
+            below = Some(next.base);
+        }
+        let Some(below) = below else {
+            return Ok(Vec::new());
+        };
+        let mut records: Vec<Record> = self
+            .shared
+            .index
+            .agents()?
+            .into_iter()
+            .map(Record::AgentUpserted)
+            .collect();
+        for (agent, topic, start) in self.shared.index.subscriptions()? {
+            records.push(Record::Subscribed {
+                agent,
+                topic,
+                start,
+            });
+        }
+        records.push(Record::Truncated { below });
+        self.append(now_ms, records)?;
+        let doomed: Vec<Arc<Segment>> = {
+            let mut map = self.shared.segments.write().expect("segments lock");
+            let keep = map.split_off(&below);
+            std::mem::replace(&mut *map, keep).into_values().collect()
+        };
+        let mut deleted = Vec::new();
+        for segment in doomed {
+            self.shared
+                .disk
+                .remove_file(&segment.path)
+                .map_err(|e| Error::io("delete segment", &segment.path, e))?;
+            tracing::info!(segment = %segment.path.display(), "deleted segment by retention");
+            deleted.push(segment.path.clone());
+        }
+        let log_dir = &self.shared.log_dir;
+        self.shared
+            .disk
+            .sync_dir(log_dir)
+            .map_err(|e| Error::io("sync directory", log_dir, e))?;
+        Ok(deleted)
+    }
+
+    /// Stops the writer after the queued appends, syncs the active segment and flushes the
+    /// index. Called by `Drop` too; calling it twice is harmless.
+    pub fn close(&self) -> Result<()> {
+        self.shared.queue.lock().expect("queue lock").closed = true;
+        self.shared.wake_writer.notify_all();
+        if let Some(handle) = self.writer.lock().expect("writer lock").take() {
+            let _ = handle.join();
+        }
+        if self.is_poisoned() {
+            return Err(Error::Poisoned);
+        }
+        self.shared.index.flush()?;
+        Ok(())
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+/// A run of consecutive records in one segment, as the index records it.
+pub(crate) struct PositionRun {
+    pub(crate) segment: Offset,
+    pub(crate) first: Offset,
+    /// Each record's byte position, then the end of the last.
+    pub(crate) positions: Vec<u32>,
+}
+
+/// The writer thread's own state.
+struct Writer {
+    shared: Arc<Shared>,
+    active: Arc<Segment>,
+    active_len: u64,
+    next_offset: Offset,
+    unsynced: bool,
+    last_sync: Instant,
+    scratch: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+struct Accepted {
+    first: Offset,
+    count: u64,
+    done: Callback,
+}
+
+impl Writer {
+    fn new(shared: Arc<Shared>, next_offset: Offset, active_len: u64) -> Result<Self> {
+        let active = {
+            let segments = shared.segments.read().expect("segments lock");
+            segments
+                .values()
+                .next_back()
+                .cloned()
+                .ok_or_else(|| Error::Layout {
+                    path: shared.log_dir.clone(),
+                    why: "no active segment after recovery".into(),
+                })?
+        };
+        Ok(Self {
+            shared,
+            active,
+            active_len,
+            next_offset,
+            unsynced: false,
+            last_sync: monotonic_now(),
+            scratch: Vec::new(),
+            buf: Vec::new(),
+        })
+    }
+
+    fn run(mut self) {
+        loop {
+            let requests = {
+                let mut queue = self.shared.queue.lock().expect("queue lock");
+                loop {
+                    if !queue.requests.is_empty() {
+                        break std::mem::take(&mut queue.requests);
+                    }
+                    if queue.closed {
+                        drop(queue);
+                        if self.unsynced && !self.shared.poisoned.load(Ordering::Acquire) {
+                            let _ = self.sync().map_err(|e| self.poison(&e));
+                        }
+                        return;
+                    }
+                    let due = match self.shared.options.fsync {
+                        FsyncPolicy::Interval(every) if self.unsynced => {
+                            Some(every.saturating_sub(self.last_sync.elapsed()))
+                        }
+                        _ => None,
+                    };
+                    match due {
+                        Some(wait) if wait.is_zero() => break Vec::new(),
+                        Some(wait) => {
+                            queue = self
+                                .shared
+                                .wake_writer
+                                .wait_timeout(queue, wait)
+                                .expect("queue lock")
+                                .0
+                        }
+                        None => queue = self.shared.wake_writer.wait(queue).expect("queue lock"),
+                    }
+                }
+            };
+            if requests.is_empty() {
+                if let Err(e) = self.sync() {
+                    self.poison(&e);
+                }
+                continue;
+            }
+            self.commit(requests);
+        }
+    }
+
+    fn poison(&self, error: &Error) {
+        if !self.shared.poisoned.swap(true, Ordering::AcqRel) {
+            tracing::error!(%error, "log write failed; refusing all further writes (fail-stop)");
+        }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.active
+            .file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync segment", &self.active.path, e))?;
+        self.unsynced = false;
+        self.last_sync = monotonic_now();
+        Ok(())
+    }
+
+    fn commit(&mut self, requests: Vec<Request>) {
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            for request in requests {
+                (request.done)(Err(Error::Poisoned));
+            }
+            return;
+        }
+        let mut accepted = Vec::with_capacity(requests.len());
+        let mut frames = Vec::new();
+        let mut runs = Vec::new();
+        let result = self.write(requests, &mut accepted, &mut frames, &mut runs);
+        let result = result
+            .and_then(|()| self.make_durable())
+            .and_then(|()| self.shared.index.apply(&frames, &runs));
+        match result {
+            Ok(()) => {
+                *self.shared.durable_end.lock().expect("durable lock") = self.next_offset;
+                self.shared.durable_advanced.notify_all();
+                let listeners = self
+                    .shared
+                    .listeners
+                    .lock()
+                    .expect("listeners lock")
+                    .clone();
+                for listener in listeners {
+                    listener(self.next_offset);
+                }
+                for a in accepted {
+                    (a.done)(Ok(Appended {
+                        first: a.first,
+                        count: a.count,
+                    }));
+                }
+            }
+            Err(error) => {
+                self.poison(&error);
+                let (kind, text) = match &error {
+                    Error::Io { source, .. } => (Some(source.kind()), error.to_string()),
+                    _ => (None, error.to_string()),
+                };
+                for a in accepted {
+                    let e = match kind {
+                        Some(kind) => Error::Io {
+                            op: "append",
+                            path: self.shared.log_dir.clone(),
+                            source: std::io::Error::new(kind, text.clone()),
+                        },
+                        None => Error::Poisoned,
+                    };
+                    (a.done)(Err(e));
+                }
+            }
+        }
+    }
+
+    fn make_durable(&mut self) -> Result<()> {
+        match self.shared.options.fsync {
+            FsyncPolicy::Always => self.sync(),
+            FsyncPolicy::Interval(every) if self.last_sync.elapsed() >= every => self.sync(),
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => Ok(()),
+        }
+    }
+
+    /// Encodes and writes every acceptable request, rolling segments as needed.
+    fn write(
+        &mut self,
+        requests: Vec<Request>,
+        accepted: &mut Vec<Accepted>,
+        frames: &mut Vec<Frame>,
+        runs: &mut Vec<PositionRun>,
+    ) -> Result<()> {
+        let max = self.shared.options.max_record_bytes;
+        let mut run: Option<PositionRun> = None;
+        for request in requests {
+            // Encode the whole request first, so that a record over the limit fails it whole.
+            self.scratch.clear();
+            let mut lens = Vec::with_capacity(request.records.len());
+            let mut too_large = None;
+            for (i, record) in request.records.iter().enumerate() {
+                let offset = Offset(self.next_offset.0 + i as u64);
+                match record::encode(offset, request.timestamp_ms, record, &mut self.scratch) {
+                    Ok(n) if n as u64 <= max => lens.push(n),
+                    Ok(n) => too_large = Some(n as u64),
+                    Err(n) => too_large = Some(n),
+                }
+                if too_large.is_some() {
+                    break;
+                }
+            }
+            if let Some(size_bytes) = too_large {
+                (request.done)(Err(Error::TooLarge {
+                    size_bytes,
+                    max_bytes: max,
+                }));
+                continue;
+            }
+            let first = self.next_offset;
+            let mut at = 0usize;
+            for len in lens {
+                let end_now = self.active_len + self.buf.len() as u64;
+                if end_now > 0 && end_now + len as u64 > self.shared.options.segment_bytes {
+                    self.flush_buf()?;
+                    self.finish_run(run.take(), runs);
+                    self.roll()?;
+                }
+                let position = self.active_len + self.buf.len() as u64;
+                let run = run.get_or_insert_with(|| PositionRun {
+                    segment: self.active.base,
+                    first: self.next_offset,
+                    positions: Vec::new(),
+                });
+                run.positions
+                    .push(u32::try_from(position).expect("segments stay below 4 GiB"));
+                self.buf
+                    .extend_from_slice(self.scratch.get(at..at + len).expect("encoded above"));
+                at += len;
+                self.next_offset = Offset(self.next_offset.0 + 1);
+            }
+            let count = self.next_offset.0 - first.0;
+            for (i, record) in request.records.into_iter().enumerate() {
+                let offset = Offset(first.0 + i as u64);
+                frames.push(Frame {
+                    offset,
+                    timestamp_ms: request.timestamp_ms,
+                    record,
+                });
+            }
+            accepted.push(Accepted {
+                first,
+                count,
+                done: request.done,
+            });
+        }
+        self.flush_buf()?;
+        self.finish_run(run, runs);
+        Ok(())
+    }
+
+    /// Closes a run at the end of what was written to the active segment.
+    fn finish_run(&self, run: Option<PositionRun>, runs: &mut Vec<PositionRun>) {
+        if let Some(mut run) = run {
+            run.positions
+                .push(u32::try_from(self.active_len).expect("segments stay below 4 GiB"));
+            runs.push(run);
+        }
+    }
+
+    fn flush_buf(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.active
+            .file
+            .write_at(&self.buf, self.active_len)
+            .map_err(|e| Error::io("write segment", &self.active.path, e))?;
+        self.active_len += self.buf.len() as u64;
+        self.buf.clear();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Seals the active segment (synced whatever the policy, so that a torn tail can only ever
+    /// be in the newest segment) and makes a new one durable before anything is written to it.
+    fn roll(&mut self) -> Result<()> {
+        self.sync()?;
+        let base = self.next_offset;
+        let path = self.shared.log_dir.join(crate::segment::file_name(base));
+        let disk = &self.shared.disk;
+        let file = disk
+            .create(&path)
+            .map_err(|e| Error::io("create segment", &path, e))?;
+        file.sync_data()
+            .map_err(|e| Error::io("fsync new segment", &path, e))?;
+        disk.sync_dir(&self.shared.log_dir)
+            .map_err(|e| Error::io("sync directory", &self.shared.log_dir, e))?;
+        tracing::info!(segment = %path.display(), base = base.0, "rolled to a new segment");
+        let segment = Arc::new(Segment { base, path, file });
+        self.shared
+            .segments
+            .write()
+            .expect("segments lock")
+            .insert(base, segment.clone());
+        self.active = segment;
+        self.active_len = 0;
+        Ok(())
+    }
+}

@@ -1,0 +1,382 @@
+//! Opening a log after a crash (or a clean stop): torn tails, corruption, index replay.
+//!
+//! The rules (RELIABILITY.md rule 4): after the last valid record of the **newest** segment,
+//! a cut or damaged record with nothing valid after it is a torn tail: it is truncated and
+//! logged (segment, offset, bytes dropped). Damage anywhere else, or followed by a valid
+//! record, is corruption: recovery refuses with [`Error::Corrupt`] naming file and position.
+//! The index is brought up to date by replaying the log after its `applied` watermark; an
+//! index that claims more than the log holds (possible only when appends were not fsynced)
+//! is cleared and rebuilt.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Corruption, Error, Result};
+use crate::index::Index;
+use crate::io::Disk;
+use crate::log::{PositionRun, Segment};
+use crate::record::Frame;
+use crate::segment::{self, Tail};
+use crate::Offset;
+
+/// A torn tail that recovery cut off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Byte position where the valid records end (the new length of the file).
+    pub position: u64,
+    /// The offset the first dropped record would have had.
+    pub offset: Offset,
+    /// Bytes removed.
+    pub bytes_dropped: u64,
+    /// What was wrong with them.
+    pub reason: String,
+}
+
+/// What [`crate::Log::open`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments in the log.
+    pub segments: usize,
+    /// How far the index was current when opened (its checkpoint), if it had any state.
+    pub checkpoint: Option<Offset>,
+    /// Records replayed into the index.
+    pub replayed_records: u64,
+    /// The torn tail truncated, if any.
+    pub truncated: Option<Truncation>,
+    /// Whether the index was rebuilt from the whole log (it was missing, or ahead of the log).
+    pub index_rebuilt: bool,
+    /// The offset the next append gets.
+    pub next_offset: Offset,
+}
+
+pub(crate) struct Recovered {
+    pub(crate) report: RecoveryReport,
+    pub(crate) segments: BTreeMap<Offset, Arc<Segment>>,
+    pub(crate) active_len: u64,
+}
+
+/// The segment files in `log_dir`, oldest first. Other non-hidden files are an error.
+pub fn list_segments(disk: &dyn Disk, log_dir: &Path) -> Result<Vec<(Offset, PathBuf)>> {
+    let names = disk
+        .list_dir(log_dir)
+        .map_err(|e| Error::io("list directory", log_dir, e))?;
+    let mut segments = Vec::new();
+    for name in names {
+        if name.starts_with('.') {
+            continue;
+        }
+        let base = segment::parse_file_name(&name).ok_or_else(|| Error::Layout {
+            path: log_dir.join(&name),
+            why: "not a segment file (<20-digit base offset>.seg); move it out of log/".into(),
+        })?;
+        segments.push((base, log_dir.join(name)));
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+struct Replay<'a> {
+    index: &'a Index,
+    from: Offset,
+    frames: Vec<Frame>,
+    runs: Vec<PositionRun>,
+    run: Option<PositionRun>,
+    run_end: u32,
+    replayed: u64,
+}
+
+impl Replay<'_> {
+    const BATCH: usize = 4096;
+
+    fn visit(&mut self, segment: Offset, frame: &Frame, position: u64, len: u64) -> Result<()> {
+        if frame.offset < self.from {
+            return Ok(());
+        }
+        let run = self.run.get_or_insert_with(|| PositionRun {
+            segment,
+            first: frame.offset,
+            positions: Vec::new(),
+        });
+        run.positions
+            .push(u32::try_from(position).expect("segments stay below 4 GiB"));
+        self.run_end = u32::try_from(position + len).expect("segments stay below 4 GiB");
+        self.frames.push(frame.clone());
+        if self.frames.len() >= Self::BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some(mut run) = self.run.take() {
+            run.positions.push(self.run_end);
+            self.runs.push(run);
+        }
+        self.index.apply(&self.frames, &self.runs)?;
+        self.replayed += self.frames.len() as u64;
+        self.frames.clear();
+        self.runs.clear();
+        Ok(())
+    }
+}
+
+pub(crate) fn recover(
+    disk: &dyn Disk,
+    log_dir: &Path,
+    index: &Index,
+    verify_sealed: bool,
+) -> Result<Recovered> {
+    let listed = list_segments(disk, log_dir)?;
+    if listed.is_empty() {
+        let checkpoint = index.applied()?;
+        if checkpoint.is_some() {
+            tracing::warn!("the index describes records but the log has none; rebuilding it");
+            index.clear()?;
+        }
+        let path = log_dir.join(segment::file_name(Offset(0)));
+        let file = disk
+            .create(&path)
+            .map_err(|e| Error::io("create segment", &path, e))?;
+        file.sync_data()
+            .map_err(|e| Error::io("fsync new segment", &path, e))?;
+        disk.sync_dir(log_dir)
+            .map_err(|e| Error::io("sync directory", log_dir, e))?;
+        let mut segments = BTreeMap::new();
+        segments.insert(
+            Offset(0),
+            Arc::new(Segment {
+                base: Offset(0),
+                path,
+                file,
+            }),
+        );
+        let report = RecoveryReport {
+            segments: 1,
+            checkpoint,
+            replayed_records: 0,
+            truncated: None,
+            index_rebuilt: checkpoint.is_some(),
+            next_offset: Offset(0),
+        };
+        return Ok(Recovered {
+            report,
+            segments,
+            active_len: 0,
+        });
+    }
+    let checkpoint = index.applied()?;
+    let first = attempt(disk, &listed, index, checkpoint, verify_sealed)?;
+    if checkpoint.is_none_or(|c| c < first.report.next_offset) {
+        return Ok(first);
+    }
+    tracing::warn!(
+        checkpoint = checkpoint.map(|c| c.0),
+        next_offset = first.report.next_offset.0,
+        "the index is ahead of the log (records that were never fsynced are gone); rebuilding it"
+    );
+    index.clear()?;
+    // The first pass already truncated any torn tail; the second finds the files clean.
+    let mut rebuilt = attempt(disk, &listed, index, None, false)?;
+    rebuilt.report.checkpoint = checkpoint;
+    rebuilt.report.truncated = first.report.truncated;
+    Ok(rebuilt)
+}
+
+/// One pass over the segments: checks the sealed ones before the checkpoint (CRCs only, if
+/// `verify_sealed`), replays the rest into the index, truncates a torn tail.
+fn attempt(
+    disk: &dyn Disk,
+    listed: &[(Offset, PathBuf)],
+    index: &Index,
+    checkpoint: Option<Offset>,
+    verify_sealed: bool,
+) -> Result<Recovered> {
+    index.drop_positions_after(checkpoint)?;
+    let first_base = listed.first().map_or(Offset(0), |(b, _)| *b);
+    let from = Offset(checkpoint.map_or(0, |c| c.0 + 1).max(first_base.0));
+    let start = listed
+        .iter()
+        .rposition(|(base, _)| *base <= from)
+        .unwrap_or(0);
+    let newest = listed.len() - 1;
+    let mut replay = Replay {
+        index,
+        from,
+        frames: Vec::new(),
+        runs: Vec::new(),
+        run: None,
+        run_end: 0,
+        replayed: 0,
+    };
+    let mut segments = BTreeMap::new();
+    let mut truncated = None;
+    let mut next = if verify_sealed {
+        first_base
+    } else {
+        listed.get(start).map_or(Offset(0), |(b, _)| *b)
+    };
+    let mut active_len = 0;
+    for (i, (base, path)) in listed.iter().enumerate() {
+        let file = disk
+            .open(path, i == newest)
+            .map_err(|e| Error::io("open segment", path, e))?;
+        if i >= start {
+            let (scan, truncation) =
+                replay_segment(&mut replay, file.as_ref(), *base, path, next, i == newest)?;
+            truncated = truncation.or(truncated);
+            next = scan.next_offset;
+            active_len = scan.valid_end;
+        } else if verify_sealed {
+            next = check_sealed(file.as_ref(), *base, path, i == 0, next)?;
+        }
+        let path = path.clone();
+        segments.insert(
+            *base,
+            Arc::new(Segment {
+                base: *base,
+                path,
+                file,
+            }),
+        );
+    }
+    if replay.replayed > 0 || checkpoint.is_none() {
+        tracing::info!(
+            checkpoint = checkpoint.map(|c| c.0),
+            replayed = replay.replayed,
+            next_offset = next.0,
+            "recovered the index from the log"
+        );
+    }
+    let report = RecoveryReport {
+        segments: listed.len(),
+        checkpoint,
+        replayed_records: replay.replayed,
+        truncated,
+        index_rebuilt: checkpoint.is_none(),
+        next_offset: next,
+    };
+    Ok(Recovered {
+        report,
+        segments,
+        active_len,
+    })
+}
+
+/// Checks the frames of a sealed segment that the checkpoint covers: header, CRC and offset
+/// of every record, without decoding. Returns the offset after its last record.
+fn check_sealed(
+    file: &dyn crate::io::DiskFile,
+    base: Offset,
+    path: &Path,
+    first: bool,
+    expected_base: Offset,
+) -> Result<Offset> {
+    let corrupt = |position, reason| Error::Corrupt {
+        segment: path.to_path_buf(),
+        position,
+        reason,
+    };
+    if !first && base != expected_base {
+        let reason = Corruption::OffsetMismatch {
+            expected: expected_base.0,
+            found: base.0,
+        };
+        return Err(corrupt(0, reason));
+    }
+    let scan = segment::scan(file, base, false, None).map_err(|e| with_path(e, path))?;
+    if let Some(damage) = scan.damage.first() {
+        return Err(corrupt(damage.position, damage.reason.clone()));
+    }
+    match scan.tail {
+        Tail::Clean => Ok(scan.next_offset),
+        Tail::Zeroed { .. } => Err(corrupt(scan.valid_end, Corruption::Zeroed)),
+        Tail::Torn { reason, .. } => Err(corrupt(scan.valid_end, reason)),
+    }
+}
+
+/// Scans one segment from `attempt`'s start on: replays its records into the index and
+/// truncates its torn tail if it is the newest; refuses any other damage.
+fn replay_segment(
+    replay: &mut Replay<'_>,
+    file: &dyn crate::io::DiskFile,
+    base: Offset,
+    path: &Path,
+    expected_base: Offset,
+    newest: bool,
+) -> Result<(segment::Scan, Option<Truncation>)> {
+    let corrupt = |position, reason| Error::Corrupt {
+        segment: path.to_path_buf(),
+        position,
+        reason,
+    };
+    if base != expected_base {
+        let reason = Corruption::OffsetMismatch {
+            expected: expected_base.0,
+            found: base.0,
+        };
+        return Err(corrupt(0, reason));
+    }
+    let mut visit = |frame: &Frame, position, len| replay.visit(base, frame, position, len);
+    let scan =
+        segment::scan(file, base, false, Some(&mut visit)).map_err(|e| with_path(e, path))?;
+    replay.flush()?;
+    if let Some(damage) = scan.damage.first() {
+        return Err(corrupt(damage.position, damage.reason.clone()));
+    }
+    let truncation = truncate_tail(file, path, &scan, newest)?;
+    Ok((scan, truncation))
+}
+
+/// Truncates the torn or zeroed tail of the newest segment; refuses one anywhere else.
+fn truncate_tail(
+    file: &dyn crate::io::DiskFile,
+    path: &Path,
+    scan: &segment::Scan,
+    newest: bool,
+) -> Result<Option<Truncation>> {
+    let (bytes, reason) = match &scan.tail {
+        Tail::Clean => return Ok(None),
+        Tail::Zeroed { bytes } => (*bytes, Corruption::Zeroed),
+        Tail::Torn { bytes, reason } => (*bytes, reason.clone()),
+    };
+    if !newest {
+        return Err(Error::Corrupt {
+            segment: path.to_path_buf(),
+            position: scan.valid_end,
+            reason,
+        });
+    }
+    file.set_len(scan.valid_end)
+        .map_err(|e| Error::io("truncate torn tail", path, e))?;
+    file.sync_data()
+        .map_err(|e| Error::io("fsync truncated segment", path, e))?;
+    tracing::warn!(
+        segment = %path.display(),
+        offset = scan.next_offset.0,
+        position = scan.valid_end,
+        bytes_dropped = bytes,
+        %reason,
+        "truncated torn tail"
+    );
+    Ok(Some(Truncation {
+        segment: path.to_path_buf(),
+        position: scan.valid_end,
+        offset: scan.next_offset,
+        bytes_dropped: bytes,
+        reason: reason.to_string(),
+    }))
+}
+
+fn with_path(error: Error, path: &Path) -> Error {
+    match error {
+        Error::Io { op, source, .. } => Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        },
+        other => other,
+    }
+}

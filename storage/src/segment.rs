@@ -1,0 +1,306 @@
+//! One segment file: its name, and the scan that reads it back and classifies its end.
+//!
+//! A segment is a sequence of frames ([`crate::record`]) with consecutive offsets starting at
+//! the base offset in its name, `log/<base, 20 digits>.seg`. The scan decides what the bytes
+//! after the last valid record are:
+//! - nothing, or only zeros: a clean end;
+//! - a damaged or cut record with no valid record anywhere after it: a **torn tail**, which
+//!   recovery truncates in the newest segment (a write that a crash interrupted);
+//! - a damaged record followed by a valid one: **corruption**, never truncated silently.
+
+use std::io;
+
+use crate::error::Corruption;
+use crate::io::DiskFile;
+use crate::record::{self, Check, Frame, HEADER_BYTES, VERSION, VERSION_POSITION};
+use crate::Offset;
+
+/// File name suffix of segments.
+pub const SUFFIX: &str = ".seg";
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// The file name of the segment whose first offset is `base`.
+pub fn file_name(base: Offset) -> String {
+    format!("{:020}{SUFFIX}", base.0)
+}
+
+/// The base offset named by a segment file name, if it is one.
+pub fn parse_file_name(name: &str) -> Option<Offset> {
+    let digits = name.strip_suffix(SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Offset)
+}
+
+/// How the valid records of a segment end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tail {
+    /// The last record ends at the end of the file.
+    Clean,
+    /// Only zero bytes follow the last record (never written: preallocation or a crash).
+    Zeroed {
+        /// How many zero bytes.
+        bytes: u64,
+    },
+    /// A cut or damaged record with nothing valid after it.
+    Torn {
+        /// Bytes from the end of the last valid record to the end of the file.
+        bytes: u64,
+        /// What is wrong with the first of them.
+        reason: Corruption,
+    },
+}
+
+/// A damaged region followed by a valid record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Byte position where the damage starts.
+    pub position: u64,
+    /// Bytes up to the next valid record.
+    pub len: u64,
+    /// What is wrong with the first record there.
+    pub reason: Corruption,
+    /// The offsets whose records are lost: from the one expected at `position` up to the
+    /// offset of the next valid record.
+    pub lost: std::ops::Range<u64>,
+}
+
+/// What a scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// The segment's base offset.
+    pub base: Offset,
+    /// Valid records seen.
+    pub records: u64,
+    /// Position just after the last valid record.
+    pub valid_end: u64,
+    /// Length of the file.
+    pub file_bytes: u64,
+    /// The offset after the last valid record (the next one to write).
+    pub next_offset: Offset,
+    /// Timestamps of the first and last valid records.
+    pub time_range_ms: Option<(u64, u64)>,
+    /// Damaged regions with valid records after them (all of them if `continue_after_damage`,
+    /// else at most the first, after which the scan stopped).
+    pub damage: Vec<Damage>,
+    /// How the file ends after the last valid record.
+    pub tail: Tail,
+}
+
+/// What a position holds, owned (the reader's buffer is reused).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once per record, never stored"
+)]
+enum At {
+    Valid {
+        offset: Offset,
+        timestamp_ms: u64,
+        len: u64,
+        frame: Option<Frame>,
+    },
+    Zero,
+    Incomplete,
+    Corrupt(Corruption),
+}
+
+impl At {
+    fn from_check(check: Check<'_>, decode: bool) -> Self {
+        match check {
+            Check::Valid(checked) if decode => match record::decode_checked(&checked) {
+                Ok(frame) => Self::Valid {
+                    offset: checked.offset,
+                    timestamp_ms: checked.timestamp_ms,
+                    len: checked.len as u64,
+                    frame: Some(frame),
+                },
+                Err(reason) => Self::Corrupt(reason),
+            },
+            Check::Valid(checked) => Self::Valid {
+                offset: checked.offset,
+                timestamp_ms: checked.timestamp_ms,
+                len: checked.len as u64,
+                frame: None,
+            },
+            Check::Zero => Self::Zero,
+            Check::Incomplete { .. } => Self::Incomplete,
+            Check::Corrupt(reason) => Self::Corrupt(reason),
+        }
+    }
+}
+
+/// What [`scan`] does with each valid record.
+pub type Visitor<'v> = &'v mut dyn FnMut(&Frame, u64, u64) -> crate::Result<()>;
+
+struct Reader<'a> {
+    file: &'a dyn DiskFile,
+    len: u64,
+    buf: Vec<u8>,
+    start: u64,
+}
+
+impl<'a> Reader<'a> {
+    /// Up to `want` bytes from `position` (fewer only at the end of the file).
+    fn bytes(&mut self, position: u64, want: usize) -> io::Result<&[u8]> {
+        let end = position.saturating_add(want as u64).min(self.len);
+        let have_end = self.start + self.buf.len() as u64;
+        if position < self.start || end > have_end {
+            let read_end = position
+                .saturating_add(want.max(CHUNK_BYTES) as u64)
+                .min(self.len);
+            self.buf
+                .resize(usize::try_from(read_end - position).unwrap_or(0), 0);
+            self.file.read_at(&mut self.buf, position)?;
+            self.start = position;
+        }
+        let from = usize::try_from(position - self.start).unwrap_or(0);
+        let to = usize::try_from(end - self.start).unwrap_or(0);
+        Ok(self.buf.get(from..to).unwrap_or_default())
+    }
+
+    /// What is at `position`; the payload is decoded only if `decode`.
+    fn at(&mut self, position: u64, decode: bool) -> io::Result<At> {
+        let file_len = self.len;
+        let needed = match record::check(self.bytes(position, HEADER_BYTES)?) {
+            Check::Incomplete { needed } if position + needed as u64 <= file_len => needed,
+            other => return Ok(At::from_check(other, decode)),
+        };
+        Ok(At::from_check(
+            record::check(self.bytes(position, needed)?),
+            decode,
+        ))
+    }
+
+    /// The first position after `from` that holds a valid frame with an offset ≥ `min_offset`.
+    fn next_valid(&mut self, from: u64, min_offset: u64) -> io::Result<Option<(u64, Offset)>> {
+        let mut position = from;
+        while position + HEADER_BYTES as u64 <= self.len {
+            let header = self.bytes(position, HEADER_BYTES)?;
+            if header.get(VERSION_POSITION) == Some(&VERSION) {
+                if let At::Valid { offset, .. } = self.at(position, false)? {
+                    if offset.0 >= min_offset {
+                        return Ok(Some((position, offset)));
+                    }
+                }
+            }
+            position += 1;
+        }
+        Ok(None)
+    }
+
+    fn zero_from(&mut self, from: u64) -> io::Result<bool> {
+        let mut position = from;
+        while position < self.len {
+            let chunk = self.bytes(position, CHUNK_BYTES)?;
+            if chunk.iter().any(|b| *b != 0) {
+                return Ok(false);
+            }
+            position += chunk.len() as u64;
+        }
+        Ok(true)
+    }
+}
+
+/// Reads every record of a segment in order and classifies what follows the last one. With a
+/// visitor, each record is decoded and passed as `visit(frame, position, len)`; without, only
+/// headers, offsets and CRCs are checked (fast). With `continue_after_damage` the scan resumes
+/// at the next valid record after each damaged region (verify); without, it stops at the first.
+pub fn scan(
+    file: &dyn DiskFile,
+    base: Offset,
+    continue_after_damage: bool,
+    mut visit: Option<Visitor<'_>>,
+) -> crate::Result<Scan> {
+    let len = file
+        .len()
+        .map_err(|e| crate::Error::io("stat segment", "", e))?;
+    let mut reader = Reader {
+        file,
+        len,
+        buf: Vec::new(),
+        start: 0,
+    };
+    let io_err = |e| crate::Error::io("read segment", "", e);
+    let mut scan = Scan {
+        base,
+        records: 0,
+        valid_end: 0,
+        file_bytes: len,
+        next_offset: base,
+        time_range_ms: None,
+        damage: Vec::new(),
+        tail: Tail::Clean,
+    };
+    let mut position = 0u64;
+    while position < len {
+        let decode = visit.is_some();
+        let reason = match reader.at(position, decode).map_err(io_err)? {
+            At::Valid {
+                offset,
+                timestamp_ms: ts,
+                len: n,
+                frame,
+            } if offset == scan.next_offset => {
+                if let (Some(visit), Some(frame)) = (visit.as_mut(), frame) {
+                    visit(&frame, position, n)?;
+                }
+                scan.time_range_ms = Some(scan.time_range_ms.map_or((ts, ts), |(a, _)| (a, ts)));
+                scan.records += 1;
+                position += n;
+                scan.valid_end = position;
+                scan.next_offset = Offset(offset.0 + 1);
+                continue;
+            }
+            At::Valid { offset, .. } => Corruption::OffsetMismatch {
+                expected: scan.next_offset.0,
+                found: offset.0,
+            },
+            At::Zero if reader.zero_from(position).map_err(io_err)? => {
+                scan.tail = Tail::Zeroed {
+                    bytes: len - position,
+                };
+                return Ok(scan);
+            }
+            At::Zero => Corruption::Zeroed,
+            At::Incomplete => Corruption::Truncated,
+            At::Corrupt(reason) => reason,
+        };
+        let Some(next) = resync(&mut reader, &mut scan, position, reason)? else {
+            return Ok(scan);
+        };
+        if !continue_after_damage {
+            return Ok(scan);
+        }
+        position = next;
+    }
+    Ok(scan)
+}
+
+/// After a bad record at `position`: records the damage and returns where the next valid
+/// record starts, or, if none follows, records a torn tail and returns `None`.
+fn resync(
+    reader: &mut Reader<'_>,
+    scan: &mut Scan,
+    position: u64,
+    reason: Corruption,
+) -> crate::Result<Option<u64>> {
+    let next = reader
+        .next_valid(position + 1, scan.next_offset.0)
+        .map_err(|e| crate::Error::io("read segment", "", e))?;
+    let Some((next, next_offset)) = next else {
+        scan.tail = Tail::Torn {
+            bytes: reader.len - position,
+            reason,
+        };
+        return Ok(None);
+    };
+    scan.damage.push(Damage {
+        position,
+        len: next - position,
+        reason,
+        lost: scan.next_offset.0..next_offset.0,
+    });
+    scan.next_offset = next_offset;
+    Ok(Some(next))
+}

@@ -1,0 +1,163 @@
+//! T6: a flipped bit in any record that is not the last (header fields or payload, sealed or
+//! active segment) is detected: open refuses naming segment and position, `verify` reports
+//! it, `repair` moves the bytes to `quarantine/`, and afterwards verify is clean and every
+//! undamaged record is still there. Never a silent truncation.
+
+use std::path::{Path, PathBuf};
+
+use courier_storage::io::FileDisk;
+use courier_storage::record::{
+    HEADER_BYTES, LENGTH_POSITION, OFFSET_POSITION, TIMESTAMP_POSITION, VERSION_POSITION,
+};
+use courier_storage::verify::{repair, verify};
+use courier_storage::{Error, Log, Offset, Record};
+
+use crate::support::{body, copy_dir, message, open_real};
+
+struct Target {
+    offset: u64,
+    segment: PathBuf,
+    position: u64,
+    len: u64,
+}
+
+fn build(dir: &Path) -> (Vec<Record>, Vec<Target>, usize) {
+    let log = open_real(dir, 2048);
+    let records: Vec<Record> = (0..60)
+        .map(|n| message(&format!("m{n}"), "a", 4, &body(n, 100)))
+        .collect();
+    for r in &records {
+        log.append(1_000, vec![r.clone()]).unwrap();
+    }
+    let segments = log.segments();
+    let path_of = |base: Offset| {
+        segments
+            .iter()
+            .find(|s| s.base == base)
+            .unwrap()
+            .path
+            .clone()
+    };
+    let mut targets = Vec::new();
+    for offset in 0..records.len() as u64 - 1 {
+        let loc = log.index().location(Offset(offset)).unwrap().unwrap();
+        targets.push(Target {
+            offset,
+            segment: path_of(loc.segment),
+            position: loc.position,
+            len: loc.len,
+        });
+    }
+    let count = segments.len();
+    drop(log);
+    (records, targets, count)
+}
+
+#[test]
+fn bit_flip_anywhere_but_the_tail_is_refused_reported_and_repaired() {
+    let clean = tempfile::tempdir().unwrap();
+    let (records, targets, segments) = build(clean.path());
+    assert!(segments >= 3, "the log spans several segments");
+    let newest = targets.iter().map(|t| t.segment.clone()).max().unwrap();
+    // First and middle records of every segment, and the second-to-last record of all.
+    let mut chosen: Vec<&Target> = Vec::new();
+    for t in &targets {
+        let first_of_segment = t.position == 0;
+        if first_of_segment || t.offset % 7 == 3 || t.offset + 2 == records.len() as u64 {
+            chosen.push(t);
+        }
+    }
+    assert!(
+        chosen.iter().any(|t| t.segment == newest),
+        "the active segment is covered"
+    );
+    let fields = [
+        0,
+        VERSION_POSITION,
+        LENGTH_POSITION + 1,
+        OFFSET_POSITION,
+        TIMESTAMP_POSITION + 3,
+        HEADER_BYTES + 5,
+    ];
+    let mut cases = 0;
+    for target in chosen {
+        for (i, field) in fields.iter().enumerate() {
+            let byte = (target.position + *field as u64).min(target.position + target.len - 1);
+            check_flip(clean.path(), &records, target, byte, 1 << (i % 8));
+            cases += 1;
+        }
+    }
+    eprintln!("{cases} bit flips detected, refused and repaired");
+}
+
+fn check_flip(clean: &Path, records: &[Record], target: &Target, byte: u64, mask: u8) {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(clean, dir.path());
+    let segment = dir
+        .path()
+        .join("log")
+        .join(target.segment.file_name().unwrap());
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[usize::try_from(byte).unwrap()] ^= mask;
+    std::fs::write(&segment, &bytes).unwrap();
+    let what = format!("offset {} byte {byte}", target.offset);
+
+    match Log::open(dir.path(), Default::default()) {
+        Err(Error::Corrupt {
+            segment: s,
+            position,
+            ..
+        }) => {
+            assert_eq!(
+                (s, position),
+                (segment.clone(), target.position),
+                "{what}: named exactly"
+            );
+        }
+        other => panic!("{what}: open must refuse, got {:?}", other.map(|(_, r)| r)),
+    }
+    let report = verify(&FileDisk, dir.path()).unwrap();
+    let problems: Vec<_> = report.corruption().collect();
+    assert_eq!(problems.len(), 1, "{what}: {problems:?}");
+    assert_eq!(
+        (problems[0].segment.clone(), problems[0].position),
+        (segment.clone(), target.position)
+    );
+    assert_eq!(problems[0].lost, target.offset..target.offset + 1);
+
+    let moved = repair(&FileDisk, dir.path(), &dir.path().join("index")).unwrap();
+    assert_eq!(moved.len(), 1);
+    let quarantined = std::fs::read(&moved[0].file).unwrap();
+    let start = usize::try_from(target.position).unwrap();
+    assert_eq!(
+        quarantined,
+        bytes[start..start + quarantined.len()],
+        "{what}: the damaged bytes are kept"
+    );
+    assert!(
+        verify(&FileDisk, dir.path()).unwrap().is_clean(),
+        "{what}: clean after repair"
+    );
+
+    let (log, _) = Log::open(dir.path(), Default::default()).unwrap();
+    for (i, r) in records.iter().enumerate() {
+        let frame = log.read(Offset(i as u64)).unwrap();
+        if i as u64 == target.offset {
+            assert!(
+                matches!(frame.record, Record::Quarantined { .. }),
+                "{what}: placeholder"
+            );
+        } else {
+            assert_eq!(&frame.record, r, "{what}: record {i} survives the repair");
+        }
+    }
+}
+
+#[test]
+fn repair_refuses_while_the_log_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 1 << 20);
+    let err = repair(&FileDisk, dir.path(), &dir.path().join("index")).unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    drop(log);
+}

@@ -1,0 +1,316 @@
+//! T7: the index is derived. Deleted, it is rebuilt from the log into an equal state; left at
+//! an old checkpoint, it catches up to the same state. Also checks what the delivery records
+//! do to the index (leases, acks, releases, dead letters, redrive, agents, retention).
+
+use std::path::Path;
+
+use courier_storage::index::{EntryState, TimerKind};
+use courier_storage::{
+    Agent, DeadLetter, DeadReason, Lease, Log, Message, Offset, Record, Release, Slot,
+};
+
+use crate::support::{body, message, open_real};
+
+fn agent(id: &str) -> Record {
+    Record::AgentUpserted(Agent {
+        id: id.into(),
+        capabilities: vec!["plan".into()],
+        metadata: br#"{"team":"x"}"#.to_vec(),
+        lease_ms: Some(30_000),
+        max_attempts: Some(3),
+        max_in_flight: None,
+        token_hash: None,
+    })
+}
+
+fn slot(offset: u64, priority: u8) -> Slot {
+    Slot {
+        offset: Offset(offset),
+        priority,
+    }
+}
+
+/// Part one: offsets 0..=9.
+fn part_one(log: &Log) {
+    log.append(100, vec![agent("a"), agent("b"), agent("gone")])
+        .unwrap(); // 0, 1, 2
+    let mut m = match message("dedupe-me", "a", 9, b"{}") {
+        Record::Message(m) => m,
+        _ => unreachable!(),
+    };
+    m.dedupe_until_ms = Some(10_000);
+    m.expires_at_ms = Some(50_000);
+    log.append(200, vec![Record::Message(m)]).unwrap(); // 3
+    log.append(
+        300,
+        (0..4)
+            .map(|n| {
+                message(
+                    &format!("m{n}"),
+                    "a",
+                    u8::try_from(n).unwrap(),
+                    &body(n, 60),
+                )
+            })
+            .collect(),
+    )
+    .unwrap(); // 4..=7
+    log.append(
+        400,
+        vec![
+            message("for-gone", "gone", 4, b"{}"),
+            Record::Subscribed {
+                agent: "b".into(),
+                topic: "news".into(),
+                start: Offset(0),
+            },
+        ],
+    )
+    .unwrap(); // 8, 9
+}
+
+/// Part two: delivery state changes on top of part one.
+#[expect(
+    clippy::too_many_lines,
+    reason = "a scripted sequence of records reads best in one place"
+)]
+fn part_two(log: &Log) {
+    let lease = |o, p, attempt| Lease {
+        slot: slot(o, p),
+        attempt,
+        deadline_ms: 70_000 + o,
+    };
+    log.append(
+        500,
+        vec![Record::Leased {
+            inbox: "a".into(),
+            leases: vec![
+                lease(3, 9, 1),
+                lease(4, 0, 1),
+                lease(5, 1, 1),
+                lease(6, 2, 2),
+            ],
+        }],
+    )
+    .unwrap();
+    log.append(
+        600,
+        vec![Record::Acked {
+            inbox: "a".into(),
+            slots: vec![slot(4, 0)],
+        }],
+    )
+    .unwrap();
+    log.append(
+        700,
+        vec![Record::Released {
+            inbox: "a".into(),
+            releases: vec![Release {
+                slot: slot(5, 1),
+                not_before_ms: 90_000,
+            }],
+        }],
+    )
+    .unwrap();
+    log.append(
+        800,
+        vec![Record::DeadLettered {
+            inbox: "a".into(),
+            letters: vec![DeadLetter {
+                slot: slot(6, 2),
+                reason: DeadReason::MaxAttempts,
+                attempts: 2,
+            }],
+        }],
+    )
+    .unwrap();
+    log.append(
+        850,
+        vec![Record::DeadLettered {
+            inbox: "a".into(),
+            letters: vec![DeadLetter {
+                slot: slot(7, 3),
+                reason: DeadReason::Rejected,
+                attempts: 0,
+            }],
+        }],
+    )
+    .unwrap();
+    log.append(
+        900,
+        vec![Record::Redriven {
+            inbox: "a".into(),
+            slots: vec![slot(7, 3)],
+        }],
+    )
+    .unwrap();
+    log.append(
+        950,
+        vec![
+            Record::AgentDeleted {
+                agent: "gone".into(),
+            },
+            Record::Unsubscribed {
+                agent: "b".into(),
+                topic: "none".into(),
+            },
+        ],
+    )
+    .unwrap();
+    log.append(990, vec![message("late", "b", 4, b"[1,2]")])
+        .unwrap();
+}
+
+#[test]
+fn index_records_change_delivery_state_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 1 << 20);
+    part_one(&log);
+    part_two(&log);
+    let index = log.index();
+    let inbox: Vec<_> = index.inbox("a").map(Result::unwrap).collect();
+    let order: Vec<u64> = inbox.iter().map(|e| e.slot.offset.0).collect();
+    assert_eq!(
+        order,
+        vec![3, 7, 5],
+        "priority 9, then 3, then 1; acked and dead ones are gone"
+    );
+    assert_eq!(
+        inbox[0].value.state,
+        EntryState::Leased {
+            deadline_ms: 70_003
+        }
+    );
+    assert_eq!(inbox[0].value.attempts, 1);
+    assert_eq!(inbox[1].value.attempts, 0, "redrive resets attempts");
+    assert_eq!(
+        inbox[2].value.state,
+        EntryState::Ready {
+            not_before_ms: Some(90_000)
+        }
+    );
+    let dead = index.dead_letters("a", None, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].slot.offset,
+            dead[0].reason,
+            dead[0].attempts,
+            dead[0].dead_lettered_at_ms
+        ),
+        (Offset(6), DeadReason::MaxAttempts, 2, 800)
+    );
+    assert_eq!(index.dedupe("dedupe-me", 9_999).unwrap(), Some(Offset(3)));
+    assert_eq!(
+        index.dedupe("dedupe-me", 10_000).unwrap(),
+        None,
+        "the window has passed"
+    );
+    assert!(index.agent("gone").unwrap().is_none());
+    assert_eq!(
+        index.inbox("gone").count(),
+        0,
+        "a deleted agent's inbox goes with it"
+    );
+    assert_eq!(index.agents().unwrap().len(), 2);
+    assert_eq!(
+        index.subscriptions().unwrap(),
+        vec![("b".into(), "news".into(), Offset(0))]
+    );
+    let timers: Vec<_> = index.timers().map(Result::unwrap).collect();
+    let kinds: Vec<(u64, TimerKind, u64)> = timers
+        .iter()
+        .map(|t| (t.due_ms, t.kind, t.slot.offset.0))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (50_000, TimerKind::Expiry, 3),
+            (70_003, TimerKind::Due, 3),
+            (90_000, TimerKind::Due, 5)
+        ]
+    );
+    assert_eq!(index.min_live_offset().unwrap(), Some(Offset(3)));
+}
+
+fn reopen_snapshot(
+    dir: &Path,
+) -> (
+    courier_storage::IndexSnapshot,
+    courier_storage::RecoveryReport,
+) {
+    let (log, report) = Log::open(dir, Default::default()).unwrap();
+    (log.index().snapshot().unwrap(), report)
+}
+
+#[test]
+fn index_deleted_is_rebuilt_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 600);
+    part_one(&log);
+    part_two(&log);
+    let live = log.index().snapshot().unwrap();
+    assert!(log.segments().len() > 2);
+    drop(log);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let (rebuilt, report) = reopen_snapshot(dir.path());
+    assert!(report.index_rebuilt);
+    assert_eq!(report.replayed_records, live.applied.unwrap().0 + 1);
+    assert_eq!(rebuilt, live);
+}
+
+#[test]
+fn index_at_an_old_checkpoint_catches_up_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 600);
+    part_one(&log);
+    let old_applied = log.checkpoint().unwrap();
+    drop(log);
+    let saved = tempfile::tempdir().unwrap();
+    crate::support::copy_dir(&dir.path().join("index"), saved.path());
+    let log = open_real(dir.path(), 600);
+    part_two(&log);
+    let live = log.index().snapshot().unwrap();
+    drop(log);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    crate::support::copy_dir(saved.path(), &dir.path().join("index"));
+    let (caught_up, report) = reopen_snapshot(dir.path());
+    assert_eq!(report.checkpoint, old_applied);
+    assert!(!report.index_rebuilt);
+    assert_eq!(
+        report.replayed_records,
+        live.applied.unwrap().0 - old_applied.unwrap().0
+    );
+    assert_eq!(caught_up, live);
+}
+
+#[test]
+fn index_message_fields_survive_a_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 1 << 20);
+    let m = Message {
+        id: "01J0000000000000000000000".into(),
+        from: "x".into(),
+        to: "topic:news".into(),
+        destinations: vec!["a".into(), "b".into()],
+        kind: None,
+        priority: 0,
+        headers: vec![],
+        correlation_id: Some("c".into()),
+        in_reply_to: Some("r".into()),
+        not_before_ms: Some(5),
+        expires_at_ms: None,
+        dedupe_until_ms: None,
+        body: br#"{"raw":   "json kept as sent"}"#.to_vec(),
+    };
+    log.append(1, vec![Record::Message(m.clone())]).unwrap();
+    drop(log);
+    std::fs::remove_dir_all(dir.path().join("index")).unwrap();
+    let (log, _) = Log::open(dir.path(), Default::default()).unwrap();
+    assert_eq!(log.read(Offset(0)).unwrap().record, Record::Message(m));
+    assert_eq!(
+        log.index().inbox("b").count(),
+        1,
+        "every destination gets the message"
+    );
+}

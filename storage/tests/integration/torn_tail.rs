@@ -1,0 +1,122 @@
+//! T5: a torn tail (garbage after the last record, or the last record cut at any byte) is
+//! truncated at open and reported with segment, offset and bytes dropped; every earlier
+//! record is intact and the log takes appends again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use courier_storage::{Log, Offset, Record};
+
+use crate::support::{body, copy_dir, message, open_real, Rng};
+
+const RECORDS: u64 = 20;
+
+fn build(dir: &Path) -> (Vec<Record>, PathBuf, u64) {
+    let log = open_real(dir, 64 << 20);
+    let records: Vec<Record> = (0..RECORDS)
+        .map(|n| message(&format!("m{n}"), "a", 4, &body(n, 80)))
+        .collect();
+    for r in &records {
+        log.append(1_000, vec![r.clone()]).unwrap();
+    }
+    let last = log.index().location(Offset(RECORDS - 1)).unwrap().unwrap();
+    let segment = log.segments().last().unwrap().path.clone();
+    drop(log);
+    (records, segment, last.position)
+}
+
+fn check_intact(log: &Log, records: &[Record]) {
+    assert_eq!(log.durable_end().0, records.len() as u64);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
+    }
+    let next = log
+        .append(2_000, vec![message("after", "a", 4, b"{}")])
+        .unwrap();
+    assert_eq!(
+        next.first.0,
+        records.len() as u64,
+        "appends continue right after the valid records"
+    );
+}
+
+#[test]
+fn torn_tail_garbage_of_any_length_is_truncated_and_reported() {
+    let clean = tempfile::tempdir().unwrap();
+    let (records, segment, _) = build(clean.path());
+    let clean_len = std::fs::metadata(&segment).unwrap().len();
+    let header = courier_storage::record::HEADER_BYTES as u64;
+    let mut rng = Rng(7);
+    for garbage in [1, 7, 37, header - 1, header, header + 1, 4096, 1 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(clean.path(), dir.path());
+        let target = dir.path().join("log").join(segment.file_name().unwrap());
+        let bytes: Vec<u8> = (0..garbage)
+            .map(|_| u8::try_from(rng.below(255)).unwrap() + 1)
+            .collect();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&target)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+
+        let (log, report) = Log::open(dir.path(), Default::default()).unwrap();
+        let t = report.truncated.expect("the torn tail is reported");
+        assert_eq!(t.segment, target);
+        assert_eq!(t.position, clean_len);
+        assert_eq!(t.offset, Offset(RECORDS));
+        assert_eq!(t.bytes_dropped, garbage, "garbage of {garbage} bytes");
+        check_intact(&log, &records[..]);
+        drop(log);
+        let (_, again) = Log::open(dir.path(), Default::default()).unwrap();
+        assert_eq!(again.truncated, None, "a repaired tail stays repaired");
+    }
+}
+
+#[test]
+fn torn_tail_cut_at_every_byte_of_the_last_record_is_truncated() {
+    let clean = tempfile::tempdir().unwrap();
+    let (records, segment, last_position) = build(clean.path());
+    let clean_len = std::fs::metadata(&segment).unwrap().len();
+    for cut in 1..clean_len - last_position {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(clean.path(), dir.path());
+        let target = dir.path().join("log").join(segment.file_name().unwrap());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .unwrap();
+        file.set_len(last_position + cut).unwrap();
+        drop(file);
+
+        let (log, report) = Log::open(dir.path(), Default::default()).unwrap();
+        let t = report.truncated.expect("the cut record is reported");
+        assert_eq!(
+            (t.position, t.bytes_dropped),
+            (last_position, cut),
+            "cut {cut}"
+        );
+        assert!(
+            report.index_rebuilt,
+            "the index knew the cut record, so it is rebuilt"
+        );
+        check_intact(&log, &records[..records.len() - 1]);
+    }
+}
+
+#[test]
+fn torn_tail_of_zeros_is_truncated() {
+    let clean = tempfile::tempdir().unwrap();
+    let (records, segment, _) = build(clean.path());
+    let clean_len = std::fs::metadata(&segment).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len(clean_len + 5000).unwrap();
+    drop(file);
+    let (log, report) = Log::open(clean.path(), Default::default()).unwrap();
+    assert_eq!(report.truncated.map(|t| t.bytes_dropped), Some(5000));
+    check_intact(&log, &records);
+}
