@@ -1,1 +1,179 @@
-fn main() {}
+//! Storage benchmarks (criterion). Figures go in the closing notes, never in tests.
+//!
+//! - `append/<policy>/<appenders>`: 1 KiB messages from 1, 8 and 64 concurrent appenders,
+//!   `fsync=always` and `never`; throughput in appends per second.
+//! - `read/random`: reads by offset through the index over a 100k-record log.
+//! - `recovery/*`: opening a log of `COURIER_BENCH_LOG_BYTES` (default 1 GiB) of 1 KiB
+//!   messages with a fresh checkpoint (with and without the CRC check of sealed segments)
+//!   and with no index at all (full rebuild).
+//!
+//! Run: `cargo bench -p courier-storage --bench append` (filters work: `-- append/always`).
+//! The data lives in `COURIER_BENCH_DIR` (default: a temporary directory under /var/tmp, so
+//! that it is on the disk and not on tmpfs).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use courier_storage::{FsyncPolicy, Log, LogOptions, Message, Offset, Record};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+
+fn message(n: u64, body_bytes: usize) -> Record {
+    Record::Message(Message {
+        id: format!("m{n}"),
+        from: "bench".into(),
+        to: "agent:sink".into(),
+        destinations: vec!["sink".into()],
+        kind: None,
+        priority: 4,
+        headers: vec![],
+        correlation_id: None,
+        in_reply_to: None,
+        not_before_ms: None,
+        expires_at_ms: None,
+        dedupe_until_ms: None,
+        body: vec![b'x'; body_bytes],
+    })
+}
+
+fn bench_root() -> PathBuf {
+    std::env::var_os("COURIER_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from)
+}
+
+fn open(dir: &Path, fsync: FsyncPolicy) -> Log {
+    let options = LogOptions {
+        fsync,
+        ..LogOptions::default()
+    };
+    Log::open(dir, options).expect("open bench log").0
+}
+
+fn appends(c: &mut Criterion) {
+    let mut group = c.benchmark_group("append");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .throughput(Throughput::Elements(1));
+    for (name, fsync) in [
+        ("always", FsyncPolicy::Always),
+        ("never", FsyncPolicy::Never),
+    ] {
+        for appenders in [1u64, 8, 64] {
+            let dir = tempfile::tempdir_in(bench_root()).expect("bench dir");
+            let log = Arc::new(open(dir.path(), fsync));
+            group.bench_function(BenchmarkId::new(name, appenders), |b| {
+                b.iter_custom(|iters| {
+                    let per = iters.div_ceil(appenders);
+                    #[expect(clippy::disallowed_methods, reason = "a benchmark measures time")]
+                    let start = Instant::now();
+                    let threads: Vec<_> = (0..appenders)
+                        .map(|t| {
+                            let log = log.clone();
+                            std::thread::spawn(move || {
+                                for n in 0..per {
+                                    log.append(n, vec![message(t * per + n, 1024)])
+                                        .expect("append");
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in threads {
+                        t.join().expect("appender");
+                    }
+                    start
+                        .elapsed()
+                        .mul_f64(iters as f64 / (per * appenders) as f64)
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
+fn reads(c: &mut Criterion) {
+    let dir = tempfile::tempdir_in(bench_root()).expect("bench dir");
+    let log = open(dir.path(), FsyncPolicy::Never);
+    let records = 100_000u64;
+    for chunk in 0..records / 1000 {
+        log.append(
+            1,
+            (0..1000).map(|n| message(chunk * 1000 + n, 1024)).collect(),
+        )
+        .expect("fill");
+    }
+    let mut group = c.benchmark_group("read");
+    group.throughput(Throughput::Elements(1));
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    group.bench_function("random", |b| {
+        b.iter(|| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            log.read(Offset(x % records)).expect("read")
+        });
+    });
+    group.finish();
+}
+
+fn fill(dir: &Path, bytes: u64) {
+    let log = open(dir, FsyncPolicy::Never);
+    let per_batch = 1000u64;
+    let batches = bytes / (1100 * per_batch);
+    for b in 0..batches {
+        log.append(
+            b,
+            (0..per_batch)
+                .map(|n| message(b * per_batch + n, 1024))
+                .collect(),
+        )
+        .expect("fill");
+    }
+    log.close().expect("close");
+}
+
+fn recovery(c: &mut Criterion) {
+    let bytes: u64 = std::env::var("COURIER_BENCH_LOG_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
+    let dir = tempfile::tempdir_in(bench_root()).expect("bench dir");
+    fill(dir.path(), bytes);
+    let mut group = c.benchmark_group("recovery");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    for (name, verify_sealed) in [("checkpoint", false), ("checkpoint_verify_sealed", true)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let options = LogOptions {
+                    verify_sealed,
+                    fsync: FsyncPolicy::Never,
+                    ..LogOptions::default()
+                };
+                let (log, report) = Log::open(dir.path(), options).expect("open");
+                assert_eq!(report.replayed_records, 0);
+                drop(log);
+            });
+        });
+    }
+    group.bench_function("no_index_rebuild", |b| {
+        b.iter_batched(
+            || std::fs::remove_dir_all(dir.path().join("index")).expect("delete index"),
+            |()| {
+                let options = LogOptions {
+                    verify_sealed: false,
+                    fsync: FsyncPolicy::Never,
+                    ..LogOptions::default()
+                };
+                let (log, report) = Log::open(dir.path(), options).expect("open");
+                assert!(report.index_rebuilt);
+                log.close().expect("close");
+            },
+            criterion::BatchSize::PerIteration,
+        );
+    });
+    group.finish();
+}
+
+criterion_group!(benches, appends, reads, recovery);
+criterion_main!(benches);

@@ -85,6 +85,9 @@ pub struct LogOptions {
     /// open. Off, opening reads only the log after the checkpoint, whatever the log's size, and
     /// older records are checked when read and by `verify`.
     pub verify_sealed: bool,
+    /// How often index changes are written to sled (a checkpoint). Recovery replays at most
+    /// about this much of the log; changes that cancel out in between never reach sled.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for LogOptions {
@@ -97,6 +100,7 @@ impl Default for LogOptions {
             index_cache_bytes: 64 << 20,
             index_dir: None,
             verify_sealed: true,
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }
@@ -171,18 +175,31 @@ pub(crate) struct Shared {
     /// Next offset to be made visible: every offset below is durable and indexed.
     durable_end: Mutex<Offset>,
     durable_advanced: Condvar,
+    /// Where the records not yet in the index are, by first offset: the writer adds a run
+    /// before publishing it, the indexer removes it after sled has it, so a reader always
+    /// finds a durable record in one of the two.
+    recent: RwLock<BTreeMap<Offset, PositionRun>>,
+    /// Next offset to be applied to the index; lags `durable_end` by the batches in flight.
+    indexed_end: Mutex<Offset>,
+    indexed_advanced: Condvar,
     /// Called with the new durable end after every commit.
     listeners: Mutex<Vec<Listener>>,
     /// Set after any failed write or fsync; never cleared.
     poisoned: AtomicBool,
     /// Serializes retention passes.
     retention: Mutex<()>,
+    /// Set when the log closes; `checkpoint_due` wakes the checkpointer early (close, or a
+    /// large backlog of index changes).
+    closing: Mutex<bool>,
+    checkpoint_due: Condvar,
 }
 
 /// The message log. See the module documentation.
 pub struct Log {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    indexer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     _lock: DirLock,
 }
 
@@ -238,11 +255,28 @@ impl Log {
             segments: RwLock::new(recovered.segments),
             durable_end: Mutex::new(end),
             durable_advanced: Condvar::new(),
+            recent: RwLock::new(BTreeMap::new()),
+            indexed_end: Mutex::new(end),
+            indexed_advanced: Condvar::new(),
             listeners: Mutex::new(Vec::new()),
             poisoned: AtomicBool::new(false),
             retention: Mutex::new(()),
+            closing: Mutex::new(false),
+            checkpoint_due: Condvar::new(),
         });
-        let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
+        // Bounded: a writer that outruns the indexer by this many batches waits for it.
+        let (to_indexer, jobs) = mpsc::sync_channel(64);
+        let writer = Writer::new(shared.clone(), end, recovered.active_len, to_indexer)?;
+        let indexer_shared = shared.clone();
+        let indexer = std::thread::Builder::new()
+            .name("courier-log-indexer".into())
+            .spawn(move || run_indexer(&indexer_shared, &jobs))
+            .map_err(|e| Error::io("spawn indexer thread", dir, e))?;
+        let checkpointer_shared = shared.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("courier-log-checkpointer".into())
+            .spawn(move || run_checkpointer(&checkpointer_shared))
+            .map_err(|e| Error::io("spawn checkpointer thread", dir, e))?;
         let handle = std::thread::Builder::new()
             .name("courier-log-writer".into())
             .spawn(move || writer.run())
@@ -250,6 +284,8 @@ impl Log {
         let log = Self {
             shared,
             writer: Mutex::new(Some(handle)),
+            indexer: Mutex::new(Some(indexer)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             _lock: lock,
         };
         Ok((log, recovered.report))
@@ -294,11 +330,21 @@ impl Log {
         if offset >= self.durable_end() {
             return Err(Error::NotFound(offset.0));
         }
-        let location = self
-            .shared
-            .index
-            .location(offset)?
-            .ok_or(Error::NotFound(offset.0))?;
+        let recent = {
+            let recent = self.shared.recent.read().expect("recent lock");
+            recent
+                .range(..=offset)
+                .next_back()
+                .and_then(|(_, run)| run.location(offset))
+        };
+        let location = match recent {
+            Some(location) => location,
+            None => self
+                .shared
+                .index
+                .location(offset)?
+                .ok_or(Error::NotFound(offset.0))?,
+        };
         self.read_at(offset, location)
     }
 
@@ -360,7 +406,19 @@ impl Log {
     }
 
     /// The derived index (read access; the writer thread is its only writer).
+    ///
+    /// The index is updated by a thread of its own, just behind the durable end; this waits
+    /// until it reflects every append completed before the call (read-your-writes).
     pub fn index(&self) -> &Index {
+        let target = self.durable_end();
+        let indexed = self.shared.indexed_end.lock().expect("indexed lock");
+        let _caught_up = self
+            .shared
+            .indexed_advanced
+            .wait_while(indexed, |indexed| {
+                *indexed < target && !self.shared.poisoned.load(Ordering::Acquire)
+            })
+            .expect("indexed lock");
         &self.shared.index
     }
 
@@ -373,7 +431,7 @@ impl Log {
     /// Recovery replays only the log after the last checkpoint. sled also checkpoints by itself
     /// every second.
     pub fn checkpoint(&self) -> Result<Option<Offset>> {
-        self.shared.index.flush()
+        self.index().checkpoint()
     }
 
     /// The segments, oldest first.
@@ -398,7 +456,7 @@ impl Log {
         let _serial = self.shared.retention.lock().expect("retention lock");
         let segments = self.segments();
         let mut total: u64 = segments.iter().map(|s| s.bytes).sum();
-        let live = self.shared.index.min_live_offset()?;
+        let live = self.index().min_live_offset()?;
         let mut below = None;
         for pair in segments.windows(2) {
             let (segment, next) = (&pair[0], &pair[1]);
@@ -427,7 +485,7 @@ impl Log {
             .into_iter()
             .map(Record::AgentUpserted)
             .collect();
-        for (agent, topic, start) in self.shared.index.subscriptions()? {
+        for (agent, topic, start) in self.index().subscriptions()? {
             records.push(Record::Subscribed {
                 agent,
                 topic,
@@ -466,10 +524,19 @@ impl Log {
         if let Some(handle) = self.writer.lock().expect("writer lock").take() {
             let _ = handle.join();
         }
+        // The writer's exit closed the indexer's channel: it drains what is queued and stops.
+        if let Some(handle) = self.indexer.lock().expect("indexer lock").take() {
+            let _ = handle.join();
+        }
+        *self.shared.closing.lock().expect("closing lock") = true;
+        self.shared.checkpoint_due.notify_all();
+        if let Some(handle) = self.checkpointer.lock().expect("checkpointer lock").take() {
+            let _ = handle.join();
+        }
         if self.is_poisoned() {
             return Err(Error::Poisoned);
         }
-        self.shared.index.flush()?;
+        self.shared.index.checkpoint()?;
         Ok(())
     }
 }
@@ -481,11 +548,89 @@ impl Drop for Log {
 }
 
 /// A run of consecutive records in one segment, as the index records it.
+#[derive(Debug, Clone)]
 pub(crate) struct PositionRun {
     pub(crate) segment: Offset,
     pub(crate) first: Offset,
     /// Each record's byte position, then the end of the last.
     pub(crate) positions: Vec<u32>,
+}
+
+impl PositionRun {
+    /// Where `offset` is, if this run holds it.
+    fn location(&self, offset: Offset) -> Option<Location> {
+        let i = usize::try_from(offset.0.checked_sub(self.first.0)?).ok()?;
+        let position = u64::from(*self.positions.get(i)?);
+        let end = u64::from(*self.positions.get(i + 1)?);
+        Some(Location {
+            segment: self.segment,
+            position,
+            len: end - position,
+        })
+    }
+}
+
+/// Committed records on their way into the index.
+struct IndexJob {
+    frames: Vec<Frame>,
+    runs: Vec<PositionRun>,
+    end: Offset,
+}
+
+/// The indexer thread: applies committed batches to sled in log order, then drops their
+/// runs from `recent`. A failure poisons the log like a failed write.
+fn run_indexer(shared: &Shared, jobs: &mpsc::Receiver<IndexJob>) {
+    for job in jobs {
+        if shared.poisoned.load(Ordering::Acquire) {
+            continue;
+        }
+        if let Err(error) = shared.index.apply(&job.frames, &job.runs) {
+            shared.poisoned.store(true, Ordering::Release);
+            tracing::error!(%error, "index update failed; refusing all further writes (fail-stop)");
+            shared.indexed_advanced.notify_all();
+            continue;
+        }
+        {
+            let mut recent = shared.recent.write().expect("recent lock");
+            for run in &job.runs {
+                recent.remove(&run.first);
+            }
+        }
+        *shared.indexed_end.lock().expect("indexed lock") = job.end;
+        shared.indexed_advanced.notify_all();
+        if shared.index.pending_changes() > CHECKPOINT_CHANGES {
+            shared.checkpoint_due.notify_all();
+        }
+    }
+}
+
+/// Index changes that trigger a checkpoint before the interval is up, bounding the memory
+/// the unwritten changes take.
+const CHECKPOINT_CHANGES: usize = 256 * 1024;
+
+/// The checkpointer thread: writes the index's in-memory changes to sled every
+/// `checkpoint_interval`, or sooner when they pile up. A failure poisons the log.
+fn run_checkpointer(shared: &Shared) {
+    let interval = shared.options.checkpoint_interval;
+    let mut closing = shared.closing.lock().expect("closing lock");
+    loop {
+        closing = shared
+            .checkpoint_due
+            .wait_timeout(closing, interval)
+            .expect("closing lock")
+            .0;
+        if *closing {
+            return;
+        }
+        drop(closing);
+        if shared.index.pending_changes() > 0 && !shared.poisoned.load(Ordering::Acquire) {
+            if let Err(error) = shared.index.checkpoint() {
+                shared.poisoned.store(true, Ordering::Release);
+                tracing::error!(%error, "index checkpoint failed; refusing all further writes (fail-stop)");
+            }
+        }
+        closing = shared.closing.lock().expect("closing lock");
+    }
 }
 
 /// The writer thread's own state.
@@ -498,6 +643,7 @@ struct Writer {
     last_sync: Instant,
     scratch: Vec<u8>,
     buf: Vec<u8>,
+    to_indexer: mpsc::SyncSender<IndexJob>,
 }
 
 struct Accepted {
@@ -507,7 +653,12 @@ struct Accepted {
 }
 
 impl Writer {
-    fn new(shared: Arc<Shared>, next_offset: Offset, active_len: u64) -> Result<Self> {
+    fn new(
+        shared: Arc<Shared>,
+        next_offset: Offset,
+        active_len: u64,
+        to_indexer: mpsc::SyncSender<IndexJob>,
+    ) -> Result<Self> {
         let active = {
             let segments = shared.segments.read().expect("segments lock");
             segments
@@ -528,6 +679,7 @@ impl Writer {
             last_sync: monotonic_now(),
             scratch: Vec::new(),
             buf: Vec::new(),
+            to_indexer,
         })
     }
 
@@ -603,11 +755,15 @@ impl Writer {
         let mut frames = Vec::new();
         let mut runs = Vec::new();
         let result = self.write(requests, &mut accepted, &mut frames, &mut runs);
-        let result = result
-            .and_then(|()| self.make_durable())
-            .and_then(|()| self.shared.index.apply(&frames, &runs));
+        let result = result.and_then(|()| self.make_durable());
         match result {
             Ok(()) => {
+                {
+                    let mut recent = self.shared.recent.write().expect("recent lock");
+                    for run in &runs {
+                        recent.insert(run.first, run.clone());
+                    }
+                }
                 *self.shared.durable_end.lock().expect("durable lock") = self.next_offset;
                 self.shared.durable_advanced.notify_all();
                 let listeners = self
@@ -624,6 +780,14 @@ impl Writer {
                         first: a.first,
                         count: a.count,
                     }));
+                }
+                let job = IndexJob {
+                    frames,
+                    runs,
+                    end: self.next_offset,
+                };
+                if self.to_indexer.send(job).is_err() {
+                    self.poison(&Error::Closed);
                 }
             }
             Err(error) => {

@@ -117,6 +117,10 @@ impl Replay<'_> {
         }
         self.index.apply(&self.frames, &self.runs)?;
         self.replayed += self.frames.len() as u64;
+        // A long replay writes to sled as it goes rather than holding it all in memory.
+        if self.index.pending_changes() > 256 * 1024 {
+            self.index.checkpoint()?;
+        }
         self.frames.clear();
         self.runs.clear();
         Ok(())

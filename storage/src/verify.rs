@@ -197,7 +197,6 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
     }
     let index = Index::open(index_dir, 16 << 20)?;
     index.clear()?;
-    index.flush()?;
     Ok(moved)
 }
 

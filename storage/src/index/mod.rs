@@ -1,0 +1,496 @@
+//! The index: state derived from the log, so that start-up need not replay all of it.
+//!
+//! Everything lives in one sled tree under one-byte key prefixes ([`keys`]). Applying records
+//! changes only an in-memory layer ([`overlay`]); a checkpoint writes the accumulated changes
+//! and the `applied` watermark saying how far they go in one atomic sled batch, then flushes
+//! sled. After a crash sled holds exactly the state of the last checkpoint, so recovery
+//! replays the log from `applied + 1` and nothing is applied twice.
+//!
+//! | prefix | key after the prefix | value |
+//! |---|---|---|
+//! | `m` | `applied`, `clock` | last applied offset; latest record timestamp (u64 LE) |
+//! | `p` | first offset (u64 BE) | segment base (u64 LE), then count+1 positions (u32 LE) |
+//! | `i` | slot key: inbox, 9 − priority, offset | [`EntryValue`] (bincode) |
+//! | `t` | due ms (u64 BE), timer kind, slot key | empty |
+//! | `d` | inbox, offset (u64 BE) | [`DeadEntry`] (bincode) |
+//! | `u` | client message id | offset and remembered-until ms (bincode) |
+//! | `x` | remembered-until ms (u64 BE), client id | empty (expiry order of `u`) |
+//! | `a` | agent id | [`Agent`] (bincode) |
+//! | `s` | agent, topic | start offset (u64 LE) |
+//!
+//! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
+//! rebuilds an equal [`IndexSnapshot`].
+
+mod apply;
+mod keys;
+mod overlay;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bincode::{Decode, Encode};
+
+use crate::error::{Error, Result};
+use crate::log::PositionRun;
+use crate::record::{Agent, DeadReason, Frame, Slot};
+use crate::Offset;
+use keys::{
+    be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
+    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, D, I, P, S, T, U,
+};
+use overlay::{prefix_end, Change, Layer, Layers, Merged, Txn};
+
+const CONFIG: bincode::config::Configuration = bincode::config::standard();
+
+/// What kind of deadline a timer marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKind {
+    /// The lease deadline of a leased message, or the `not_before` time of a delayed or
+    /// backed-off ready message.
+    Due,
+    /// The `ttl_ms` expiry of a message.
+    Expiry,
+}
+
+/// A deadline the sweeper must act on; timers are ordered by `due_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timer {
+    /// When, in wall-clock ms since the epoch.
+    pub due_ms: u64,
+    /// What kind of deadline.
+    pub kind: TimerKind,
+    /// The inbox.
+    pub inbox: String,
+    /// The message.
+    pub slot: Slot,
+}
+
+/// Whether a pending message may be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum EntryState {
+    /// Ready for delivery, but not before `not_before_ms` if set.
+    Ready {
+        /// Earliest delivery time, wall-clock ms.
+        not_before_ms: Option<u64>,
+    },
+    /// Handed out under a lease that ends at `deadline_ms`.
+    Leased {
+        /// End of the lease, wall-clock ms.
+        deadline_ms: u64,
+    },
+}
+
+/// The delivery state of one message in one inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct EntryValue {
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Ready or leased.
+    pub state: EntryState,
+    /// When the message's ttl runs out, if it has one.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A pending message of an inbox with its delivery state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InboxEntry {
+    /// The message.
+    pub slot: Slot,
+    /// Its state.
+    pub value: EntryValue,
+}
+
+/// A dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct DeadEntry {
+    /// The message.
+    pub slot: Slot,
+    /// Why it was dead-lettered.
+    pub reason: DeadReason,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// When, wall-clock ms (the timestamp of the dead-lettering record).
+    pub dead_lettered_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+struct DedupeValue {
+    offset: u64,
+    until_ms: u64,
+}
+
+/// Where a record is: its segment's base offset, byte position and frame length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Location {
+    /// Base offset of the segment that holds it.
+    pub segment: Offset,
+    /// Byte position of the frame inside the segment.
+    pub position: u64,
+    /// Length of the frame in bytes.
+    pub len: u64,
+}
+
+/// The logical content of the index, for comparing two indexes (tests, `courierctl`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexSnapshot {
+    /// Last applied offset.
+    pub applied: Option<Offset>,
+    /// Every indexed record location.
+    pub locations: BTreeMap<Offset, Location>,
+    /// Pending messages per inbox, in delivery order.
+    pub inboxes: BTreeMap<String, Vec<InboxEntry>>,
+    /// Every timer.
+    pub timers: Vec<Timer>,
+    /// Dead letters per inbox.
+    pub dead_letters: BTreeMap<String, Vec<DeadEntry>>,
+    /// Remembered client ids: id → (offset, until ms).
+    pub dedupe: BTreeMap<String, (Offset, u64)>,
+    /// Registered agents.
+    pub agents: BTreeMap<String, Agent>,
+    /// Subscriptions: (agent, topic) → start.
+    pub subscriptions: BTreeMap<(String, String), Offset>,
+}
+
+/// The index. Cheap to clone; all clones share one database and one set of layers.
+#[derive(Debug, Clone)]
+pub struct Index {
+    db: sled::Db,
+    tree: sled::Tree,
+    /// Changes not yet checkpointed to sled.
+    layers: Arc<RwLock<Layers>>,
+    /// Serializes checkpoints.
+    checkpointing: Arc<Mutex<()>>,
+}
+
+fn encode_value<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, CONFIG).expect("encoding into a Vec cannot fail")
+}
+
+fn decode_value<T: Decode<()>>(bytes: &[u8]) -> Result<T> {
+    bincode::decode_from_slice(bytes, CONFIG)
+        .map(|(v, _)| v)
+        .map_err(|e| Error::IndexDamaged { why: e.to_string() })
+}
+
+/// sled reports a held lock as an `Other` error wrapping `WouldBlock` in its text.
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
+fn bad_key() -> Error {
+    Error::IndexDamaged {
+        why: "malformed key".into(),
+    }
+}
+
+impl Index {
+    /// Opens (or creates) the index in `path` with a page cache of `cache_bytes`.
+    ///
+    /// sled releases its directory lock from a background thread shortly after the last handle
+    /// is dropped, so a reopen in the same process can find it still held; the log's own lock
+    /// has already excluded other processes, so a held lock is retried for up to five seconds.
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self> {
+        // Only checkpoints flush: sled's own periodic flush would add I/O and no safety.
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None);
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) && tries < 5000 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) => {
+                    return Err(Error::Locked {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(other) => return Err(Error::Index(other)),
+            }
+        };
+        let tree = db.open_tree("courier")?;
+        Ok(Self {
+            db,
+            tree,
+            layers: Arc::default(),
+            checkpointing: Arc::default(),
+        })
+    }
+
+    fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
+        self.layers.read().expect("index layers lock")
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(change) = self.layers().lookup(key) {
+            return Ok(match change {
+                Change::Put(v) | Change::PutNew(v) => Some(v.clone()),
+                Change::Delete => None,
+            });
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
+        let overlay = self.layers().changes_in(&start, &end);
+        Merged::new(self.tree.range((start, end)), overlay)
+    }
+
+    fn scan_prefix(&self, prefix: &[u8]) -> Merged {
+        self.range(Bound::Included(prefix.to_vec()), prefix_end(prefix))
+    }
+
+    /// The last offset whose effects are in the index, or `None` for an empty index.
+    pub fn applied(&self) -> Result<Option<Offset>> {
+        if let Some(applied) = self.layers().applied() {
+            return Ok(applied);
+        }
+        self.checkpointed()
+    }
+
+    /// How far the last checkpoint goes: what recovery finds after a crash.
+    pub fn checkpointed(&self) -> Result<Option<Offset>> {
+        Ok(self.tree.get(APPLIED_KEY)?.map(|v| Offset(u64_le(&v))))
+    }
+
+    /// Changes waiting for the next checkpoint.
+    pub fn pending_changes(&self) -> usize {
+        self.layers().active.changes.len()
+    }
+
+    /// Writes every change applied so far to sled, atomically with the watermark, and flushes
+    /// sled (the checkpoint). Returns how far the checkpoint goes.
+    pub fn checkpoint(&self) -> Result<Option<Offset>> {
+        let _one_at_a_time = self.checkpointing.lock().expect("checkpoint lock");
+        let frozen = {
+            let mut layers = self.layers.write().expect("index layers lock");
+            let applied = layers.active.applied;
+            let active = std::mem::replace(
+                &mut layers.active,
+                Layer {
+                    changes: BTreeMap::new(),
+                    applied,
+                },
+            );
+            let frozen = Arc::new(active);
+            layers.frozen = Some(frozen.clone());
+            frozen
+        };
+        let mut batch = sled::Batch::default();
+        for (key, change) in &frozen.changes {
+            match change {
+                Change::Put(v) | Change::PutNew(v) => batch.insert(key.as_slice(), v.as_slice()),
+                Change::Delete => batch.remove(key.as_slice()),
+            }
+        }
+        if let Some(applied) = frozen.applied {
+            batch.insert(APPLIED_KEY, &applied.0.to_le_bytes());
+        }
+        let written = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|()| self.db.flush().map(|_| ()));
+        // On failure the frozen layer stays readable; the caller poisons the log.
+        written?;
+        self.layers.write().expect("index layers lock").frozen = None;
+        match frozen.applied {
+            Some(applied) => Ok(Some(applied)),
+            None => self.checkpointed(),
+        }
+    }
+
+    /// Removes everything: the index is rebuilt from the log.
+    pub(crate) fn clear(&self) -> Result<()> {
+        *self.layers.write().expect("index layers lock") = Layers::default();
+        self.tree.clear()?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Drops record positions above the checkpoint (only a damaged index could have them).
+    pub(crate) fn drop_positions_after(&self, applied: Option<Offset>) -> Result<()> {
+        let from = applied.map_or(0, |a| a.0 + 1);
+        let mut batch = sled::Batch::default();
+        for item in self.tree.range(positions_key(Offset(from))..vec![P + 1]) {
+            batch.remove(item?.0);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Where the record at `offset` is, if it is indexed.
+    pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
+        let end = Bound::Included(positions_key(offset));
+        let Some(item) = self.range(Bound::Included(vec![P]), end).last() else {
+            return Ok(None);
+        };
+        let (key, value) = item?;
+        let first = from_be64(key.get(1..).unwrap_or_default());
+        Ok(decode_location(first, &value, offset))
+    }
+
+    /// Applies the effects of `frames` (consecutive, in log order) and records where they
+    /// lie (`runs`). In memory until the next [`Index::checkpoint`].
+    pub(crate) fn apply(&self, frames: &[Frame], runs: &[PositionRun]) -> Result<()> {
+        let mut txn = Txn {
+            layers: self.layers.write().expect("index layers lock"),
+            tree: &self.tree,
+        };
+        apply::apply(&mut txn, frames, runs)
+    }
+
+    /// The pending messages of `inbox` in delivery order (priority, then offset).
+    pub fn inbox(&self, inbox: &str) -> impl Iterator<Item = Result<InboxEntry>> {
+        self.scan_prefix(&inbox_prefix(I, inbox)).map(|item| {
+            let (key, value) = item?;
+            let (_, slot) = parse_slot_key(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)?;
+            Ok(InboxEntry {
+                slot,
+                value: decode_value(&value)?,
+            })
+        })
+    }
+
+    /// The state of one message in one inbox, if it is pending there.
+    pub fn entry(&self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>> {
+        self.get(&slot_key(&[I], inbox, slot))?
+            .map(|v| decode_value(&v))
+            .transpose()
+    }
+
+    /// Timers in deadline order, starting with the earliest.
+    pub fn timers(&self) -> impl Iterator<Item = Result<Timer>> {
+        self.scan_prefix(&[T]).map(|item| {
+            let (key, _) = item?;
+            parse_timer_key(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)
+        })
+    }
+
+    /// Dead letters of `inbox` with offsets above `after`, oldest first, at most `limit`.
+    pub fn dead_letters(
+        &self,
+        inbox: &str,
+        after: Option<Offset>,
+        limit: usize,
+    ) -> Result<Vec<DeadEntry>> {
+        let prefix = inbox_prefix(D, inbox);
+        let start = match after {
+            Some(after) => {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&be64(after.0.saturating_add(1)));
+                key
+            }
+            None => prefix.clone(),
+        };
+        self.range(Bound::Included(start), prefix_end(&prefix))
+            .take(limit)
+            .map(|item| decode_value(&item?.1))
+            .collect()
+    }
+
+    /// The offset first published with client id `id`, if remembered at `now_ms`.
+    pub fn dedupe(&self, id: &str, now_ms: u64) -> Result<Option<Offset>> {
+        let Some(value) = self.get(&with_prefix(U, id.as_bytes()))? else {
+            return Ok(None);
+        };
+        let value: DedupeValue = decode_value(&value)?;
+        Ok((value.until_ms > now_ms).then_some(Offset(value.offset)))
+    }
+
+    /// Every registered agent, by id.
+    pub fn agents(&self) -> Result<Vec<Agent>> {
+        self.scan_prefix(&[A])
+            .map(|item| decode_value(&item?.1))
+            .collect()
+    }
+
+    /// One agent.
+    pub fn agent(&self, id: &str) -> Result<Option<Agent>> {
+        self.get(&with_prefix(A, id.as_bytes()))?
+            .map(|v| decode_value(&v))
+            .transpose()
+    }
+
+    /// Every subscription: (agent, topic, start).
+    pub fn subscriptions(&self) -> Result<Vec<(String, String, Offset)>> {
+        let mut out = Vec::new();
+        for item in self.scan_prefix(&[S]) {
+            let (key, value) = item?;
+            let (agent, rest) = take_str(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)?;
+            let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
+            out.push((agent, topic, Offset(u64_le(&value))));
+        }
+        Ok(out)
+    }
+
+    /// The lowest offset still pending or dead-lettered in any inbox. Reads every entry.
+    pub fn min_live_offset(&self) -> Result<Option<Offset>> {
+        let mut min: Option<u64> = None;
+        for prefix in [I, D] {
+            for item in self.scan_prefix(&[prefix]) {
+                let offset = trailing_offset(&item?.0);
+                min = Some(min.map_or(offset, |m| m.min(offset)));
+            }
+        }
+        Ok(min.map(Offset))
+    }
+
+    /// The whole logical content, for comparisons. Reads everything: not for hot paths.
+    pub fn snapshot(&self) -> Result<IndexSnapshot> {
+        let mut snap = IndexSnapshot {
+            applied: self.applied()?,
+            ..IndexSnapshot::default()
+        };
+        for item in self.range(Bound::Unbounded, Bound::Unbounded) {
+            let (key, value) = item?;
+            let rest = key.get(1..).unwrap_or_default();
+            match key.first().copied() {
+                Some(P) => {
+                    let first = from_be64(rest);
+                    let count = value.len().saturating_sub(12) / 4;
+                    for i in 0..count as u64 {
+                        if let Some(loc) = decode_location(first, &value, Offset(first + i)) {
+                            snap.locations.insert(Offset(first + i), loc);
+                        }
+                    }
+                }
+                Some(I) => {
+                    let (inbox, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
+                    let value = decode_value(&value)?;
+                    snap.inboxes
+                        .entry(inbox)
+                        .or_default()
+                        .push(InboxEntry { slot, value });
+                }
+                Some(T) => snap.timers.push(parse_timer_key(rest).ok_or_else(bad_key)?),
+                Some(D) => {
+                    let (inbox, _) = take_str(rest).ok_or_else(bad_key)?;
+                    let dead = decode_value(&value)?;
+                    snap.dead_letters.entry(inbox).or_default().push(dead);
+                }
+                Some(U) => {
+                    let v: DedupeValue = decode_value(&value)?;
+                    let id = String::from_utf8_lossy(rest).into_owned();
+                    snap.dedupe.insert(id, (Offset(v.offset), v.until_ms));
+                }
+                Some(A) => {
+                    let agent: Agent = decode_value(&value)?;
+                    snap.agents.insert(agent.id.clone(), agent);
+                }
+                Some(S) => {
+                    let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
+                    let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
+                    snap.subscriptions
+                        .insert((agent, topic), Offset(u64_le(&value)));
+                }
+                _ => {}
+            }
+        }
+        Ok(snap)
+    }
+}
