@@ -197,9 +197,8 @@ pub(crate) struct Shared {
 /// The message log. See the module documentation.
 pub struct Log {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
-    indexer: Mutex<Option<JoinHandle<()>>>,
-    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    /// The background threads; `None` once closed.
+    threads: Mutex<Option<Threads>>,
     _lock: DirLock,
 }
 
@@ -264,28 +263,11 @@ impl Log {
             closing: Mutex::new(false),
             checkpoint_due: Condvar::new(),
         });
-        // Bounded: a writer that outruns the indexer by this many batches waits for it.
-        let (to_indexer, jobs) = mpsc::sync_channel(64);
-        let writer = Writer::new(shared.clone(), end, recovered.active_len, to_indexer)?;
-        let indexer_shared = shared.clone();
-        let indexer = std::thread::Builder::new()
-            .name("courier-log-indexer".into())
-            .spawn(move || run_indexer(&indexer_shared, &jobs))
-            .map_err(|e| Error::io("spawn indexer thread", dir, e))?;
-        let checkpointer_shared = shared.clone();
-        let checkpointer = std::thread::Builder::new()
-            .name("courier-log-checkpointer".into())
-            .spawn(move || run_checkpointer(&checkpointer_shared))
-            .map_err(|e| Error::io("spawn checkpointer thread", dir, e))?;
-        let handle = std::thread::Builder::new()
-            .name("courier-log-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| Error::io("spawn writer thread", dir, e))?;
+        let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
+        let threads = Threads::spawn(&shared, writer)?;
         let log = Self {
             shared,
-            writer: Mutex::new(Some(handle)),
-            indexer: Mutex::new(Some(indexer)),
-            checkpointer: Mutex::new(Some(checkpointer)),
+            threads: Mutex::new(Some(threads)),
             _lock: lock,
         };
         Ok((log, recovered.report))
@@ -521,17 +503,8 @@ impl Log {
     pub fn close(&self) -> Result<()> {
         self.shared.queue.lock().expect("queue lock").closed = true;
         self.shared.wake_writer.notify_all();
-        if let Some(handle) = self.writer.lock().expect("writer lock").take() {
-            let _ = handle.join();
-        }
-        // The writer's exit closed the indexer's channel: it drains what is queued and stops.
-        if let Some(handle) = self.indexer.lock().expect("indexer lock").take() {
-            let _ = handle.join();
-        }
-        *self.shared.closing.lock().expect("closing lock") = true;
-        self.shared.checkpoint_due.notify_all();
-        if let Some(handle) = self.checkpointer.lock().expect("checkpointer lock").take() {
-            let _ = handle.join();
+        if let Some(threads) = self.threads.lock().expect("threads lock").take() {
+            threads.join(&self.shared);
         }
         if self.is_poisoned() {
             return Err(Error::Poisoned);
@@ -633,6 +606,73 @@ fn run_checkpointer(shared: &Shared) {
     }
 }
 
+/// The log's background threads, in pipeline order.
+struct Threads {
+    writer: JoinHandle<()>,
+    completer: JoinHandle<()>,
+    indexer: JoinHandle<()>,
+    checkpointer: JoinHandle<()>,
+}
+
+impl Threads {
+    fn spawn(shared: &Arc<Shared>, mut writer: Writer) -> Result<Self> {
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(format!("courier-log-{name}"))
+                .spawn(f)
+                .map_err(|e| Error::io("spawn thread", &shared.dir, e))
+        };
+        // Bounded: a writer that outruns the indexer by this many batches waits for it.
+        let (to_indexer, jobs) = mpsc::sync_channel(64);
+        let (to_completer, completions) = mpsc::channel();
+        writer.to_indexer = Some(to_indexer);
+        writer.to_completer = Some(to_completer);
+        let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
+        Ok(Self {
+            completer: spawn(
+                "completer",
+                Box::new(move || run_completer(&s1, &completions)),
+            )?,
+            indexer: spawn("indexer", Box::new(move || run_indexer(&s2, &jobs)))?,
+            checkpointer: spawn("checkpointer", Box::new(move || run_checkpointer(&s3)))?,
+            writer: spawn("writer", Box::new(move || writer.run()))?,
+        })
+    }
+
+    /// Joins in pipeline order: the writer finishes the queue, and its exit closes the
+    /// completer's and indexer's channels, which drain and stop; then the checkpointer.
+    fn join(self, shared: &Shared) {
+        let _ = self.writer.join();
+        let _ = self.completer.join();
+        let _ = self.indexer.join();
+        *shared.closing.lock().expect("closing lock") = true;
+        shared.checkpoint_due.notify_all();
+        let _ = self.checkpointer.join();
+    }
+}
+
+/// Appends whose outcome is known, with the durable end to announce if they succeeded.
+struct Completion {
+    end: Option<Offset>,
+    done: Vec<(Callback, Result<Appended>)>,
+}
+
+/// The completer thread: tells listeners and appenders, in commit order, so that the writer
+/// can start the next write and fsync while the previous batch's waiters are woken.
+fn run_completer(shared: &Shared, completions: &mpsc::Receiver<Completion>) {
+    for completion in completions {
+        if let Some(end) = completion.end {
+            let listeners = shared.listeners.lock().expect("listeners lock").clone();
+            for listener in listeners {
+                listener(end);
+            }
+        }
+        for (done, result) in completion.done {
+            done(result);
+        }
+    }
+}
+
 /// The writer thread's own state.
 struct Writer {
     shared: Arc<Shared>,
@@ -643,7 +683,9 @@ struct Writer {
     last_sync: Instant,
     scratch: Vec<u8>,
     buf: Vec<u8>,
-    to_indexer: mpsc::SyncSender<IndexJob>,
+    /// Set by [`Threads::spawn`]; dropped with the writer, which closes the channel.
+    to_indexer: Option<mpsc::SyncSender<IndexJob>>,
+    to_completer: Option<mpsc::Sender<Completion>>,
 }
 
 struct Accepted {
@@ -653,12 +695,7 @@ struct Accepted {
 }
 
 impl Writer {
-    fn new(
-        shared: Arc<Shared>,
-        next_offset: Offset,
-        active_len: u64,
-        to_indexer: mpsc::SyncSender<IndexJob>,
-    ) -> Result<Self> {
+    fn new(shared: Arc<Shared>, next_offset: Offset, active_len: u64) -> Result<Self> {
         let active = {
             let segments = shared.segments.read().expect("segments lock");
             segments
@@ -679,7 +716,8 @@ impl Writer {
             last_sync: monotonic_now(),
             scratch: Vec::new(),
             buf: Vec::new(),
-            to_indexer,
+            to_indexer: None,
+            to_completer: None,
         })
     }
 
@@ -766,27 +804,24 @@ impl Writer {
                 }
                 *self.shared.durable_end.lock().expect("durable lock") = self.next_offset;
                 self.shared.durable_advanced.notify_all();
-                let listeners = self
-                    .shared
-                    .listeners
-                    .lock()
-                    .expect("listeners lock")
-                    .clone();
-                for listener in listeners {
-                    listener(self.next_offset);
-                }
-                for a in accepted {
-                    (a.done)(Ok(Appended {
-                        first: a.first,
-                        count: a.count,
-                    }));
-                }
+                let done = accepted
+                    .into_iter()
+                    .map(|a| {
+                        let appended = Appended {
+                            first: a.first,
+                            count: a.count,
+                        };
+                        (a.done, Ok(appended))
+                    })
+                    .collect();
+                self.complete(Some(self.next_offset), done);
                 let job = IndexJob {
                     frames,
                     runs,
                     end: self.next_offset,
                 };
-                if self.to_indexer.send(job).is_err() {
+                let sent = self.to_indexer.as_ref().map(|tx| tx.send(job));
+                if !matches!(sent, Some(Ok(()))) {
                     self.poison(&Error::Closed);
                 }
             }
@@ -796,18 +831,34 @@ impl Writer {
                     Error::Io { source, .. } => (Some(source.kind()), error.to_string()),
                     _ => (None, error.to_string()),
                 };
-                for a in accepted {
-                    let e = match kind {
-                        Some(kind) => Error::Io {
-                            op: "append",
-                            path: self.shared.log_dir.clone(),
-                            source: std::io::Error::new(kind, text.clone()),
-                        },
-                        None => Error::Poisoned,
-                    };
-                    (a.done)(Err(e));
-                }
+                let done = accepted
+                    .into_iter()
+                    .map(|a| {
+                        let e = match kind {
+                            Some(kind) => Error::Io {
+                                op: "append",
+                                path: self.shared.log_dir.clone(),
+                                source: std::io::Error::new(kind, text.clone()),
+                            },
+                            None => Error::Poisoned,
+                        };
+                        (a.done, Err(e))
+                    })
+                    .collect();
+                self.complete(None, done);
             }
+        }
+    }
+
+    /// Hands finished appends to the completer thread (or completes them here if it is gone).
+    fn complete(&self, end: Option<Offset>, done: Vec<(Callback, Result<Appended>)>) {
+        let completion = Completion { end, done };
+        let unsent = match &self.to_completer {
+            Some(tx) => tx.send(completion).err().map(|mpsc::SendError(c)| c),
+            None => Some(completion),
+        };
+        for (done, result) in unsent.map(|c| c.done).unwrap_or_default() {
+            done(result);
         }
     }
 

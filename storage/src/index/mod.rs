@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `m` | `applied`, `clock` | last applied offset; latest record timestamp (u64 LE) |
 //! | `p` | first offset (u64 BE) | segment base (u64 LE), then count+1 positions (u32 LE) |
-//! | `i` | slot key: inbox, 9 − priority, offset | [`EntryValue`] (bincode) |
+//! | `i` | inbox, 9 − priority, offset ≫ 10 (a bucket, see [`store`]) | bincode list of (offset, [`EntryValue`]) |
 //! | `t` | due ms (u64 BE), timer kind, slot key | empty |
 //! | `d` | inbox, offset (u64 BE) | [`DeadEntry`] (bincode) |
 //! | `u` | client message id | offset and remembered-until ms (bincode) |
@@ -24,6 +24,7 @@
 mod apply;
 mod keys;
 mod overlay;
+mod store;
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -233,12 +234,12 @@ impl Index {
                 Change::Delete => None,
             });
         }
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        store::get(&self.tree, key)
     }
 
     fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
         let overlay = self.layers().changes_in(&start, &end);
-        Merged::new(self.tree.range((start, end)), overlay)
+        Merged::new(store::range(&self.tree, start, end), overlay)
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Merged {
@@ -281,13 +282,7 @@ impl Index {
             layers.frozen = Some(frozen.clone());
             frozen
         };
-        let mut batch = sled::Batch::default();
-        for (key, change) in &frozen.changes {
-            match change {
-                Change::Put(v) | Change::PutNew(v) => batch.insert(key.as_slice(), v.as_slice()),
-                Change::Delete => batch.remove(key.as_slice()),
-            }
-        }
+        let mut batch = store::batch(&self.tree, &frozen.changes)?;
         if let Some(applied) = frozen.applied {
             batch.insert(APPLIED_KEY, &applied.0.to_le_bytes());
         }

@@ -27,7 +27,7 @@ pub(super) enum Change {
 }
 
 impl Change {
-    fn value(&self) -> Option<&[u8]> {
+    pub(super) fn value(&self) -> Option<&[u8]> {
         match self {
             Self::Put(v) | Self::PutNew(v) => Some(v),
             Self::Delete => None,
@@ -121,7 +121,7 @@ impl Txn<'_> {
     pub(super) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match self.layers.lookup(key) {
             Some(change) => Ok(change.value().map(<[u8]>::to_vec)),
-            None => Ok(self.tree.get(key)?.map(|v| v.to_vec())),
+            None => super::store::get(self.tree, key),
         }
     }
 
@@ -160,18 +160,18 @@ impl Txn<'_> {
 
     pub(super) fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
         let overlay = self.layers.changes_in(&start, &end);
-        Merged::new(self.tree.range((start, end)), overlay)
+        Merged::new(super::store::range(self.tree, start, end), overlay)
     }
 }
 
 /// Sled's entries merged with the layers' changes, in key order.
 pub(super) struct Merged {
-    sled: Peekable<sled::Iter>,
+    sled: Peekable<super::store::Entries>,
     overlay: Peekable<std::vec::IntoIter<KeyChange>>,
 }
 
 impl Merged {
-    pub(super) fn new(sled: sled::Iter, overlay: Vec<KeyChange>) -> Self {
+    pub(super) fn new(sled: super::store::Entries, overlay: Vec<KeyChange>) -> Self {
         Self {
             sled: sled.peekable(),
             overlay: overlay.into_iter().peekable(),
@@ -186,14 +186,11 @@ impl Iterator for Merged {
         loop {
             let from_overlay = match (self.sled.peek(), self.overlay.peek()) {
                 (None, None) => return None,
-                (Some(Err(_)), _) => {
-                    let err = self.sled.next()?.err()?;
-                    return Some(Err(err.into()));
-                }
+                (Some(Err(_)), _) => return self.sled.next(),
                 (Some(Ok(_)), None) => false,
                 (None, Some(_)) => true,
                 (Some(Ok((sled_key, _))), Some((key, _))) => {
-                    let ordering = sled_key.as_ref().cmp(key.as_slice());
+                    let ordering = sled_key.as_slice().cmp(key.as_slice());
                     if ordering == std::cmp::Ordering::Equal {
                         self.sled.next(); // the layer's change replaces sled's value
                     }
@@ -206,8 +203,7 @@ impl Iterator for Merged {
                     return Some(Ok((key, value)));
                 }
             } else {
-                let (key, value) = self.sled.next()?.ok()?;
-                return Some(Ok((key.to_vec(), value.to_vec())));
+                return self.sled.next();
             }
         }
     }

@@ -314,3 +314,68 @@ fn index_message_fields_survive_a_rebuild() {
         "every destination gets the message"
     );
 }
+
+#[test]
+fn index_entries_stay_exact_across_buckets_checkpoints_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 1 << 20);
+    let priority = |o: u64| u8::try_from(o % 3).unwrap() * 4; // 0, 4, 8
+    for chunk in 0..6u64 {
+        let records = (0..500).map(|n| {
+            message(
+                &format!("m{}", chunk * 500 + n),
+                "a",
+                priority(chunk * 500 + n),
+                b"{}",
+            )
+        });
+        log.append(1, records.collect()).unwrap();
+    }
+    log.checkpoint().unwrap();
+    let acked: Vec<Slot> = (0..3000)
+        .filter(|o| o % 3 == 1 || o % 1024 == 0)
+        .map(|o| slot(o, priority(o)))
+        .collect();
+    log.append(
+        2,
+        vec![Record::Acked {
+            inbox: "a".into(),
+            slots: acked[..acked.len() / 2].to_vec(),
+        }],
+    )
+    .unwrap();
+    log.checkpoint().unwrap();
+    log.append(
+        3,
+        vec![Record::Acked {
+            inbox: "a".into(),
+            slots: acked[acked.len() / 2..].to_vec(),
+        }],
+    )
+    .unwrap();
+    let mut expected: Vec<Slot> = (0..3000)
+        .filter(|o| o % 3 != 1 && o % 1024 != 0)
+        .map(|o| slot(o, priority(o)))
+        .collect();
+    expected.sort_by_key(|s| (std::cmp::Reverse(s.priority), s.offset));
+    let got =
+        |log: &Log| -> Vec<Slot> { log.index().inbox("a").map(|e| e.unwrap().slot).collect() };
+    assert_eq!(
+        got(&log),
+        expected,
+        "layers over sled buckets, before reopen"
+    );
+    assert!(log
+        .index()
+        .entry("a", slot(1024, priority(1024)))
+        .unwrap()
+        .is_none());
+    assert!(log
+        .index()
+        .entry("a", slot(1025, priority(1025)))
+        .unwrap()
+        .is_some());
+    drop(log);
+    let (log, _) = Log::open(dir.path(), Default::default()).unwrap();
+    assert_eq!(got(&log), expected, "after reopen, from sled buckets alone");
+}
