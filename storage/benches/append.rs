@@ -2,6 +2,9 @@
 //!
 //! - `append/<policy>/<appenders>`: 1 KiB messages from 1, 8 and 64 concurrent appenders,
 //!   `fsync=always` and `never`; throughput in appends per second.
+//! - `append_inflight/<policy>/<inflight>x<batch>`: one driver keeps that many appends of
+//!   `batch` 1 KiB records outstanding through `Log::submit`, as the server's tasks do;
+//!   throughput in bytes per second.
 //! - `read/random`: reads by offset through the index over a 100k-record log.
 //! - `recovery/*`: opening a log of `COURIER_BENCH_LOG_BYTES` (default 1 GiB) of 1 KiB
 //!   messages with a fresh checkpoint (with and without the CRC check of sealed segments)
@@ -83,6 +86,58 @@ fn appends(c: &mut Criterion) {
                     start
                         .elapsed()
                         .mul_f64(iters as f64 / (per * appenders) as f64)
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
+/// One driver keeps `inflight` appends of `batch` records outstanding through `submit`, the
+/// way the server's async tasks use the log (no OS thread per request).
+fn submit_inflight(log: &Arc<Log>, inflight: u64, batch: u64, total: u64) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let submit = |n: u64| {
+        let tx = tx.clone();
+        let records = (0..batch).map(|i| message(n * batch + i, 1024)).collect();
+        log.submit(n, records, move |r| {
+            tx.send(r.map(|_| ())).expect("driver alive")
+        });
+    };
+    let mut sent = 0;
+    while sent < inflight.min(total) {
+        submit(sent);
+        sent += 1;
+    }
+    for _ in 0..total {
+        rx.recv().expect("completion").expect("append");
+        if sent < total {
+            submit(sent);
+            sent += 1;
+        }
+    }
+}
+
+fn appends_inflight(c: &mut Criterion) {
+    let mut group = c.benchmark_group("append_inflight");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
+    for (name, fsync) in [
+        ("always", FsyncPolicy::Always),
+        ("never", FsyncPolicy::Never),
+    ] {
+        for (inflight, batch) in [(64u64, 1u64), (256, 1), (16, 100)] {
+            let dir = tempfile::tempdir_in(bench_root()).expect("bench dir");
+            let log = Arc::new(open(dir.path(), fsync));
+            group.throughput(Throughput::Bytes(batch * 1024));
+            let id = BenchmarkId::new(name, format!("{inflight}x{batch}"));
+            group.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    #[expect(clippy::disallowed_methods, reason = "a benchmark measures time")]
+                    let start = Instant::now();
+                    submit_inflight(&log, inflight, batch, iters);
+                    start.elapsed()
                 });
             });
         }
@@ -175,5 +230,5 @@ fn recovery(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, appends, reads, recovery);
+criterion_group!(benches, appends, appends_inflight, reads, recovery);
 criterion_main!(benches);

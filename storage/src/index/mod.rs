@@ -318,13 +318,35 @@ impl Index {
         Ok(())
     }
 
-    /// Where the record at `offset` is, if it is indexed.
+    /// Where the record at `offset` is, if it is indexed: the run with the greatest first
+    /// offset at or below `offset`, from the layers or from sled, whichever is newer.
     pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
-        let end = Bound::Included(positions_key(offset));
-        let Some(item) = self.range(Bound::Included(vec![P]), end).last() else {
+        let key = positions_key(offset);
+        let bounds = (Bound::Included(vec![P]), Bound::Included(key));
+        let from_sled = self.tree.range(bounds.clone()).next_back().transpose()?;
+        let layers = self.layers();
+        let newest_in = |layer: &Layer| {
+            layer
+                .changes
+                .range::<Vec<u8>, _>(bounds.clone())
+                .next_back()
+                .map(|(k, c)| (k.clone(), c.value().map(<[u8]>::to_vec)))
+        };
+        let active = newest_in(&layers.active);
+        let frozen = layers.frozen.as_deref().and_then(newest_in);
+        drop(layers);
+        // The candidate with the greatest key wins; on a tie the newer layer does.
+        let mut best: Option<(Vec<u8>, Option<Vec<u8>>)> =
+            from_sled.map(|(k, v)| (k.to_vec(), Some(v.to_vec())));
+        for candidate in [frozen, active].into_iter().flatten() {
+            if best.as_ref().is_none_or(|(k, _)| candidate.0 >= *k) {
+                best = Some(candidate);
+            }
+        }
+        // A deleted run was truncated by retention, and so is every offset it held.
+        let Some((key, Some(value))) = best else {
             return Ok(None);
         };
-        let (key, value) = item?;
         let first = from_be64(key.get(1..).unwrap_or_default());
         Ok(decode_location(first, &value, offset))
     }
