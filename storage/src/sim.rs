@@ -163,6 +163,12 @@ impl SimDisk {
         self.lock().crashed
     }
 
+    /// Writes made since their file's last fdatasync, over all files.
+    pub fn unsynced_writes(&self) -> usize {
+        let state = self.lock();
+        state.inodes.values().map(|i| i.pending.len()).sum()
+    }
+
     /// The next fdatasync fails with `kind` and drops the pending writes of its file.
     pub fn fail_sync(&self, kind: io::ErrorKind) {
         self.lock().fail_sync = Some(kind);

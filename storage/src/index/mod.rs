@@ -373,6 +373,21 @@ impl Index {
         })
     }
 
+    /// The inbox's ack floor: its lowest pending offset (everything below is acked,
+    /// dead-lettered or not addressed to it), or `None` if nothing is pending.
+    pub fn floor(&self, inbox: &str) -> Result<Option<Offset>> {
+        let mut floor: Option<Offset> = None;
+        for rank in 0..=9u8 {
+            let mut prefix = inbox_prefix(I, inbox);
+            prefix.push(rank);
+            if let Some(item) = self.scan_prefix(&prefix).next() {
+                let offset = Offset(trailing_offset(&item?.0));
+                floor = Some(floor.map_or(offset, |f| f.min(offset)));
+            }
+        }
+        Ok(floor)
+    }
+
     /// The state of one message in one inbox, if it is pending there.
     pub fn entry(&self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>> {
         self.get(&slot_key(&[I], inbox, slot))?

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use courier_storage::sim::{SimDisk, TearMode};
 use courier_storage::{Error, FsyncPolicy, Log, Offset};
 
-use crate::support::{index_tempdir, message, options};
+use crate::support::{index_tempdir, message, options, wait_until};
 
 fn check_fail_stop(inject: impl Fn(&SimDisk)) {
     let sim = SimDisk::new();
@@ -64,6 +64,36 @@ fn check_fail_stop(inject: impl Fn(&SimDisk)) {
     }
     log.append(300, vec![message("recovered", "a", 4, b"{}")])
         .unwrap();
+}
+
+#[test]
+fn fsync_interval_syncs_in_the_background_without_further_appends() {
+    let sim = SimDisk::new();
+    let index = index_tempdir();
+    let dir = Path::new("/sim/data");
+    let policy = FsyncPolicy::Interval(std::time::Duration::from_millis(20));
+    let opts = options(Arc::new(sim.clone()), policy, 1 << 20, index.path());
+    let (log, _) = Log::open(dir, opts.clone()).unwrap();
+    let record = message("interval", "a", 4, b"{}");
+    log.append(1, vec![record.clone()]).unwrap();
+    wait_until(10, "the interval fsync", || sim.unsynced_writes() == 0);
+    sim.crash(TearMode::DropPending, 0);
+    drop(log);
+    let (log, _) = Log::open(dir, opts).unwrap();
+    assert_eq!(log.read(Offset(0)).unwrap().record, record);
+}
+
+#[test]
+fn fsync_policy_parses_the_config_syntax() {
+    let parse = |s: &str| s.parse::<FsyncPolicy>();
+    assert_eq!(parse("always"), Ok(FsyncPolicy::Always));
+    assert_eq!(parse("never"), Ok(FsyncPolicy::Never));
+    let ms = std::time::Duration::from_millis;
+    assert_eq!(parse("interval:250ms"), Ok(FsyncPolicy::Interval(ms(250))));
+    assert_eq!(parse("interval:2s"), Ok(FsyncPolicy::Interval(ms(2000))));
+    for bad in ["sometimes", "interval:", "interval:5h", "interval:ms"] {
+        assert!(parse(bad).is_err(), "{bad} must be refused");
+    }
 }
 
 #[test]

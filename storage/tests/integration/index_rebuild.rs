@@ -162,6 +162,10 @@ fn part_two(log: &Log) {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario, checked field by field"
+)]
 fn index_records_change_delivery_state_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_real(dir.path(), 1 << 20);
@@ -231,6 +235,13 @@ fn index_records_change_delivery_state_as_documented() {
         ]
     );
     assert_eq!(index.min_live_offset().unwrap(), Some(Offset(3)));
+    assert_eq!(
+        index.floor("a").unwrap(),
+        Some(Offset(3)),
+        "the ack floor of inbox a"
+    );
+    assert_eq!(index.floor("b").unwrap(), Some(Offset(18)));
+    assert_eq!(index.floor("nobody").unwrap(), None);
 }
 
 fn reopen_snapshot(

@@ -119,3 +119,20 @@ pub fn seed(default: u64) -> u64 {
 pub fn soak() -> bool {
     std::env::var("COURIER_SOAK").is_ok_and(|v| v == "1")
 }
+
+/// Polls `done` until it holds, failing after `seconds` (never a sleep used as a wait for a
+/// known event: this is for state that changes in the background).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "tests bound their polling by wall time"
+)]
+pub fn wait_until(seconds: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
