@@ -870,7 +870,8 @@ impl Writer {
         }
     }
 
-    /// Encodes and writes every acceptable request, rolling segments as needed.
+    /// Encodes and writes every acceptable request, rolling segments as needed. On an I/O
+    /// error every request not yet failed ends up in `accepted`, which the caller fails.
     fn write(
         &mut self,
         requests: Vec<Request>,
@@ -878,52 +879,25 @@ impl Writer {
         frames: &mut Vec<Frame>,
         runs: &mut Vec<PositionRun>,
     ) -> Result<()> {
-        let max = self.shared.options.max_record_bytes;
         let mut run: Option<PositionRun> = None;
-        for request in requests {
-            // Encode the whole request first, so that a record over the limit fails it whole.
-            self.scratch.clear();
-            let mut lens = Vec::with_capacity(request.records.len());
-            let mut too_large = None;
-            for (i, record) in request.records.iter().enumerate() {
-                let offset = Offset(self.next_offset.0 + i as u64);
-                match record::encode(offset, request.timestamp_ms, record, &mut self.scratch) {
-                    Ok(n) if n as u64 <= max => lens.push(n),
-                    Ok(n) => too_large = Some(n as u64),
-                    Err(n) => too_large = Some(n),
+        let mut requests = requests.into_iter();
+        while let Some(request) = requests.next() {
+            let lens = match self.encode(&request) {
+                Ok(lens) => lens,
+                Err(error) => {
+                    (request.done)(Err(error));
+                    continue;
                 }
-                if too_large.is_some() {
-                    break;
-                }
-            }
-            if let Some(size_bytes) = too_large {
-                (request.done)(Err(Error::TooLarge {
-                    size_bytes,
-                    max_bytes: max,
-                }));
-                continue;
-            }
+            };
             let first = self.next_offset;
-            let mut at = 0usize;
-            for len in lens {
-                let end_now = self.active_len + self.buf.len() as u64;
-                if end_now > 0 && end_now + len as u64 > self.shared.options.segment_bytes {
-                    self.flush_buf()?;
-                    self.finish_run(run.take(), runs);
-                    self.roll()?;
-                }
-                let position = self.active_len + self.buf.len() as u64;
-                let run = run.get_or_insert_with(|| PositionRun {
-                    segment: self.active.base,
-                    first: self.next_offset,
-                    positions: Vec::new(),
-                });
-                run.positions
-                    .push(u32::try_from(position).expect("segments stay below 4 GiB"));
-                self.buf
-                    .extend_from_slice(self.scratch.get(at..at + len).expect("encoded above"));
-                at += len;
-                self.next_offset = Offset(self.next_offset.0 + 1);
+            if let Err(error) = self.place(&lens, &mut run, runs) {
+                let failed = std::iter::once(request).chain(requests);
+                accepted.extend(failed.map(|r| Accepted {
+                    first,
+                    count: 0,
+                    done: r.done,
+                }));
+                return Err(error);
             }
             let count = self.next_offset.0 - first.0;
             for (i, record) in request.records.into_iter().enumerate() {
@@ -942,6 +916,63 @@ impl Writer {
         }
         self.flush_buf()?;
         self.finish_run(run, runs);
+        Ok(())
+    }
+
+    /// Encodes a whole request into `scratch` at the next offsets and returns the frame
+    /// lengths, so that a record over the limit fails the request before anything is written.
+    fn encode(&mut self, request: &Request) -> Result<Vec<usize>> {
+        let max = self.shared.options.max_record_bytes;
+        self.scratch.clear();
+        let mut lens = Vec::with_capacity(request.records.len());
+        for (i, record) in request.records.iter().enumerate() {
+            let offset = Offset(self.next_offset.0 + i as u64);
+            let size_bytes =
+                match record::encode(offset, request.timestamp_ms, record, &mut self.scratch) {
+                    Ok(n) if n as u64 <= max => {
+                        lens.push(n);
+                        continue;
+                    }
+                    Ok(n) => n as u64,
+                    Err(n) => n,
+                };
+            return Err(Error::TooLarge {
+                size_bytes,
+                max_bytes: max,
+            });
+        }
+        Ok(lens)
+    }
+
+    /// Moves the frames encoded in `scratch` into the write buffer, rolling the segment first
+    /// where a frame would not fit.
+    fn place(
+        &mut self,
+        lens: &[usize],
+        run: &mut Option<PositionRun>,
+        runs: &mut Vec<PositionRun>,
+    ) -> Result<()> {
+        let mut at = 0usize;
+        for &len in lens {
+            let end_now = self.active_len + self.buf.len() as u64;
+            if end_now > 0 && end_now + len as u64 > self.shared.options.segment_bytes {
+                self.flush_buf()?;
+                self.finish_run(run.take(), runs);
+                self.roll()?;
+            }
+            let position = self.active_len + self.buf.len() as u64;
+            let run = run.get_or_insert_with(|| PositionRun {
+                segment: self.active.base,
+                first: self.next_offset,
+                positions: Vec::new(),
+            });
+            run.positions
+                .push(u32::try_from(position).expect("segments stay below 4 GiB"));
+            let frame = self.scratch.get(at..at + len).expect("encoded above");
+            self.buf.extend_from_slice(frame);
+            at += len;
+            self.next_offset = Offset(self.next_offset.0 + 1);
+        }
         Ok(())
     }
 

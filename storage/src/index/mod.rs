@@ -271,13 +271,20 @@ impl Index {
         let frozen = {
             let mut layers = self.layers.write().expect("index layers lock");
             let applied = layers.active.applied;
-            let active = std::mem::replace(
+            let mut active = std::mem::replace(
                 &mut layers.active,
                 Layer {
                     changes: BTreeMap::new(),
                     applied,
                 },
             );
+            // A checkpoint that failed left its layer frozen: write it again, under the newer
+            // changes, rather than hiding it.
+            if let Some(failed) = layers.frozen.take() {
+                let mut changes = failed.changes.clone();
+                changes.append(&mut active.changes);
+                active.changes = changes;
+            }
             let frozen = Arc::new(active);
             layers.frozen = Some(frozen.clone());
             frozen

@@ -105,3 +105,41 @@ fn fsync_error_fails_waiters_and_stops_all_writes() {
 fn write_error_enospc_fails_waiters_and_stops_all_writes() {
     check_fail_stop(|sim| sim.fail_write(ErrorKind::StorageFull));
 }
+
+#[test]
+fn write_error_during_a_roll_still_answers_every_request() {
+    let sim = SimDisk::new();
+    let index = index_tempdir();
+    let dir = Path::new("/sim/data");
+    // Tiny segments: every batch of these requests rolls at least once.
+    let opts = options(
+        Arc::new(sim.clone()),
+        FsyncPolicy::Always,
+        300,
+        index.path(),
+    );
+    let (log, _) = Log::open(dir, opts).unwrap();
+    log.append(
+        0,
+        vec![message("first", "a", 4, &crate::support::body(0, 200))],
+    )
+    .unwrap();
+    sim.fail_write(ErrorKind::StorageFull);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for n in 0..8u64 {
+        let tx = tx.clone();
+        let records =
+            (0..3).map(|i| message(&format!("r{n}-{i}"), "a", 4, &crate::support::body(n, 120)));
+        log.submit(n, records.collect(), move |result| tx.send(result).unwrap());
+    }
+    drop(tx);
+    for n in 0..8 {
+        let result = rx.recv_timeout(std::time::Duration::from_secs(30));
+        let result = result.unwrap_or_else(|e| panic!("request {n} never answered: {e}"));
+        assert!(
+            result.is_err(),
+            "nothing after the failed write is acknowledged: {result:?}"
+        );
+    }
+    assert!(log.is_poisoned());
+}
