@@ -88,6 +88,12 @@ fn appends(c: &mut Criterion) {
                         .mul_f64(iters as f64 / (per * appenders) as f64)
                 });
             });
+            let stats = log.stats();
+            eprintln!(
+                "append/{name}/{appenders}: {:.1} records per fsync, {:.1} per commit",
+                stats.records as f64 / stats.fsyncs.max(1) as f64,
+                stats.records as f64 / stats.commits.max(1) as f64
+            );
         }
     }
     group.finish();
@@ -140,6 +146,12 @@ fn appends_inflight(c: &mut Criterion) {
                     start.elapsed()
                 });
             });
+            let stats = log.stats();
+            eprintln!(
+                "append_inflight/{name}/{inflight}x{batch}: {:.1} records per fsync, {:.1} per commit",
+                stats.records as f64 / stats.fsyncs.max(1) as f64,
+                stats.records as f64 / stats.commits.max(1) as f64
+            );
         }
     }
     group.finish();

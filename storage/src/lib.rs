@@ -37,7 +37,7 @@ pub mod verify;
 
 pub use error::{Corruption, Error, Result};
 pub use index::{Index, IndexSnapshot};
-pub use log::{Appended, FsyncPolicy, Log, LogOptions, Retention, SegmentInfo};
+pub use log::{Appended, FsyncPolicy, Log, LogOptions, LogStats, Retention, SegmentInfo};
 pub use record::{Agent, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot};
 pub use recovery::{list_segments, RecoveryReport, Truncation};
 

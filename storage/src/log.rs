@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -133,6 +133,27 @@ pub struct SegmentInfo {
     pub bytes: u64,
 }
 
+/// Counters of the writer since the log was opened, for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Records made durable.
+    pub records: u64,
+    /// Group commits (batches written).
+    pub commits: u64,
+    /// fdatasync calls on segments.
+    pub fsyncs: u64,
+    /// Bytes written to segments.
+    pub bytes_written: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    records: AtomicU64,
+    commits: AtomicU64,
+    fsyncs: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
 /// Whole segments to delete (SPEC §4 `retention.*`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
@@ -192,6 +213,8 @@ pub(crate) struct Shared {
     /// large backlog of index changes).
     closing: Mutex<bool>,
     checkpoint_due: Condvar,
+    /// What the writer has done.
+    counters: Counters,
 }
 
 /// The message log. See the module documentation.
@@ -262,6 +285,7 @@ impl Log {
             retention: Mutex::new(()),
             closing: Mutex::new(false),
             checkpoint_due: Condvar::new(),
+            counters: Counters::default(),
         });
         let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
         let threads = Threads::spawn(&shared, writer)?;
@@ -402,6 +426,18 @@ impl Log {
             })
             .expect("indexed lock");
         &self.shared.index
+    }
+
+    /// What the writer has done since the log was opened; `records / fsyncs` is the mean
+    /// group-commit size.
+    pub fn stats(&self) -> LogStats {
+        let c = &self.shared.counters;
+        LogStats {
+            records: c.records.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+        }
     }
 
     /// Whether an earlier I/O failure stopped the log.
@@ -779,6 +815,7 @@ impl Writer {
             .map_err(|e| Error::io("fdatasync segment", &self.active.path, e))?;
         self.unsynced = false;
         self.last_sync = monotonic_now();
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -802,6 +839,11 @@ impl Writer {
                         recent.insert(run.first, run.clone());
                     }
                 }
+                let counters = &self.shared.counters;
+                counters.commits.fetch_add(1, Ordering::Relaxed);
+                counters
+                    .records
+                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
                 *self.shared.durable_end.lock().expect("durable lock") = self.next_offset;
                 self.shared.durable_advanced.notify_all();
                 let done = accepted
@@ -994,6 +1036,11 @@ impl Writer {
             .write_at(&self.buf, self.active_len)
             .map_err(|e| Error::io("write segment", &self.active.path, e))?;
         self.active_len += self.buf.len() as u64;
+        let written = self.buf.len() as u64;
+        self.shared
+            .counters
+            .bytes_written
+            .fetch_add(written, Ordering::Relaxed);
         self.buf.clear();
         self.unsynced = true;
         Ok(())

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use courier_storage::{Log, Offset, Record};
 
-use crate::support::{body, copy_dir, message, open_real, Rng};
+use crate::support::{body, capture_logs, copy_dir, message, open_real, Rng};
 
 const RECORDS: u64 = 20;
 
@@ -61,8 +61,20 @@ fn torn_tail_garbage_of_any_length_is_truncated_and_reported() {
             .write_all(&bytes)
             .unwrap();
 
-        let (log, report) = Log::open(dir.path(), Default::default()).unwrap();
+        let ((log, report), logs) =
+            capture_logs(|| Log::open(dir.path(), Default::default()).unwrap());
         let t = report.truncated.expect("the torn tail is reported");
+        let line = logs
+            .lines()
+            .find(|l| l.contains("truncated torn tail"))
+            .expect("a log line");
+        for field in [
+            format!("segment={}", target.display()),
+            format!("offset={RECORDS}"),
+            format!("bytes_dropped={garbage}"),
+        ] {
+            assert!(line.contains(&field), "log line {line:?} lacks {field}");
+        }
         assert_eq!(t.segment, target);
         assert_eq!(t.position, clean_len);
         assert_eq!(t.offset, Offset(RECORDS));
