@@ -645,6 +645,7 @@ fn run_checkpointer(shared: &Shared) {
 /// The log's background threads, in pipeline order.
 struct Threads {
     writer: JoinHandle<()>,
+    syncer: Option<JoinHandle<()>>,
     completer: JoinHandle<()>,
     indexer: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
@@ -661,10 +662,27 @@ impl Threads {
         // Bounded: a writer that outruns the indexer by this many batches waits for it.
         let (to_indexer, jobs) = mpsc::sync_channel(64);
         let (to_completer, completions) = mpsc::channel();
-        writer.to_indexer = Some(to_indexer);
-        writer.to_completer = Some(to_completer);
+        let outlet = Outlet {
+            shared: shared.clone(),
+            to_completer,
+            to_indexer,
+        };
+        writer.outlet = Some(outlet.clone());
+        let syncer = match shared.options.fsync {
+            FsyncPolicy::Always => {
+                // Bounded: a writer this far ahead of the disk waits for it.
+                let (to_syncer, items) = mpsc::sync_channel(64);
+                writer.to_syncer = Some(to_syncer);
+                Some(spawn(
+                    "syncer",
+                    Box::new(move || run_syncer(&outlet, &items)),
+                )?)
+            }
+            FsyncPolicy::Interval(_) | FsyncPolicy::Never => None,
+        };
         let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
         Ok(Self {
+            syncer,
             completer: spawn(
                 "completer",
                 Box::new(move || run_completer(&s1, &completions)),
@@ -675,15 +693,190 @@ impl Threads {
         })
     }
 
-    /// Joins in pipeline order: the writer finishes the queue, and its exit closes the
-    /// completer's and indexer's channels, which drain and stop; then the checkpointer.
+    /// Joins in pipeline order: the writer finishes the queue; its exit closes the syncer's
+    /// channel, and theirs close the completer's and indexer's, which drain and stop; then
+    /// the checkpointer.
     fn join(self, shared: &Shared) {
         let _ = self.writer.join();
+        if let Some(syncer) = self.syncer {
+            let _ = syncer.join();
+        }
         let _ = self.completer.join();
         let _ = self.indexer.join();
         *shared.closing.lock().expect("closing lock") = true;
         shared.checkpoint_due.notify_all();
         let _ = self.checkpointer.join();
+    }
+}
+
+/// Marks the log poisoned (fail-stop) and logs the first cause.
+fn poison(shared: &Shared, error: &Error) {
+    if !shared.poisoned.swap(true, Ordering::AcqRel) {
+        tracing::error!(%error, "log write failed; refusing all further writes (fail-stop)");
+    }
+}
+
+/// A batch written to its segment, waiting to be made durable and announced.
+struct Written {
+    /// The segment its last record is in (earlier segments were sealed by a roll).
+    segment: Arc<Segment>,
+    end: Offset,
+    accepted: Vec<Accepted>,
+    frames: Vec<Frame>,
+    runs: Vec<PositionRun>,
+}
+
+/// What the writer hands the syncer, in order.
+enum ToSyncer {
+    /// Make this batch durable, then announce it.
+    Batch(Written),
+    /// Sync this segment, which a roll is sealing, and answer before the next one exists.
+    Seal(Arc<Segment>, mpsc::SyncSender<Result<()>>),
+}
+
+/// Where durable (or failed) batches go: the completer and the indexer.
+#[derive(Clone)]
+struct Outlet {
+    shared: Arc<Shared>,
+    to_completer: mpsc::Sender<Completion>,
+    to_indexer: mpsc::SyncSender<IndexJob>,
+}
+
+impl Outlet {
+    /// Makes durable batches visible (positions, then the durable end), completes their
+    /// appends and queues them for the index.
+    fn publish(&self, batches: Vec<Written>) {
+        let Some(end) = batches.last().map(|b| b.end) else {
+            return;
+        };
+        {
+            let mut recent = self.shared.recent.write().expect("recent lock");
+            for run in batches.iter().flat_map(|b| &b.runs) {
+                recent.insert(run.first, run.clone());
+            }
+        }
+        let counters = &self.shared.counters;
+        let records: usize = batches.iter().map(|b| b.frames.len()).sum();
+        counters
+            .commits
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        counters
+            .records
+            .fetch_add(records as u64, Ordering::Relaxed);
+        *self.shared.durable_end.lock().expect("durable lock") = end;
+        self.shared.durable_advanced.notify_all();
+        let mut done = Vec::new();
+        let mut jobs = Vec::with_capacity(batches.len());
+        for batch in batches {
+            done.extend(batch.accepted.into_iter().map(|a| {
+                let appended = Appended {
+                    first: a.first,
+                    count: a.count,
+                };
+                (a.done, Ok(appended))
+            }));
+            jobs.push(IndexJob {
+                frames: batch.frames,
+                runs: batch.runs,
+                end: batch.end,
+            });
+        }
+        self.complete(Some(end), done);
+        for job in jobs {
+            if self.to_indexer.send(job).is_err() {
+                poison(&self.shared, &Error::Closed);
+            }
+        }
+    }
+
+    /// Poisons the log and fails every append in `accepted` with `error`.
+    fn fail(&self, accepted: Vec<Accepted>, error: &Error) {
+        poison(&self.shared, error);
+        let (kind, text) = match error {
+            Error::Io { source, .. } => (Some(source.kind()), error.to_string()),
+            _ => (None, error.to_string()),
+        };
+        let done = accepted
+            .into_iter()
+            .map(|a| {
+                let e = match kind {
+                    Some(kind) => Error::Io {
+                        op: "append",
+                        path: self.shared.log_dir.clone(),
+                        source: std::io::Error::new(kind, text.clone()),
+                    },
+                    None => Error::Poisoned,
+                };
+                (a.done, Err(e))
+            })
+            .collect();
+        self.complete(None, done);
+    }
+
+    /// Hands finished appends to the completer thread (or completes them here if it is gone).
+    fn complete(&self, end: Option<Offset>, done: Vec<(Callback, Result<Appended>)>) {
+        let completion = Completion { end, done };
+        if let Err(mpsc::SendError(completion)) = self.to_completer.send(completion) {
+            for (done, result) in completion.done {
+                done(result);
+            }
+        }
+    }
+
+    /// fdatasyncs `segment`; a failure poisons the log (it is never retried).
+    fn sync(&self, segment: &Segment) -> Result<()> {
+        let synced = segment.file.sync_data();
+        let synced = synced.map_err(|e| Error::io("fdatasync segment", &segment.path, e));
+        match &synced {
+            Ok(()) => {
+                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => poison(&self.shared, error),
+        }
+        synced
+    }
+
+    /// One fdatasync for every batch queued meanwhile (all in the last one's segment), then
+    /// publishes them.
+    fn sync_and_publish(&self, batches: Vec<Written>) {
+        let Some(segment) = batches.last().map(|b| b.segment.clone()) else {
+            return;
+        };
+        let accepted = |batches: Vec<Written>| -> Vec<Accepted> {
+            batches.into_iter().flat_map(|b| b.accepted).collect()
+        };
+        if self.shared.poisoned.load(Ordering::Acquire) {
+            return self.fail(accepted(batches), &Error::Poisoned);
+        }
+        match self.sync(&segment) {
+            Ok(()) => self.publish(batches),
+            Err(error) => self.fail(accepted(batches), &error),
+        }
+    }
+}
+
+/// The syncer thread (fsync=always): the only thread that fsyncs segments while the log is
+/// open, so a failed fsync is seen by exactly one caller. It takes every batch the writer has
+/// written meanwhile and makes them durable with one fdatasync, while the writer goes on
+/// writing the next ones.
+fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
+    while let Ok(first) = items.recv() {
+        let mut batches = Vec::new();
+        for item in std::iter::once(first).chain(items.try_iter()) {
+            match item {
+                ToSyncer::Batch(batch) => batches.push(batch),
+                ToSyncer::Seal(segment, reply) => {
+                    outlet.sync_and_publish(std::mem::take(&mut batches));
+                    let sealed = if outlet.shared.poisoned.load(Ordering::Acquire) {
+                        Err(Error::Poisoned)
+                    } else {
+                        outlet.sync(&segment)
+                    };
+                    let _ = reply.send(sealed);
+                }
+            }
+        }
+        outlet.sync_and_publish(batches);
     }
 }
 
@@ -719,9 +912,10 @@ struct Writer {
     last_sync: Instant,
     scratch: Vec<u8>,
     buf: Vec<u8>,
-    /// Set by [`Threads::spawn`]; dropped with the writer, which closes the channel.
-    to_indexer: Option<mpsc::SyncSender<IndexJob>>,
-    to_completer: Option<mpsc::Sender<Completion>>,
+    /// Set by [`Threads::spawn`]; dropped with the writer, which closes the channels.
+    outlet: Option<Outlet>,
+    /// The syncer's queue under fsync=always.
+    to_syncer: Option<mpsc::SyncSender<ToSyncer>>,
 }
 
 struct Accepted {
@@ -752,8 +946,8 @@ impl Writer {
             last_sync: monotonic_now(),
             scratch: Vec::new(),
             buf: Vec::new(),
-            to_indexer: None,
-            to_completer: None,
+            outlet: None,
+            to_syncer: None,
         })
     }
 
@@ -767,8 +961,12 @@ impl Writer {
                     }
                     if queue.closed {
                         drop(queue);
-                        if self.unsynced && !self.shared.poisoned.load(Ordering::Acquire) {
-                            let _ = self.sync().map_err(|e| self.poison(&e));
+                        let writer_syncs = self.to_syncer.is_none();
+                        if writer_syncs
+                            && self.unsynced
+                            && !self.shared.poisoned.load(Ordering::Acquire)
+                        {
+                            let _ = self.sync().map_err(|e| poison(&self.shared, &e));
                         }
                         return;
                     }
@@ -794,17 +992,11 @@ impl Writer {
             };
             if requests.is_empty() {
                 if let Err(e) = self.sync() {
-                    self.poison(&e);
+                    poison(&self.shared, &e);
                 }
                 continue;
             }
             self.commit(requests);
-        }
-    }
-
-    fn poison(&self, error: &Error) {
-        if !self.shared.poisoned.swap(true, Ordering::AcqRel) {
-            tracing::error!(%error, "log write failed; refusing all further writes (fail-stop)");
         }
     }
 
@@ -820,6 +1012,7 @@ impl Writer {
     }
 
     fn commit(&mut self, requests: Vec<Request>) {
+        let outlet = self.outlet.clone().expect("spawned with an outlet");
         if self.shared.poisoned.load(Ordering::Acquire) {
             for request in requests {
                 (request.done)(Err(Error::Poisoned));
@@ -830,77 +1023,30 @@ impl Writer {
         let mut frames = Vec::new();
         let mut runs = Vec::new();
         let result = self.write(requests, &mut accepted, &mut frames, &mut runs);
-        let result = result.and_then(|()| self.make_durable());
-        match result {
-            Ok(()) => {
-                {
-                    let mut recent = self.shared.recent.write().expect("recent lock");
-                    for run in &runs {
-                        recent.insert(run.first, run.clone());
-                    }
-                }
-                let counters = &self.shared.counters;
-                counters.commits.fetch_add(1, Ordering::Relaxed);
-                counters
-                    .records
-                    .fetch_add(frames.len() as u64, Ordering::Relaxed);
-                *self.shared.durable_end.lock().expect("durable lock") = self.next_offset;
-                self.shared.durable_advanced.notify_all();
-                let done = accepted
-                    .into_iter()
-                    .map(|a| {
-                        let appended = Appended {
-                            first: a.first,
-                            count: a.count,
-                        };
-                        (a.done, Ok(appended))
-                    })
-                    .collect();
-                self.complete(Some(self.next_offset), done);
-                let job = IndexJob {
-                    frames,
-                    runs,
-                    end: self.next_offset,
-                };
-                let sent = self.to_indexer.as_ref().map(|tx| tx.send(job));
-                if !matches!(sent, Some(Ok(()))) {
-                    self.poison(&Error::Closed);
-                }
-            }
-            Err(error) => {
-                self.poison(&error);
-                let (kind, text) = match &error {
-                    Error::Io { source, .. } => (Some(source.kind()), error.to_string()),
-                    _ => (None, error.to_string()),
-                };
-                let done = accepted
-                    .into_iter()
-                    .map(|a| {
-                        let e = match kind {
-                            Some(kind) => Error::Io {
-                                op: "append",
-                                path: self.shared.log_dir.clone(),
-                                source: std::io::Error::new(kind, text.clone()),
-                            },
-                            None => Error::Poisoned,
-                        };
-                        (a.done, Err(e))
-                    })
-                    .collect();
-                self.complete(None, done);
-            }
-        }
-    }
-
-    /// Hands finished appends to the completer thread (or completes them here if it is gone).
-    fn complete(&self, end: Option<Offset>, done: Vec<(Callback, Result<Appended>)>) {
-        let completion = Completion { end, done };
-        let unsent = match &self.to_completer {
-            Some(tx) => tx.send(completion).err().map(|mpsc::SendError(c)| c),
-            None => Some(completion),
+        // Under fsync=always the syncer makes the batch durable; otherwise it is done here.
+        let result = match self.to_syncer {
+            Some(_) => result,
+            None => result.and_then(|()| self.make_durable()),
         };
-        for (done, result) in unsent.map(|c| c.done).unwrap_or_default() {
-            done(result);
+        if let Err(error) = result {
+            return outlet.fail(accepted, &error);
+        }
+        let batch = Written {
+            segment: self.active.clone(),
+            end: self.next_offset,
+            accepted,
+            frames,
+            runs,
+        };
+        match &self.to_syncer {
+            Some(tx) => {
+                if let Err(mpsc::SendError(ToSyncer::Batch(batch))) =
+                    tx.send(ToSyncer::Batch(batch))
+                {
+                    outlet.fail(batch.accepted, &Error::Closed);
+                }
+            }
+            None => outlet.publish(vec![batch]),
         }
     }
 
@@ -1049,7 +1195,15 @@ impl Writer {
     /// Seals the active segment (synced whatever the policy, so that a torn tail can only ever
     /// be in the newest segment) and makes a new one durable before anything is written to it.
     fn roll(&mut self) -> Result<()> {
-        self.sync()?;
+        match &self.to_syncer {
+            Some(tx) => {
+                let (reply, sealed) = mpsc::sync_channel(1);
+                tx.send(ToSyncer::Seal(self.active.clone(), reply))
+                    .map_err(|_| Error::Closed)?;
+                sealed.recv().unwrap_or(Err(Error::Closed))?;
+            }
+            None => self.sync()?,
+        }
         let base = self.next_offset;
         let path = self.shared.log_dir.join(crate::segment::file_name(base));
         let disk = &self.shared.disk;

@@ -38,8 +38,17 @@ fn options() -> LogOptions {
     }
 }
 
-/// Runs the appender once, kills it after `kill_after`, returns what it acknowledged.
-fn run_and_kill(exe: &Path, dir: &Path, run: u64, kill_after: Duration) -> Vec<(u64, String)> {
+/// When a cycle's SIGKILL lands.
+#[derive(Clone, Copy)]
+enum Kill {
+    /// This long after the spawn: possibly during recovery, before any append.
+    AfterSpawn(Duration),
+    /// This long after the first acknowledged append: while appending.
+    AfterFirstAck(Duration),
+}
+
+/// Runs the appender once, kills it as `kill` says, returns what it acknowledged.
+fn run_and_kill(exe: &Path, dir: &Path, run: u64, kill: Kill) -> Vec<(u64, String)> {
     let mut child = Command::new(exe)
         .arg(dir)
         .arg(format!("r{run}"))
@@ -48,17 +57,27 @@ fn run_and_kill(exe: &Path, dir: &Path, run: u64, kill_after: Duration) -> Vec<(
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let (first_ack, first_acked) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut acked = Vec::new();
         for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             let (offset, id) = line.split_once(' ').unwrap();
             acked.push((offset.parse().unwrap(), id.to_owned()));
+            if acked.len() == 1 {
+                let _ = first_ack.send(());
+            }
         }
         acked
     });
     // The chaos timing itself, not synchronization: the kill lands wherever the child is.
-    std::thread::sleep(kill_after);
+    match kill {
+        Kill::AfterSpawn(delay) => std::thread::sleep(delay),
+        Kill::AfterFirstAck(delay) => {
+            let _ = first_acked.recv_timeout(Duration::from_secs(60));
+            std::thread::sleep(delay);
+        }
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     reader.join().unwrap()
@@ -72,8 +91,12 @@ fn process_killed_at_random_moments_loses_no_acknowledged_append() {
     let cycles: usize = if soak() { 500 } else { 50 };
     let (mut total, mut killed_with_acks) = (0, 0);
     for run in 0..cycles as u64 {
-        let kill_after = Duration::from_millis(5 + rng.below(120));
-        let acked = run_and_kill(&exe, dir.path(), run, kill_after);
+        let delay = Duration::from_millis(rng.below(100));
+        let kill = match run % 5 {
+            0 => Kill::AfterSpawn(delay),
+            _ => Kill::AfterFirstAck(delay),
+        };
+        let acked = run_and_kill(&exe, dir.path(), run, kill);
         let (log, _) = Log::open(dir.path(), options()).expect("reopen after SIGKILL");
         let end = log.durable_end().0;
         for (offset, id) in &acked {
