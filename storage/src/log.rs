@@ -88,6 +88,10 @@ pub struct LogOptions {
     /// How often index changes are written to sled (a checkpoint). Recovery replays at most
     /// about this much of the log; changes that cancel out in between never reach sled.
     pub checkpoint_interval: Duration,
+    /// Under `fsync=always`, how long the syncer may wait for batches the writer is still
+    /// writing, so that one fsync covers them too (like PostgreSQL's `commit_delay`). It waits
+    /// only while the writer is busy: a lone append is never delayed. Zero disables it.
+    pub commit_delay: Duration,
 }
 
 impl Default for LogOptions {
@@ -101,6 +105,7 @@ impl Default for LogOptions {
             index_dir: None,
             verify_sealed: true,
             checkpoint_interval: Duration::from_secs(1),
+            commit_delay: Duration::from_micros(200),
         }
     }
 }
@@ -215,6 +220,10 @@ pub(crate) struct Shared {
     checkpoint_due: Condvar,
     /// What the writer has done.
     counters: Counters,
+    /// Whether requests are queued or being written behind the batch the syncer holds: its
+    /// sign that more batches are on their way. Set by `submit`, cleared by the writer when it
+    /// hands over a batch with nothing queued behind it; both under the queue lock.
+    writer_busy: AtomicBool,
 }
 
 /// The message log. See the module documentation.
@@ -286,6 +295,7 @@ impl Log {
             closing: Mutex::new(false),
             checkpoint_due: Condvar::new(),
             counters: Counters::default(),
+            writer_busy: AtomicBool::new(false),
         });
         let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
         let threads = Threads::spawn(&shared, writer)?;
@@ -313,6 +323,7 @@ impl Log {
             drop(queue);
             return done(Err(Error::Closed));
         }
+        self.shared.writer_busy.store(true, Ordering::Release);
         queue.requests.push(Request {
             timestamp_ms,
             records,
@@ -861,8 +872,11 @@ impl Outlet {
 /// writing the next ones.
 fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
     while let Ok(first) = items.recv() {
+        let mut pending = vec![first];
+        pending.extend(items.try_iter());
+        wait_for_more(&outlet.shared, items, &mut pending);
         let mut batches = Vec::new();
-        for item in std::iter::once(first).chain(items.try_iter()) {
+        for item in pending {
             match item {
                 ToSyncer::Batch(batch) => batches.push(batch),
                 ToSyncer::Seal(segment, reply) => {
@@ -877,6 +891,31 @@ fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
             }
         }
         outlet.sync_and_publish(batches);
+    }
+}
+
+/// The commit delay: while the writer is still busy writing what was submitted meanwhile,
+/// waits up to `commit_delay` for its batches, so that one fsync covers them too. A seal ends
+/// the wait at once (the writer is blocked on it).
+fn wait_for_more(shared: &Shared, items: &mpsc::Receiver<ToSyncer>, pending: &mut Vec<ToSyncer>) {
+    let sealing = |pending: &[ToSyncer]| pending.iter().any(|i| matches!(i, ToSyncer::Seal(..)));
+    let delay = shared.options.commit_delay;
+    if delay.is_zero() || sealing(pending) {
+        return;
+    }
+    let deadline = monotonic_now() + delay;
+    while shared.writer_busy.load(Ordering::Acquire) {
+        let left = deadline.saturating_duration_since(monotonic_now());
+        match items.recv_timeout(left) {
+            Ok(item) => {
+                pending.push(item);
+                pending.extend(items.try_iter());
+                if sealing(pending) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -1040,6 +1079,12 @@ impl Writer {
         };
         match &self.to_syncer {
             Some(tx) => {
+                {
+                    // Nothing queued behind this batch: the syncer need not wait for more.
+                    let queue = self.shared.queue.lock().expect("queue lock");
+                    let more = !queue.requests.is_empty();
+                    self.shared.writer_busy.store(more, Ordering::Release);
+                }
                 if let Err(mpsc::SendError(ToSyncer::Batch(batch))) =
                     tx.send(ToSyncer::Batch(batch))
                 {
