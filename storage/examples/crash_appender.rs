@@ -37,9 +37,11 @@ fn main() {
             let (log, out, budget, run) = (log.clone(), out.clone(), budget.clone(), run.clone());
             std::thread::spawn(move || {
                 for n in 0.. {
-                    if budget.fetch_sub(1, Ordering::Relaxed) == 0
-                        || started.elapsed().as_secs() >= 20
-                    {
+                    // A checked decrement: the budget must not wrap once it is spent.
+                    let spent = budget
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_sub(1))
+                        .is_err();
+                    if spent || started.elapsed().as_secs() >= 20 {
                         return;
                     }
                     let id = format!("{run}-{t}-{n}");
