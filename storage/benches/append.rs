@@ -88,12 +88,7 @@ fn appends(c: &mut Criterion) {
                         .mul_f64(iters as f64 / (per * appenders) as f64)
                 });
             });
-            let stats = log.stats();
-            eprintln!(
-                "append/{name}/{appenders}: {:.1} records per fsync, {:.1} per commit",
-                stats.records as f64 / stats.fsyncs.max(1) as f64,
-                stats.records as f64 / stats.commits.max(1) as f64
-            );
+            report_batching(&format!("append/{name}/{appenders}"), &log);
         }
     }
     group.finish();
@@ -146,15 +141,21 @@ fn appends_inflight(c: &mut Criterion) {
                     start.elapsed()
                 });
             });
-            let stats = log.stats();
-            eprintln!(
-                "append_inflight/{name}/{inflight}x{batch}: {:.1} records per fsync, {:.1} per commit",
-                stats.records as f64 / stats.fsyncs.max(1) as f64,
-                stats.records as f64 / stats.commits.max(1) as f64
-            );
+            report_batching(&format!("append_inflight/{name}/{inflight}x{batch}"), &log);
         }
     }
     group.finish();
+}
+
+/// Prints how many records each fsync and each commit covered (group-commit batch size).
+fn report_batching(name: &str, log: &Log) {
+    let stats = log.stats();
+    let per = |n: u64| stats.records as f64 / n.max(1) as f64;
+    eprintln!(
+        "{name}: {:.1} records per fsync, {:.1} per commit",
+        per(stats.fsyncs),
+        per(stats.commits)
+    );
 }
 
 fn reads(c: &mut Criterion) {

@@ -261,13 +261,7 @@ impl Log {
             .map_err(|e| Error::io("create directory", &log_dir, e))?;
         disk.sync_dir(dir)
             .map_err(|e| Error::io("sync directory", dir, e))?;
-        let lock_path = log_dir.join(".lock");
-        let lock = disk.lock(&lock_path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock => Error::Locked {
-                path: dir.to_path_buf(),
-            },
-            _ => Error::io("lock", &lock_path, e),
-        })?;
+        let lock = recovery::lock_data_dir(disk.as_ref(), dir)?;
         let index_dir = options
             .index_dir
             .clone()

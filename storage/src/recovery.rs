@@ -58,6 +58,18 @@ pub(crate) struct Recovered {
     pub(crate) active_len: u64,
 }
 
+/// Takes the data directory's lock (`log/.lock`), held while the log is open or repaired.
+/// Another holder (a running server) is [`Error::Locked`].
+pub(crate) fn lock_data_dir(disk: &dyn Disk, dir: &Path) -> Result<crate::io::DirLock> {
+    let lock_path = dir.join("log").join(".lock");
+    disk.lock(&lock_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => Error::Locked {
+            path: dir.to_path_buf(),
+        },
+        _ => Error::io("lock", &lock_path, e),
+    })
+}
+
 /// The segment files in `log_dir`, oldest first. Other non-hidden files are an error.
 pub fn list_segments(disk: &dyn Disk, log_dir: &Path) -> Result<Vec<(Offset, PathBuf)>> {
     let names = disk

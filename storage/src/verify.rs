@@ -161,13 +161,7 @@ pub struct Quarantined {
 /// Refuses with [`Error::Locked`] while a server holds the directory.
 pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quarantined>> {
     let log_dir = dir.join("log");
-    let lock_path = log_dir.join(".lock");
-    let _lock = disk.lock(&lock_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock => Error::Locked {
-            path: dir.to_path_buf(),
-        },
-        _ => Error::io("lock", &lock_path, e),
-    })?;
+    let _lock = crate::recovery::lock_data_dir(disk, dir)?;
     let report = verify(disk, dir)?;
     if report.is_clean() {
         return Ok(Vec::new());

@@ -7,21 +7,25 @@ use std::path::Path;
 use std::sync::Arc;
 
 use courier_storage::sim::{SimDisk, TearMode};
-use courier_storage::{Error, FsyncPolicy, Log, Offset};
+use courier_storage::{Error, FsyncPolicy, Log, LogOptions, Offset};
+use tempfile::TempDir;
 
 use crate::support::{index_tempdir, message, options, wait_until};
 
-fn check_fail_stop(inject: impl Fn(&SimDisk)) {
+/// A log on a fresh simulated disk, with its options for reopening.
+fn open_sim(fsync: FsyncPolicy, segment_bytes: u64) -> (SimDisk, TempDir, LogOptions, Log) {
     let sim = SimDisk::new();
     let index = index_tempdir();
-    let dir = Path::new("/sim/data");
-    let opts = options(
-        Arc::new(sim.clone()),
-        FsyncPolicy::Always,
-        1 << 20,
-        index.path(),
-    );
-    let (log, _) = Log::open(dir, opts.clone()).unwrap();
+    let opts = options(Arc::new(sim.clone()), fsync, segment_bytes, index.path());
+    let (log, _) = Log::open(Path::new(DIR), opts.clone()).unwrap();
+    (sim, index, opts, log)
+}
+
+const DIR: &str = "/sim/data";
+
+fn check_fail_stop(inject: impl Fn(&SimDisk)) {
+    let (sim, _index, opts, log) = open_sim(FsyncPolicy::Always, 1 << 20);
+    let dir = Path::new(DIR);
     for n in 0..10 {
         log.append(n, vec![message(&format!("before{n}"), "a", 4, b"{}")])
             .unwrap();
@@ -68,12 +72,9 @@ fn check_fail_stop(inject: impl Fn(&SimDisk)) {
 
 #[test]
 fn fsync_interval_syncs_in_the_background_without_further_appends() {
-    let sim = SimDisk::new();
-    let index = index_tempdir();
-    let dir = Path::new("/sim/data");
     let policy = FsyncPolicy::Interval(std::time::Duration::from_millis(20));
-    let opts = options(Arc::new(sim.clone()), policy, 1 << 20, index.path());
-    let (log, _) = Log::open(dir, opts.clone()).unwrap();
+    let (sim, _index, opts, log) = open_sim(policy, 1 << 20);
+    let dir = Path::new(DIR);
     let record = message("interval", "a", 4, b"{}");
     log.append(1, vec![record.clone()]).unwrap();
     wait_until(10, "the interval fsync", || sim.unsynced_writes() == 0);
@@ -108,17 +109,8 @@ fn write_error_enospc_fails_waiters_and_stops_all_writes() {
 
 #[test]
 fn write_error_during_a_roll_still_answers_every_request() {
-    let sim = SimDisk::new();
-    let index = index_tempdir();
-    let dir = Path::new("/sim/data");
     // Tiny segments: every batch of these requests rolls at least once.
-    let opts = options(
-        Arc::new(sim.clone()),
-        FsyncPolicy::Always,
-        300,
-        index.path(),
-    );
-    let (log, _) = Log::open(dir, opts).unwrap();
+    let (sim, _index, _, log) = open_sim(FsyncPolicy::Always, 300);
     log.append(
         0,
         vec![message("first", "a", 4, &crate::support::body(0, 200))],
