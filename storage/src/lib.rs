@@ -29,6 +29,7 @@ pub mod error;
 pub mod index;
 pub mod io;
 mod log;
+mod pipeline;
 pub mod record;
 mod recovery;
 pub mod segment;

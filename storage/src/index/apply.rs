@@ -13,7 +13,7 @@ use super::{
     decode_value, encode_value, DeadEntry, DedupeValue, EntryState, EntryValue, TimerKind,
 };
 use crate::error::Result;
-use crate::log::PositionRun;
+use crate::pipeline::PositionRun;
 use crate::record::{Frame, Record, Slot};
 use crate::Offset;
 

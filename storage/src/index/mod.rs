@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use bincode::{Decode, Encode};
 
 use crate::error::{Error, Result};
-use crate::log::PositionRun;
+use crate::pipeline::PositionRun;
 use crate::record::{Agent, DeadReason, Frame, Slot};
 use crate::Offset;
 use keys::{
