@@ -414,10 +414,11 @@ impl Log {
             .push(Arc::new(listener));
     }
 
-    /// The derived index (read access; the writer thread is its only writer).
+    /// The derived index (read access; the indexer thread is its only writer).
     ///
     /// The index is updated by a thread of its own, just behind the durable end; this waits
-    /// until it reflects every append completed before the call (read-your-writes).
+    /// until it reflects every append completed before the call (read-your-writes), or until
+    /// the log is poisoned (then it may lag; every record stays readable through [`Log::read`]).
     pub fn index(&self) -> &Index {
         let target = self.durable_end();
         let indexed = self.shared.indexed_end.lock().expect("indexed lock");

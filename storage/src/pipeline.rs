@@ -65,9 +65,7 @@ fn run_indexer(shared: &Shared, jobs: &mpsc::Receiver<IndexJob>) {
             continue;
         }
         if let Err(error) = shared.index.apply(&job.frames, &job.runs) {
-            shared.poisoned.store(true, Ordering::Release);
-            tracing::error!(%error, "index update failed; refusing all further writes (fail-stop)");
-            shared.indexed_advanced.notify_all();
+            poison(shared, &error);
             continue;
         }
         {
@@ -105,8 +103,7 @@ fn run_checkpointer(shared: &Shared) {
         drop(closing);
         if shared.index.pending_changes() > 0 && !shared.poisoned.load(Ordering::Acquire) {
             if let Err(error) = shared.index.checkpoint() {
-                shared.poisoned.store(true, Ordering::Release);
-                tracing::error!(%error, "index checkpoint failed; refusing all further writes (fail-stop)");
+                poison(shared, &error);
             }
         }
         closing = shared.closing.lock().expect("closing lock");
@@ -180,11 +177,17 @@ impl Threads {
     }
 }
 
-/// Marks the log poisoned (fail-stop) and logs the first cause.
-fn poison(shared: &Shared, error: &Error) {
+/// Marks the log poisoned (fail-stop), logs the first cause, and wakes whoever waits for the
+/// durable end or the index, since neither will advance any more.
+pub(crate) fn poison(shared: &Shared, error: &Error) {
     if !shared.poisoned.swap(true, Ordering::AcqRel) {
-        tracing::error!(%error, "log write failed; refusing all further writes (fail-stop)");
+        tracing::error!(%error, "the log failed; refusing all further writes (fail-stop)");
     }
+    // Taking each lock before notifying: a waiter between its check and its wait is not missed.
+    drop(shared.indexed_end.lock().expect("indexed lock"));
+    shared.indexed_advanced.notify_all();
+    drop(shared.durable_end.lock().expect("durable lock"));
+    shared.durable_advanced.notify_all();
 }
 
 /// A batch written to its segment, waiting to be made durable and announced.
