@@ -125,6 +125,23 @@ pub(crate) struct Segment {
     pub(crate) file: Box<dyn DiskFile>,
 }
 
+impl Segment {
+    /// Creates the empty segment whose first offset is `base` and makes it durable: the file,
+    /// then its entry in `log_dir` (a new file needs an fsync of its directory). Nothing may
+    /// be written to it before this returns.
+    pub(crate) fn create(disk: &dyn Disk, log_dir: &Path, base: Offset) -> Result<Self> {
+        let path = log_dir.join(crate::segment::file_name(base));
+        let file = disk
+            .create(&path)
+            .map_err(|e| Error::io("create segment", &path, e))?;
+        file.sync_data()
+            .map_err(|e| Error::io("fsync new segment", &path, e))?;
+        disk.sync_dir(log_dir)
+            .map_err(|e| Error::io("sync directory", log_dir, e))?;
+        Ok(Self { base, path, file })
+    }
+}
+
 /// One segment's description, for stats and tools.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {

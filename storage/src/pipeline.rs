@@ -713,17 +713,13 @@ impl Writer {
             None => self.sync()?,
         }
         let base = self.next_offset;
-        let path = self.shared.log_dir.join(crate::segment::file_name(base));
-        let disk = &self.shared.disk;
-        let file = disk
-            .create(&path)
-            .map_err(|e| Error::io("create segment", &path, e))?;
-        file.sync_data()
-            .map_err(|e| Error::io("fsync new segment", &path, e))?;
-        disk.sync_dir(&self.shared.log_dir)
-            .map_err(|e| Error::io("sync directory", &self.shared.log_dir, e))?;
-        tracing::info!(segment = %path.display(), base = base.0, "rolled to a new segment");
-        let segment = Arc::new(Segment { base, path, file });
+        let shared = &self.shared;
+        let segment = Arc::new(Segment::create(
+            shared.disk.as_ref(),
+            &shared.log_dir,
+            base,
+        )?);
+        tracing::info!(segment = %segment.path.display(), base = base.0, "rolled to a new segment");
         self.shared
             .segments
             .write()

@@ -153,23 +153,9 @@ pub(crate) fn recover(
             tracing::warn!("the index describes records but the log has none; rebuilding it");
             index.clear()?;
         }
-        let path = log_dir.join(segment::file_name(Offset(0)));
-        let file = disk
-            .create(&path)
-            .map_err(|e| Error::io("create segment", &path, e))?;
-        file.sync_data()
-            .map_err(|e| Error::io("fsync new segment", &path, e))?;
-        disk.sync_dir(log_dir)
-            .map_err(|e| Error::io("sync directory", log_dir, e))?;
         let mut segments = BTreeMap::new();
-        segments.insert(
-            Offset(0),
-            Arc::new(Segment {
-                base: Offset(0),
-                path,
-                file,
-            }),
-        );
+        let first = Segment::create(disk, log_dir, Offset(0))?;
+        segments.insert(Offset(0), Arc::new(first));
         let report = RecoveryReport {
             segments: 1,
             checkpoint,
