@@ -166,6 +166,22 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
     if report.is_clean() {
         return Ok(Vec::new());
     }
+    // A whole missing segment shows as a gap before the next one: there are no bytes to move
+    // aside and no place in that segment for the missing offsets. Change nothing.
+    if let Some(gap) = report
+        .problems
+        .iter()
+        .find(|p| p.len == 0 && !p.lost.is_empty())
+    {
+        return Err(Error::Layout {
+            path: gap.segment.clone(),
+            why: format!(
+                "offsets {}..{} are missing before this segment (a segment file was removed); \
+                 restore it from a backup: repair cannot recreate lost records",
+                gap.lost.start, gap.lost.end
+            ),
+        });
+    }
     let quarantine = dir.join("quarantine");
     disk.create_dir_all(&quarantine)
         .map_err(|e| Error::io("create directory", &quarantine, e))?;

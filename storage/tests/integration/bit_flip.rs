@@ -161,3 +161,38 @@ fn repair_refuses_while_the_log_is_open() {
     assert!(matches!(err, Error::Locked { .. }), "{err}");
     drop(log);
 }
+
+#[test]
+fn repair_refuses_a_missing_segment_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, segments) = build(dir.path());
+    assert!(segments >= 3);
+    let mut files: Vec<_> = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    files.sort();
+    std::fs::remove_file(&files[1]).unwrap();
+    let report = verify(&FileDisk, dir.path()).unwrap();
+    assert_eq!(report.corruption().count(), 1, "{:?}", report.problems);
+    let before: Vec<Vec<u8>> = files
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    let err = repair(&FileDisk, dir.path(), &dir.path().join("index")).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    let after: Vec<Vec<u8>> = files
+        .iter()
+        .filter(|p| p.exists())
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    assert_eq!(before, after, "a refused repair changes nothing");
+    assert!(!dir.path().join("quarantine").exists());
+    let err = Log::open(dir.path(), Default::default()).unwrap_err();
+    assert!(
+        matches!(err, Error::Corrupt { .. }),
+        "the gap refuses the open too: {err}"
+    );
+}
