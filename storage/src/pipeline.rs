@@ -311,20 +311,27 @@ impl Outlet {
     }
 
     /// One fdatasync for every batch queued meanwhile (all in the last one's segment), then
-    /// publishes them.
-    fn sync_and_publish(&self, batches: Vec<Written>) {
+    /// publishes them. Returns whether that segment was synced.
+    fn sync_and_publish(&self, batches: Vec<Written>) -> bool {
         let Some(segment) = batches.last().map(|b| b.segment.clone()) else {
-            return;
+            return false;
         };
         let accepted = |batches: Vec<Written>| -> Vec<Accepted> {
             batches.into_iter().flat_map(|b| b.accepted).collect()
         };
         if self.shared.poisoned.load(Ordering::Acquire) {
-            return self.fail(accepted(batches), &Error::Poisoned);
+            self.fail(accepted(batches), &Error::Poisoned);
+            return false;
         }
         match self.sync(&segment) {
-            Ok(()) => self.publish(batches),
-            Err(error) => self.fail(accepted(batches), &error),
+            Ok(()) => {
+                self.publish(batches);
+                true
+            }
+            Err(error) => {
+                self.fail(accepted(batches), &error);
+                false
+            }
         }
     }
 }
@@ -343,9 +350,16 @@ fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
             match item {
                 ToSyncer::Batch(batch) => batches.push(batch),
                 ToSyncer::Seal(segment, reply) => {
-                    outlet.sync_and_publish(std::mem::take(&mut batches));
+                    // Batches that arrived with the seal are synced after the writer's last
+                    // write to their segment; if that is the sealed one, it is already durable.
+                    let same = batches
+                        .last()
+                        .is_some_and(|b| Arc::ptr_eq(&b.segment, &segment));
+                    let synced = outlet.sync_and_publish(std::mem::take(&mut batches));
                     let sealed = if outlet.shared.poisoned.load(Ordering::Acquire) {
                         Err(Error::Poisoned)
+                    } else if same && synced {
+                        Ok(())
                     } else {
                         outlet.sync(&segment)
                     };
@@ -353,7 +367,7 @@ fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
                 }
             }
         }
-        outlet.sync_and_publish(batches);
+        let _ = outlet.sync_and_publish(batches);
     }
 }
 

@@ -41,7 +41,7 @@ use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, D, I, P, S, T, U,
 };
-use overlay::{prefix_end, Change, Layer, Layers, Merged, Txn};
+use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
 
@@ -228,18 +228,11 @@ impl Index {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(change) = self.layers().lookup(key) {
-            return Ok(match change {
-                Change::Put(v) | Change::PutNew(v) => Some(v.clone()),
-                Change::Delete => None,
-            });
-        }
-        store::get(&self.tree, key)
+        overlay::get(&self.layers(), &self.tree, key)
     }
 
     fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
-        let overlay = self.layers().changes_in(&start, &end);
-        Merged::new(store::range(&self.tree, start, end), overlay)
+        overlay::range(&self.layers(), &self.tree, start, end)
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Merged {

@@ -111,6 +111,25 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
     Bound::Unbounded
 }
 
+/// The value of `key`: the layers' newest change, else what sled holds.
+pub(super) fn get(layers: &Layers, tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    match layers.lookup(key) {
+        Some(change) => Ok(change.value().map(<[u8]>::to_vec)),
+        None => super::store::get(tree, key),
+    }
+}
+
+/// The keys and values in a range: sled's, with the layers' changes over them.
+pub(super) fn range(
+    layers: &Layers,
+    tree: &sled::Tree,
+    start: Bound<Vec<u8>>,
+    end: Bound<Vec<u8>>,
+) -> Merged {
+    let overlay = layers.changes_in(&start, &end);
+    Merged::new(super::store::range(tree, start, end), overlay)
+}
+
 /// Write access for applying records: reads see the batch's own writes.
 pub(super) struct Txn<'a> {
     pub(super) layers: RwLockWriteGuard<'a, Layers>,
@@ -119,10 +138,7 @@ pub(super) struct Txn<'a> {
 
 impl Txn<'_> {
     pub(super) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.layers.lookup(key) {
-            Some(change) => Ok(change.value().map(<[u8]>::to_vec)),
-            None => super::store::get(self.tree, key),
-        }
+        get(&self.layers, self.tree, key)
     }
 
     /// Sets `key`, which may exist below.
@@ -159,8 +175,7 @@ impl Txn<'_> {
     }
 
     pub(super) fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
-        let overlay = self.layers.changes_in(&start, &end);
-        Merged::new(super::store::range(self.tree, start, end), overlay)
+        range(&self.layers, self.tree, start, end)
     }
 }
 
