@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use courier_storage::{Error, Log, LogOptions, Offset, Record, Retention, Slot};
 
-use crate::support::{body, message, open_real};
+use crate::support::{append_concurrently, body, message, open_real};
 
 #[test]
 fn roll_and_reopen_with_many_segments_keeps_every_record() {
@@ -53,20 +53,6 @@ fn roll_and_reopen_with_many_segments_keeps_every_record() {
 fn concurrent_appenders_and_readers_see_whole_records_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(open_real(dir.path(), 16 * 1024));
-    let appenders: Vec<_> = (0..8u64)
-        .map(|t| {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut mine = Vec::new();
-                for n in 0..100u64 {
-                    let r = message(&format!("t{t}-{n}"), "a", 4, &body(t * 1000 + n, 200));
-                    let appended = log.append(n, vec![r.clone()]).unwrap();
-                    mine.push((appended.first.0, r));
-                }
-                mine
-            })
-        })
-        .collect();
     let readers: Vec<_> = (0..2)
         .map(|_| {
             let log = log.clone();
@@ -88,14 +74,16 @@ fn concurrent_appenders_and_readers_see_whole_records_in_order() {
             })
         })
         .collect();
+    let acked = append_concurrently(&log, 8, 100, |t, n| {
+        message(&format!("t{t}-{n}"), "a", 4, &body(t * 1000 + n, 200))
+    });
+    assert_eq!(acked.len(), 800, "every append is acknowledged");
     let mut all = BTreeMap::new();
-    for a in appenders {
-        for (offset, r) in a.join().unwrap() {
-            assert!(
-                all.insert(offset, r).is_none(),
-                "offset {offset} given twice"
-            );
-        }
+    for (offset, r) in acked {
+        assert!(
+            all.insert(offset, r).is_none(),
+            "offset {offset} given twice"
+        );
     }
     for r in readers {
         assert_eq!(r.join().unwrap(), 800);

@@ -11,7 +11,7 @@ use courier_storage::sim::{SimDisk, TearMode, TEAR_MODES};
 
 use courier_storage::{FsyncPolicy, Lease, Log, Offset, Record, Slot};
 
-use crate::support::{body, index_tempdir, message, options};
+use crate::support::{append_concurrently, body, index_tempdir, message, options};
 
 const APPENDS: u64 = 320;
 const SEGMENT_BYTES: u64 = 12 * 1024;
@@ -230,29 +230,10 @@ fn power_loss_with_fsync_never_reports_loss() {
     assert!(lost_total > 0, "the checker must detect loss without fsync");
 }
 
-/// Eight threads append 40 messages each; returns the acknowledged (offset, record) pairs.
-fn concurrent_workload(log: &Arc<Log>) -> Vec<(u64, Record)> {
-    let threads: Vec<_> = (0..8u64)
-        .map(|t| {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut mine = Vec::new();
-                for n in 0..40u64 {
-                    let size = 60 + usize::try_from(n).unwrap() * 7;
-                    let r = message(&format!("t{t}-{n}"), "a", 4, &body(t * 100 + n, size));
-                    match log.append(n, vec![r.clone()]) {
-                        Ok(a) => mine.push((a.first.0, r)),
-                        Err(_) => break,
-                    }
-                }
-                mine
-            })
-        })
-        .collect();
-    threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect()
+/// Record `n` of thread `t` in the concurrent workload: 40 per thread, of growing sizes.
+fn concurrent_record(t: u64, n: u64) -> Record {
+    let size = 60 + usize::try_from(n).unwrap() * 7;
+    message(&format!("t{t}-{n}"), "a", 4, &body(t * 100 + n, size))
 }
 
 /// Eight threads append concurrently, so the writer writes the next batch while the syncer
@@ -273,7 +254,7 @@ fn concurrent_crash_state(crash_after: Option<u64>, mode: TearMode, seed: u64) -
     );
     let mut acked = Vec::new();
     if let Ok((log, _)) = Log::open(dir(), opts.clone()) {
-        acked = concurrent_workload(&Arc::new(log));
+        acked = append_concurrently(&Arc::new(log), 8, 40, concurrent_record);
     }
     let ops = sim.ops();
     sim.crash(mode, seed);

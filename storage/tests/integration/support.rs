@@ -161,3 +161,34 @@ pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
     let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
     (result, text)
 }
+
+/// Appends from `threads` threads at once, `per_thread` records each, record `n` of thread `t`
+/// being `record(t, n)`; a thread stops at its first failed append. Returns every acknowledged
+/// (offset, record).
+pub fn append_concurrently(
+    log: &std::sync::Arc<Log>,
+    threads: u64,
+    per_thread: u64,
+    record: fn(u64, u64) -> Record,
+) -> Vec<(u64, Record)> {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                for n in 0..per_thread {
+                    let r = record(t, n);
+                    match log.append(n, vec![r.clone()]) {
+                        Ok(a) => mine.push((a.first.0, r)),
+                        Err(_) => break,
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
