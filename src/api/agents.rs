@@ -1,0 +1,178 @@
+//! Agent registration, discovery and presence.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+
+use super::error::{parse_json, ApiError, JsonBody};
+use super::messages::MAX_LEASE_MS;
+use super::wire::{in_range, AgentBody};
+use super::{agent_id, AppState};
+use crate::broker::AgentView;
+use crate::clock::rfc3339;
+use courier_storage::Agent;
+
+/// Most capabilities per agent.
+pub const MAX_CAPABILITIES: usize = 64;
+/// Longest capability name, bytes.
+pub const MAX_CAPABILITY_BYTES: usize = 128;
+/// Largest metadata object, bytes.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+
+fn view_json(view: &AgentView) -> serde_json::Value {
+    let a = &view.agent;
+    let metadata = serde_json::from_slice::<&RawValue>(&a.metadata)
+        .ok()
+        .and_then(|raw| serde_json::to_value(raw).ok())
+        .unwrap_or_else(|| json!({}));
+    json!({
+        "id": a.id,
+        "capabilities": a.capabilities,
+        "metadata": metadata,
+        "lease_ms": a.lease_ms,
+        "max_attempts": a.max_attempts,
+        "max_in_flight": a.max_in_flight,
+        "last_seen": view.last_seen_ms.map(rfc3339),
+        "online": view.online,
+        "receivers": view.receivers,
+        "throttled": view.throttled,
+        "inbox": {
+            "ready": view.depth.ready,
+            "in_flight": view.depth.in_flight,
+            "dead_letters": view.depth.dead_letters,
+        },
+    })
+}
+
+/// `PUT /v1/agents/{agent}` → 201 created / 200 updated.
+pub async fn upsert(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    let body: AgentBody = parse_json(&bytes)?;
+    let capabilities = body.capabilities.unwrap_or_default();
+    if capabilities.len() > MAX_CAPABILITIES {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("an agent declares at most {MAX_CAPABILITIES} capabilities"),
+        ));
+    }
+    for capability in &capabilities {
+        if capability.is_empty()
+            || capability.len() > MAX_CAPABILITY_BYTES
+            || capability.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("capability {capability:?} must be 1-{MAX_CAPABILITY_BYTES} bytes without control characters"),
+            ));
+        }
+    }
+    let metadata = match body.metadata {
+        None => b"{}".to_vec(),
+        Some(raw)
+            if raw.get().trim_start().starts_with('{') && raw.get().len() <= MAX_METADATA_BYTES =>
+        {
+            raw.get().as_bytes().to_vec()
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("`metadata` must be a JSON object of at most {MAX_METADATA_BYTES} bytes"),
+            ))
+        }
+    };
+    let agent = Agent {
+        id: id.to_string(),
+        capabilities,
+        metadata,
+        lease_ms: in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)?,
+        max_attempts: in_range("max_attempts", body.max_attempts, 1, 1000)?
+            .map(|n| u32::try_from(n).expect("at most 1000")),
+        max_in_flight: in_range("max_in_flight", body.max_in_flight, 1, 1_000_000)?
+            .map(|n| u32::try_from(n).expect("at most a million")),
+        token_hash: None,
+    };
+    let created = state.broker.upsert_agent(agent).await?;
+    let view = state
+        .broker
+        .agent(id.as_str())
+        .ok_or_else(|| ApiError::not_found("the agent was deleted meanwhile"))?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view_json(&view))).into_response())
+}
+
+fn unknown(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_agent",
+        format!("agent `{id}` is not registered; register it with PUT /v1/agents/{id}"),
+    )
+}
+
+/// `GET /v1/agents/{agent}`.
+pub async fn get(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    let view = state
+        .broker
+        .agent(id.as_str())
+        .ok_or_else(|| unknown(id.as_str()))?;
+    Ok(Json(view_json(&view)).into_response())
+}
+
+/// `DELETE /v1/agents/{agent}` → 204.
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    if state.broker.delete_agent(id.as_str()).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(unknown(id.as_str()))
+    }
+}
+
+/// `POST /v1/agents/{agent}/heartbeat`.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    let view = state
+        .broker
+        .heartbeat(id.as_str())
+        .ok_or_else(|| unknown(id.as_str()))?;
+    Ok(Json(view_json(&view)).into_response())
+}
+
+/// Query of `GET /v1/agents`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    capability: Option<String>,
+}
+
+/// `GET /v1/agents?capability=X`.
+pub async fn list(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let views = state.broker.agents(query.capability.as_deref());
+    let agents: Vec<serde_json::Value> = views.iter().map(view_json).collect();
+    Ok(Json(json!({"agents": agents})).into_response())
+}

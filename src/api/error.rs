@@ -1,0 +1,152 @@
+//! The one error shape of the API: `{"error": {"code", "message"}}` with a fitting status,
+//! and the extractor that reads JSON bodies into it.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::broker::Refusal;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A stable snake_case code.
+    pub code: &'static str,
+    /// What went wrong and how to fix it.
+    pub message: String,
+    /// Seconds for `Retry-After` (429, 503).
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    /// An error with a status, a code and a message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 404 `not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// Adds a `Retry-After`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = %self.status, code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = %self.status, code = self.code, message = %self.message, "request refused");
+        }
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if let Some(seconds) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let message = refusal.to_string();
+        match refusal {
+            Refusal::UnknownAgent(_) => Self::new(StatusCode::NOT_FOUND, "unknown_agent", message),
+            Refusal::InboxFull { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "inbox_full", message).retry_after(1)
+            }
+            Refusal::RateLimited { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(1)
+            }
+            Refusal::TooManyReceivers { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_receivers", message)
+                    .retry_after(1)
+            }
+            Refusal::Unavailable(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+            }
+        }
+    }
+}
+
+/// The raw bytes of a JSON request body, checked for content type and size; an empty body
+/// reads as `{}` so that requests whose fields are all optional need none.
+pub struct JsonBody(pub Bytes);
+
+/// The largest request body read at all; each route checks its own smaller limit.
+pub const BODY_LIMIT_BYTES: usize = 64 * 1024 * 1024 + 64 * 1024;
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let is_json = json_content_type(request.headers());
+        let bytes = axum::body::to_bytes(request.into_body(), BODY_LIMIT_BYTES)
+            .await
+            .map_err(|_| too_large("the request body", BODY_LIMIT_BYTES as u64))?;
+        if bytes.is_empty() {
+            return Ok(Self(Bytes::from_static(b"{}")));
+        }
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `Content-Type: application/json`",
+            ));
+        }
+        Ok(Self(bytes))
+    }
+}
+
+fn json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// 413 for `what` over `limit_bytes`.
+pub fn too_large(what: &str, limit_bytes: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("{what} is larger than {limit_bytes} bytes; send less, or raise the limit in the server's configuration"),
+    )
+}
+
+/// Parses `bytes` as `T`: syntax errors are `invalid_json`, shape errors (missing or unknown
+/// fields, wrong types) `invalid_request`, both naming line and column.
+pub fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| match error.classify() {
+        serde_json::error::Category::Data => ApiError::bad_request(
+            "invalid_request",
+            format!("the request does not fit the API: {error}"),
+        ),
+        _ => ApiError::bad_request(
+            "invalid_json",
+            format!("the body is not valid JSON: {error}"),
+        ),
+    })
+}

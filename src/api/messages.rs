@@ -1,0 +1,254 @@
+//! Publishing, receiving, settling leases and dead letters.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::{parse_json, too_large, ApiError, JsonBody};
+use super::wire::{
+    check_message_size, in_range, AckBody, BatchBody, DeliveredView, ExtendBody, MessageView,
+    NackBody, PublishBody, ReceiveBody, RedriveBody,
+};
+use super::{agent_id, AppState};
+use crate::broker::{Published, ReceiveRequest};
+use crate::delivery::{Outcome, Settle};
+
+/// Most messages one receive returns.
+pub const MAX_RECEIVE: i64 = 1000;
+/// Longest long-poll, ms.
+pub const MAX_WAIT_MS: i64 = 60_000;
+/// Default long-poll, ms.
+pub const DEFAULT_WAIT_MS: u64 = 20_000;
+/// Longest lease a receive or extend may ask for: 12 hours (SQS's limit).
+pub const MAX_LEASE_MS: i64 = 12 * 3_600_000;
+/// Most receipts in one ack, nack or extend.
+pub const MAX_RECEIPTS: usize = 1000;
+/// Most dead letters one listing returns.
+pub const MAX_DEAD_LETTERS: i64 = 1000;
+
+fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 256)
+}
+
+fn published_json(p: &Published) -> serde_json::Value {
+    json!({"id": p.id, "offset": p.offset, "duplicate": p.duplicate})
+}
+
+/// `POST /v1/messages`.
+pub async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    check_message_size(bytes.len(), &state.config.limits)?;
+    let body: PublishBody = parse_json(&bytes)?;
+    let outgoing = body.into_outgoing(traceparent(&headers))?;
+    let results = state.broker.publish(vec![outgoing]).await?;
+    let result = results.first().expect("one result per message");
+    let status = if result.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(published_json(result))).into_response())
+}
+
+/// `POST /v1/messages/batch`: all-or-nothing.
+pub async fn publish_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let limits = state.config.limits;
+    if bytes.len() as u64 > limits.max_batch_bytes {
+        return Err(too_large("the batch", limits.max_batch_bytes));
+    }
+    let batch: BatchBody<'_> = parse_json(&bytes)?;
+    if batch.messages.is_empty() || batch.messages.len() > limits.max_batch_messages as usize {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!(
+                "a batch holds 1-{} messages; this one has {}",
+                limits.max_batch_messages,
+                batch.messages.len()
+            ),
+        ));
+    }
+    let mut outgoing = Vec::with_capacity(batch.messages.len());
+    for (i, raw) in batch.messages.iter().enumerate() {
+        let checked = check_message_size(raw.get().len(), &limits)
+            .and_then(|()| parse_json::<PublishBody>(raw.get().as_bytes()))
+            .and_then(|body| body.into_outgoing(traceparent(&headers)));
+        match checked {
+            Ok(o) => outgoing.push(o),
+            Err(mut error) => {
+                error.message = format!("message {i}: {}", error.message);
+                return Err(error);
+            }
+        }
+    }
+    let results = state.broker.publish(outgoing).await?;
+    let out: Vec<serde_json::Value> = results.iter().map(published_json).collect();
+    Ok((StatusCode::CREATED, Json(json!({"results": out}))).into_response())
+}
+
+/// `POST /v1/agents/{agent}/receive`: long-poll.
+pub async fn receive(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let agent = agent_id(&agent)?;
+    let body: ReceiveBody = parse_json(&bytes)?;
+    let request = ReceiveRequest {
+        max: in_range("max", body.max, 1, MAX_RECEIVE)?.unwrap_or(10) as usize,
+        wait: Duration::from_millis(
+            in_range("wait_ms", body.wait_ms, 0, MAX_WAIT_MS)?.unwrap_or(DEFAULT_WAIT_MS),
+        ),
+        lease_ms: in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)?,
+    };
+    let delivered = state.broker.receive(agent.as_str(), request).await?;
+    let views: Vec<DeliveredView<'_>> = delivered.iter().filter_map(DeliveredView::of).collect();
+    Ok(Json(json!({"messages": views})).into_response())
+}
+
+fn receipts(receipts: &[String]) -> Result<(), ApiError> {
+    if receipts.is_empty() || receipts.len() > MAX_RECEIPTS {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!(
+                "`receipts` must hold 1-{MAX_RECEIPTS} receipts; it has {}",
+                receipts.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn settle(
+    state: &AppState,
+    agent: &str,
+    list: &[String],
+    how: Settle,
+) -> Result<Response, ApiError> {
+    receipts(list)?;
+    let agent = agent_id(agent)?;
+    let outcomes: Vec<Outcome> = state.broker.settle(agent.as_str(), list, how).await?;
+    let results: Vec<serde_json::Value> = list
+        .iter()
+        .zip(outcomes)
+        .map(|(receipt, outcome)| json!({"receipt": receipt, "status": outcome.as_str()}))
+        .collect();
+    Ok(Json(json!({"results": results})).into_response())
+}
+
+/// `POST /v1/agents/{agent}/ack`.
+pub async fn ack(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let body: AckBody = parse_json(&bytes)?;
+    settle(&state, &agent, &body.receipts, Settle::Ack).await
+}
+
+/// `POST /v1/agents/{agent}/nack`.
+pub async fn nack(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let body: NackBody = parse_json(&bytes)?;
+    let how = Settle::Nack {
+        delay_ms: in_range("delay_ms", body.delay_ms, 0, super::wire::MAX_DELAY_MS)?.unwrap_or(0),
+        dead_letter: body.dead_letter.unwrap_or(false),
+    };
+    settle(&state, &agent, &body.receipts, how).await
+}
+
+/// `POST /v1/agents/{agent}/extend`.
+pub async fn extend(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let body: ExtendBody = parse_json(&bytes)?;
+    let lease_ms = match in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)? {
+        Some(ms) => ms,
+        None => state.broker.lease_ms_of(&agent),
+    };
+    settle(&state, &agent, &body.receipts, Settle::Extend { lease_ms }).await
+}
+
+/// Query of `GET /v1/agents/{agent}/dead-letters`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterQuery {
+    limit: Option<i64>,
+    after: Option<u64>,
+}
+
+/// `GET /v1/agents/{agent}/dead-letters?limit=100&after=<offset>`.
+pub async fn dead_letters(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let agent = agent_id(&agent)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let limit = in_range("limit", query.limit, 1, MAX_DEAD_LETTERS)?.unwrap_or(100) as usize;
+    let dead = state
+        .broker
+        .dead_letters(agent.as_str(), query.after, limit)?;
+    let views: Vec<serde_json::Value> = dead
+        .iter()
+        .filter_map(|d| {
+            let mut value = serde_json::to_value(MessageView::of(&d.frame)?).ok()?;
+            let object = value.as_object_mut()?;
+            object.insert("attempts".into(), d.dead.attempts.into());
+            object.insert("reason".into(), d.dead.reason.as_str().into());
+            object.insert(
+                "dead_lettered_at".into(),
+                crate::clock::rfc3339(d.dead.dead_lettered_at_ms).into(),
+            );
+            Some(value)
+        })
+        .collect();
+    Ok(Json(json!({"dead_letters": views})).into_response())
+}
+
+/// `POST /v1/agents/{agent}/dead-letters/redrive`: `{"offsets": [...]}` or `{"all": true}`.
+pub async fn redrive(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let agent = agent_id(&agent)?;
+    let body: RedriveBody = parse_json(&bytes)?;
+    let offsets = match (body.offsets, body.all) {
+        (Some(offsets), None | Some(false)) if !offsets.is_empty() && offsets.len() <= 10_000 => {
+            Some(offsets)
+        }
+        (None, Some(true)) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "give either `offsets` (1-10000 dead-letter offsets) or `\"all\": true`",
+            ))
+        }
+    };
+    let count = state
+        .broker
+        .redrive(agent.as_str(), offsets.as_deref())
+        .await?;
+    Ok(Json(json!({"redriven": count})).into_response())
+}

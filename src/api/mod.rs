@@ -1,0 +1,93 @@
+//! The HTTP API (SPEC §3): routes, and handlers that check input and call the broker.
+//!
+//! HTTP only: no delivery decisions are made here. Every error has the shape of
+//! [`error::ApiError`], including unknown routes and wrong methods.
+
+pub mod agents;
+pub mod error;
+pub mod messages;
+pub mod ops;
+pub mod wire;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post, put};
+use axum::Router;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use error::ApiError;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// The configuration.
+    pub config: Arc<Config>,
+}
+
+/// The router of the whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/messages", post(messages::publish))
+        .route("/v1/messages/batch", post(messages::publish_batch))
+        .route("/v1/requests", post(not_implemented))
+        .route("/v1/agents", get(agents::list))
+        .route(
+            "/v1/agents/{agent}",
+            put(agents::upsert).get(agents::get).delete(agents::delete),
+        )
+        .route("/v1/agents/{agent}/heartbeat", post(agents::heartbeat))
+        .route("/v1/agents/{agent}/receive", post(messages::receive))
+        .route("/v1/agents/{agent}/ack", post(messages::ack))
+        .route("/v1/agents/{agent}/nack", post(messages::nack))
+        .route("/v1/agents/{agent}/extend", post(messages::extend))
+        .route(
+            "/v1/agents/{agent}/dead-letters",
+            get(messages::dead_letters),
+        )
+        .route(
+            "/v1/agents/{agent}/dead-letters/redrive",
+            post(messages::redrive),
+        )
+        .route("/v1/agents/{agent}/subscriptions", get(not_implemented))
+        .route(
+            "/v1/agents/{agent}/subscriptions/{topic}",
+            put(not_implemented).delete(not_implemented),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/v1/stats", get(ops::stats))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(error::BODY_LIMIT_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; the routes are listed in the README")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; see the README for the routes and their methods",
+    )
+}
+
+async fn not_implemented() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "topics, subscriptions and request/reply are not in this build yet",
+    )
+}
+
+/// Parses the `{agent}` path segment.
+pub fn agent_id(text: &str) -> Result<crate::ids::AgentId, ApiError> {
+    crate::ids::AgentId::parse(text).map_err(|e| ApiError::bad_request("invalid_agent_id", e))
+}

@@ -1,0 +1,324 @@
+//! Request and response bodies of the API, and the checks that turn requests into the
+//! broker's types. Only `api/` knows these shapes.
+
+use std::collections::BTreeMap;
+
+use courier_storage::{Frame, Message, Record};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::error::ApiError;
+use crate::broker::{Delivered, Outgoing};
+use crate::clock::rfc3339;
+use crate::config::Limits;
+use crate::ids::{check_message_id, Address, AgentId};
+
+/// Most headers on one message.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header name, bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 128;
+/// Longest header value, bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
+/// Longest `type` and `correlation_id`, bytes.
+pub const MAX_LABEL_BYTES: usize = 128;
+/// Longest `delay_ms` and `ttl_ms`: 30 days.
+pub const MAX_DELAY_MS: i64 = 30 * 86_400_000;
+
+/// `POST /v1/messages` and each element of a batch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishBody {
+    to: String,
+    from: String,
+    body: Box<RawValue>,
+    id: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    priority: Option<i64>,
+    headers: Option<BTreeMap<String, String>>,
+    correlation_id: Option<String>,
+    in_reply_to: Option<String>,
+    delay_ms: Option<i64>,
+    ttl_ms: Option<i64>,
+}
+
+/// `POST /v1/messages/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody<'a> {
+    #[serde(borrow)]
+    pub messages: Vec<&'a RawValue>,
+}
+
+fn invalid(message: String) -> ApiError {
+    ApiError::bad_request("invalid_request", message)
+}
+
+fn check_label(field: &str, value: &str) -> Result<(), ApiError> {
+    if value.is_empty() || value.len() > MAX_LABEL_BYTES || value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "`{field}` must be 1-{MAX_LABEL_BYTES} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_ms(field: &str, value: Option<i64>) -> Result<u64, ApiError> {
+    match value {
+        None => Ok(0),
+        Some(ms) if (0..=MAX_DELAY_MS).contains(&ms) => Ok(ms.unsigned_abs()),
+        Some(ms) => Err(invalid(format!(
+            "`{field}` is {ms}; it must be between 0 and {MAX_DELAY_MS} (30 days)"
+        ))),
+    }
+}
+
+impl PublishBody {
+    /// Checks every field (SPEC §3) and builds the message. `traceparent` is the request's
+    /// W3C trace header, stored unless the message has its own.
+    pub fn into_outgoing(self, traceparent: Option<&str>) -> Result<Outgoing, ApiError> {
+        let address =
+            Address::parse(&self.to).map_err(|e| ApiError::bad_request("invalid_address", e))?;
+        let destination = match address {
+            Address::Agent(agent) => agent,
+            Address::Topic(_) | Address::Capability(_) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::NOT_IMPLEMENTED,
+                    "not_implemented",
+                    "topic: and capability: addresses are not routed by this build yet; address an agent with agent:<id>",
+                ))
+            }
+        };
+        let from = AgentId::parse(&self.from).map_err(|e| invalid(format!("`from`: {e}")))?;
+        if let Some(id) = &self.id {
+            check_message_id("id", id).map_err(invalid)?;
+        }
+        if let Some(reply_to) = &self.in_reply_to {
+            check_message_id("in_reply_to", reply_to).map_err(invalid)?;
+        }
+        if let Some(kind) = &self.kind {
+            check_label("type", kind)?;
+        }
+        if let Some(correlation_id) = &self.correlation_id {
+            check_label("correlation_id", correlation_id)?;
+        }
+        let priority = match self.priority {
+            None => 4,
+            Some(p @ 0..=9) => u8::try_from(p).expect("0..=9 fits"),
+            Some(p) => {
+                return Err(ApiError::bad_request(
+                    "invalid_priority",
+                    format!("`priority` is {p}; it must be 0-9 (higher first, default 4)"),
+                ))
+            }
+        };
+        let mut headers = self.headers.unwrap_or_default();
+        check_headers(&headers)?;
+        if let Some(traceparent) = traceparent {
+            headers
+                .entry("traceparent".to_owned())
+                .or_insert_with(|| traceparent.to_owned());
+        }
+        let delay_ms = check_ms("delay_ms", self.delay_ms)?;
+        let ttl_ms = check_ms("ttl_ms", self.ttl_ms)?;
+        Ok(Outgoing {
+            client_id: self.id.clone(),
+            message: Message {
+                id: self.id.unwrap_or_default(),
+                from: from.to_string(),
+                to: self.to,
+                destinations: vec![destination.to_string()],
+                kind: self.kind,
+                priority,
+                headers: headers.into_iter().collect(),
+                correlation_id: self.correlation_id,
+                in_reply_to: self.in_reply_to,
+                not_before_ms: None,
+                expires_at_ms: None,
+                dedupe_until_ms: None,
+                body: self.body.get().as_bytes().to_vec(),
+            },
+            delay_ms,
+            ttl_ms,
+        })
+    }
+}
+
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(ApiError::bad_request(
+            "too_many_headers",
+            format!(
+                "the message has {} headers; at most {MAX_HEADERS} are allowed",
+                headers.len()
+            ),
+        ));
+    }
+    for (name, value) in headers {
+        if name.is_empty()
+            || name.len() > MAX_HEADER_NAME_BYTES
+            || name.chars().any(char::is_control)
+        {
+            return Err(invalid(format!(
+                "header name {name:?} must be 1-{MAX_HEADER_NAME_BYTES} bytes without control characters"
+            )));
+        }
+        if value.len() > MAX_HEADER_VALUE_BYTES {
+            return Err(invalid(format!(
+                "header {name:?} has {} bytes; at most {MAX_HEADER_VALUE_BYTES} are allowed",
+                value.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a publish body's size against the message limit.
+pub fn check_message_size(bytes: usize, limits: &Limits) -> Result<(), ApiError> {
+    if bytes as u64 > limits.max_message_bytes {
+        return Err(super::error::too_large(
+            "the message",
+            limits.max_message_bytes,
+        ));
+    }
+    Ok(())
+}
+
+/// A published message as clients see it.
+#[derive(Debug, Serialize)]
+pub struct MessageView<'a> {
+    id: &'a str,
+    from: &'a str,
+    to: &'a str,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    priority: u8,
+    headers: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_reply_to: Option<&'a str>,
+    body: &'a RawValue,
+    offset: u64,
+    published_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+}
+
+impl<'a> MessageView<'a> {
+    /// The view of a message frame; `None` if the frame is not a message.
+    pub fn of(frame: &'a Frame) -> Option<Self> {
+        let Record::Message(m) = &frame.record else {
+            return None;
+        };
+        let body = serde_json::from_slice::<&RawValue>(&m.body).ok()?;
+        Some(Self {
+            id: &m.id,
+            from: &m.from,
+            to: &m.to,
+            kind: m.kind.as_deref(),
+            priority: m.priority,
+            headers: m
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            correlation_id: m.correlation_id.as_deref(),
+            in_reply_to: m.in_reply_to.as_deref(),
+            body,
+            offset: frame.offset.0,
+            published_at: rfc3339(frame.timestamp_ms),
+            expires_at: m.expires_at_ms.map(rfc3339),
+        })
+    }
+}
+
+/// A message delivered under a lease.
+#[derive(Debug, Serialize)]
+pub struct DeliveredView<'a> {
+    #[serde(flatten)]
+    message: MessageView<'a>,
+    attempt: u32,
+    receipt: &'a str,
+    lease_expires_at: String,
+}
+
+impl<'a> DeliveredView<'a> {
+    /// The view of a delivery.
+    pub fn of(delivered: &'a Delivered) -> Option<Self> {
+        Some(Self {
+            message: MessageView::of(&delivered.frame)?,
+            attempt: delivered.attempt,
+            receipt: &delivered.receipt,
+            lease_expires_at: rfc3339(delivered.lease_deadline_ms),
+        })
+    }
+}
+
+/// `POST /v1/agents/{agent}/receive`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveBody {
+    pub max: Option<i64>,
+    pub wait_ms: Option<i64>,
+    pub lease_ms: Option<i64>,
+}
+
+/// `POST /v1/agents/{agent}/ack`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckBody {
+    pub receipts: Vec<String>,
+}
+
+/// `POST /v1/agents/{agent}/nack`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NackBody {
+    pub receipts: Vec<String>,
+    pub delay_ms: Option<i64>,
+    pub dead_letter: Option<bool>,
+}
+
+/// `POST /v1/agents/{agent}/extend`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendBody {
+    pub receipts: Vec<String>,
+    pub lease_ms: Option<i64>,
+}
+
+/// `PUT /v1/agents/{agent}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentBody {
+    pub capabilities: Option<Vec<String>>,
+    pub metadata: Option<Box<RawValue>>,
+    pub lease_ms: Option<i64>,
+    pub max_attempts: Option<i64>,
+    pub max_in_flight: Option<i64>,
+}
+
+/// `POST /v1/agents/{agent}/dead-letters/redrive`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedriveBody {
+    pub offsets: Option<Vec<u64>>,
+    pub all: Option<bool>,
+}
+
+/// Checks an optional integer field against a range, with a message naming both.
+pub fn in_range(
+    field: &str,
+    value: Option<i64>,
+    min: i64,
+    max: i64,
+) -> Result<Option<u64>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(v) if (min..=max).contains(&v) => Ok(Some(v.unsigned_abs())),
+        Some(v) => Err(invalid(format!(
+            "`{field}` is {v}; it must be between {min} and {max}"
+        ))),
+    }
+}

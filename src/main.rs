@@ -1,0 +1,119 @@
+//! The `courier` binary: flags → config → logging → serve until SIGTERM or Ctrl-C.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Arg, ArgAction, Command};
+use courier::config::{RawConfig, Source, KEYS};
+
+fn command() -> Command {
+    let mut command = Command::new("courier")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("A durable message log service for software agents")
+        .after_help(
+            "Every setting also comes from the TOML file (--config) and from COURIER_* variables;\n\
+             precedence: defaults < file < environment < flags. Example:\n  \
+             courier --listen 127.0.0.1:7070 --data-dir ./courier-data --fsync always",
+        )
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .help("TOML configuration file"),
+        )
+        .arg(
+            Arg::new("insecure")
+                .long("insecure")
+                .action(ArgAction::SetTrue)
+                .help("allow a non-loopback listen address without authentication"),
+        );
+    for key in KEYS {
+        let help = match key.default {
+            Some(default) => format!("{} [default: {default}]", key.help),
+            None => format!("{} [default: off]", key.help),
+        };
+        command = command.arg(
+            Arg::new(key.name)
+                .long(key.flag())
+                .value_name("VALUE")
+                .help(help),
+        );
+    }
+    command
+}
+
+fn load() -> anyhow::Result<courier::config::Config> {
+    let matches = command().get_matches();
+    let mut raw = RawConfig::defaults();
+    if let Some(path) = matches.get_one::<String>("config") {
+        let path = std::path::Path::new(path);
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        raw.merge_toml(&text, path)?;
+    }
+    raw.merge_env(std::env::vars());
+    for key in KEYS {
+        if let Some(value) = matches.get_one::<String>(key.name) {
+            raw.set(key.name, value.clone(), Source::Flag(key.flag()))
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    raw.insecure = matches.get_flag("insecure");
+    Ok(raw.validate()?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+async fn serve(config: courier::config::Config) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    // The one line on stdout: scripts and tests read the bound address from it.
+    println!("courier listening on http://{address}");
+    tracing::info!(
+        %address,
+        data_dir = %config.data_dir.display(),
+        fsync = ?config.fsync,
+        "starting courier"
+    );
+    courier::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let config = match load() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("courier: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    courier::telemetry::init(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("courier: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("courier: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

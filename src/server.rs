@@ -1,0 +1,75 @@
+//! Start-up, serving and shutdown: opens the log, builds the broker, runs the sweeper and
+//! the HTTP server, and on shutdown drains and closes everything in order.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use courier_storage::{Log, LogOptions};
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::broker::Broker;
+use crate::clock::Clock;
+use crate::config::Config;
+
+/// Runs the server on `listener` until `shutdown` completes, then shuts down gracefully:
+/// stops accepting, wakes long-polls with what they have, lets in-flight requests finish,
+/// and closes the log (every queued append is written and synced, the index checkpointed).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let clock = Clock::start();
+    let broker = open(&config, clock).await?;
+    let sweeper = tokio::spawn(broker.clone().run_sweeper());
+    let state = AppState {
+        broker: broker.clone(),
+        config: config.clone(),
+    };
+    let closing = broker.clone();
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; open long-polls return now");
+            closing.close();
+        })
+        .await?;
+    broker.close();
+    sweeper.await?;
+    let closer = broker.clone();
+    tokio::task::spawn_blocking(move || closer.shutdown_log()).await??;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+/// Opens (recovers) the log off the async threads and builds the broker's state.
+async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<Arc<Broker>> {
+    let options = LogOptions {
+        fsync: config.fsync,
+        segment_bytes: config.segment_bytes,
+        max_record_bytes: config.limits.max_batch_bytes + 1024 * 1024,
+        ..LogOptions::default()
+    };
+    let dir = config.data_dir.clone();
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<Broker>> {
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display())
+        })?;
+        let (log, report) = Log::open(&dir, options)?;
+        tracing::info!(
+            data_dir = %dir.display(),
+            segments = report.segments,
+            replayed_records = report.replayed_records,
+            next_offset = report.next_offset.0,
+            index_rebuilt = report.index_rebuilt,
+            torn_tail_truncated = report.truncated.is_some(),
+            "recovered the log"
+        );
+        let broker = Broker::new(log, config, clock)?;
+        Ok(Arc::new(broker))
+    })
+    .await?
+}
