@@ -1,0 +1,159 @@
+//! Crashes and shutdowns: what a SIGKILL keeps and forgets, and a clean SIGTERM.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{eventually, offsets, receipts, TestServer};
+
+#[test]
+fn sigkill_keeps_unacked_forgets_acked_and_keeps_attempts() {
+    let mut server = TestServer::start(&["--lease", "60s"]);
+    server.register("worker", json!({"max_attempts": 4}));
+    let published: Vec<u64> = (0..20)
+        .map(|n| server.publish("worker", json!(n)))
+        .collect();
+    let delivered = server.receive("worker", json!({"max": 10, "wait_ms": 0}));
+    let acked: BTreeSet<u64> = offsets(&delivered[..5]).into_iter().collect();
+    let r = receipts(&delivered[..5]);
+    let r: Vec<&str> = r.iter().map(String::as_str).collect();
+    assert_eq!(
+        server.settle("worker", "ack", json!({}), &r),
+        vec!["acked"; 5]
+    );
+    let dead = server.receive("worker", json!({"max": 1, "wait_ms": 0}));
+    let dead_receipt = receipts(&dead);
+    server.settle(
+        "worker",
+        "nack",
+        json!({"dead_letter": true}),
+        &[&dead_receipt[0]],
+    );
+
+    server.restart();
+
+    let agent = server.get("/v1/agents/worker").json;
+    assert_eq!(
+        agent["max_attempts"],
+        json!(4),
+        "registration lost: {agent}"
+    );
+    assert_eq!(agent["inbox"]["dead_letters"], json!(1));
+    assert_eq!(
+        agent["inbox"]["in_flight"],
+        json!(5),
+        "leases lost: {agent}"
+    );
+    assert_eq!(agent["inbox"]["ready"], json!(9));
+    // The 9 never-delivered ones come first (attempt 1); the 5 leased come back after their
+    // lease with attempt 2.
+    let fresh = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
+    assert!(fresh.iter().all(|m| m["attempt"] == json!(1)));
+    let leased_earlier: BTreeSet<u64> = offsets(&delivered[5..]).into_iter().collect();
+    let expected: BTreeSet<u64> = published
+        .iter()
+        .copied()
+        .filter(|o| !acked.contains(o) && !leased_earlier.contains(o) && *o != offsets(&dead)[0])
+        .collect();
+    assert_eq!(
+        offsets(&fresh).into_iter().collect::<BTreeSet<_>>(),
+        expected
+    );
+    let stale: Vec<String> = receipts(&delivered[5..]);
+    // The leases granted before the crash are still valid after it.
+    let still: Vec<&str> = stale.iter().map(String::as_str).collect();
+    assert_eq!(
+        server.settle("worker", "extend", json!({"lease_ms": 1}), &still),
+        vec!["extended"; 5]
+    );
+    let again = eventually(Duration::from_secs(10), "the redeliveries", || {
+        let m = server.receive("worker", json!({"max": 100, "wait_ms": 2000}));
+        (!m.is_empty()).then_some(m)
+    });
+    assert!(
+        again.iter().all(|m| m["attempt"] == json!(2)),
+        "attempt counts reset: {again:?}"
+    );
+    for m in &again {
+        assert!(leased_earlier.contains(&m["offset"].as_u64().unwrap()));
+        assert!(
+            !acked.contains(&m["offset"].as_u64().unwrap()),
+            "an acked message came back"
+        );
+    }
+}
+
+#[test]
+fn sigkill_with_an_index_deleted_rebuilds_the_same_state() {
+    let mut server = TestServer::start(&[]);
+    server.register("worker", json!({}));
+    for n in 0..10 {
+        server.publish("worker", json!(n));
+    }
+    let delivered = server.receive("worker", json!({"max": 3, "wait_ms": 0}));
+    let r = receipts(&delivered);
+    server.settle("worker", "ack", json!({}), &[&r[0]]);
+    let before = server.get("/v1/agents/worker").json["inbox"].clone();
+    server.kill9();
+    std::fs::remove_dir_all(server.data_dir().join("index")).unwrap();
+    server.restart();
+    assert_eq!(server.get("/v1/agents/worker").json["inbox"], before);
+}
+
+#[test]
+fn sigterm_wakes_long_polls_and_exits_zero() {
+    let mut server = TestServer::start(&[]);
+    server.register("worker", json!({}));
+    let addr = server.addr;
+    let waiter = std::thread::spawn(move || {
+        let body = br#"{"wait_ms": 60000}"#;
+        crate::support::send(
+            addr,
+            "POST",
+            "/v1/agents/worker/receive",
+            Some(body),
+            Some("application/json"),
+            &[],
+        )
+    });
+    eventually(Duration::from_secs(10), "the long-poll to open", || {
+        (server.get("/v1/agents/worker").json["receivers"] == json!(1)).then_some(())
+    });
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        server.logs()
+    );
+    let response = waiter.join().unwrap().expect("the long-poll got an answer");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json["messages"], json!([]));
+    assert!(
+        server.logs().contains("shut down cleanly"),
+        "{}",
+        server.logs()
+    );
+}
+
+#[test]
+fn torn_tail_is_truncated_at_startup_and_earlier_messages_survive() {
+    let mut server = TestServer::start(&[]);
+    server.register("worker", json!({}));
+    server.publish("worker", json!("kept"));
+    assert!(
+        server.logs().contains("recovered the log"),
+        "{}",
+        server.logs()
+    );
+    server.kill9();
+    // A garbage tail is a torn write: truncated and logged, and the message survives.
+    let segment = server.data_dir().join("log").join(format!("{:020}.seg", 0));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&[0xAB; 37]);
+    std::fs::write(&segment, &bytes).unwrap();
+    server.restart();
+    assert!(server.logs().contains("torn"), "{}", server.logs());
+    let messages = server.receive("worker", json!({"wait_ms": 0}));
+    assert_eq!(messages[0]["body"], json!("kept"));
+}

@@ -1,0 +1,102 @@
+//! Backpressure and limits.
+
+use serde_json::json;
+
+use crate::support::{receipts, TestServer};
+
+#[test]
+fn max_in_flight_caps_receives_and_says_so() {
+    let server = TestServer::start(&[]);
+    server.register("worker", json!({"max_in_flight": 2}));
+    for n in 0..5 {
+        server.publish("worker", json!(n));
+    }
+    let first = server.receive("worker", json!({"max": 10, "wait_ms": 0}));
+    assert_eq!(first.len(), 2);
+    let agent = server.get("/v1/agents/worker").json;
+    assert_eq!(agent["throttled"], json!(true), "{agent}");
+    assert_eq!(agent["inbox"]["in_flight"], json!(2));
+    assert!(server
+        .receive("worker", json!({"max": 10, "wait_ms": 100}))
+        .is_empty());
+    let r = receipts(&first);
+    server.settle("worker", "ack", json!({}), &[&r[0]]);
+    assert_eq!(
+        server
+            .receive("worker", json!({"max": 10, "wait_ms": 0}))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn full_inbox_gets_429_with_retry_after() {
+    let server = TestServer::start(&["--limits-max-inbox-depth", "3"]);
+    server.register("worker", json!({}));
+    for n in 0..3 {
+        server.publish("worker", json!(n));
+    }
+    let before = server.get("/v1/stats").json["log"]["next_offset"].clone();
+    let r = server.post(
+        "/v1/messages",
+        json!({"to": "agent:worker", "from": "a", "body": 4}),
+    );
+    assert_eq!((r.status, r.code()), (429, "inbox_full"), "{r:?}");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(server.get("/v1/stats").json["log"]["next_offset"], before);
+}
+
+#[test]
+fn open_long_polls_per_agent_are_capped() {
+    let server = TestServer::start(&["--limits-max-receivers", "1"]);
+    server.register("worker", json!({}));
+    let addr = server.addr;
+    let waiter = std::thread::spawn(move || {
+        crate::support::send(
+            addr,
+            "POST",
+            "/v1/agents/worker/receive",
+            Some(br#"{"wait_ms": 3000}"#),
+            Some("application/json"),
+            &[],
+        )
+    });
+    crate::support::eventually(
+        std::time::Duration::from_secs(10),
+        "the first long-poll",
+        || (server.get("/v1/agents/worker").json["receivers"] == json!(1)).then_some(()),
+    );
+    let r = server.post("/v1/agents/worker/receive", json!({"wait_ms": 0}));
+    assert_eq!((r.status, r.code()), (429, "too_many_receivers"));
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(waiter.join().unwrap().unwrap().status, 200);
+}
+
+#[test]
+fn publish_rate_is_limited_per_sender() {
+    let server = TestServer::start(&["--limits-publish-rate", "2"]);
+    server.register("worker", json!({}));
+    server.register("sender", json!({}));
+    let statuses: Vec<u16> = (0..5)
+        .map(|n| {
+            server
+                .post(
+                    "/v1/messages",
+                    json!({"to": "agent:worker", "from": "sender", "body": n}),
+                )
+                .status
+        })
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+}
+
+#[test]
+fn unknown_routes_and_methods_use_the_error_shape() {
+    let server = TestServer::start(&[]);
+    let r = server.get("/v1/nope");
+    assert_eq!((r.status, r.code()), (404, "not_found"));
+    let r = server.request("PATCH", "/v1/messages", None);
+    assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
+    assert_eq!(server.get("/healthz").status, 200);
+    assert_eq!(server.get("/readyz").status, 200);
+}

@@ -1,0 +1,336 @@
+//! Test support: the real `courier` binary on a loopback port with a temporary data
+//! directory, and a small blocking HTTP/1.1 client.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "tests wait for the server with deadlines; the server's own time is not read here"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running server. Killed (SIGKILL) when dropped.
+pub struct TestServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stderr_path: PathBuf,
+    starts: u32,
+}
+
+impl TestServer {
+    /// Starts a server with extra flags (for example `["--lease", "1s"]`).
+    pub fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            stderr_path: dir.path().join("stderr-0.log"),
+            dir,
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            starts: 0,
+        };
+        server.spawn();
+        server
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        self.stderr_path = self.dir.path().join(format!("stderr-{}.log", self.starts));
+        let stderr = std::fs::File::create(&self.stderr_path).expect("stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_courier"))
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(&self.args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn courier");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read stdout");
+        let Some(addr) = line.trim().strip_prefix("courier listening on http://") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("courier did not start: {line:?}\n{}", self.logs());
+        };
+        self.addr = addr.parse().expect("address");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.get("/readyz").status != 200 {
+            assert!(Instant::now() < deadline, "never ready:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the server wrote to stderr since its last start.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown at all.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+        }
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        child.wait().expect("wait")
+    }
+
+    /// Kills with SIGKILL (if running) and starts again on the same directory.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// A request; `body` is sent as JSON.
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+        self.raw(
+            method,
+            path,
+            bytes.as_deref(),
+            Some("application/json"),
+            &[],
+        )
+    }
+
+    /// GET.
+    pub fn get(&self, path: &str) -> Response {
+        self.request("GET", path, None)
+    }
+
+    /// POST with a JSON body.
+    pub fn post(&self, path: &str, body: Value) -> Response {
+        self.request("POST", path, Some(&body))
+    }
+
+    /// PUT with a JSON body.
+    pub fn put(&self, path: &str, body: Value) -> Response {
+        self.request("PUT", path, Some(&body))
+    }
+
+    /// A request with raw bytes, a content type and extra headers.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        send(self.addr, method, path, body, content_type, headers)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
+    }
+
+    /// Registers an agent (PUT with `settings`), asserting success.
+    pub fn register(&self, agent: &str, settings: Value) {
+        let response = self.put(&format!("/v1/agents/{agent}"), settings);
+        assert!(
+            response.status == 201 || response.status == 200,
+            "register {agent}: {response:?}"
+        );
+    }
+
+    /// Publishes `body` to `agent:to`, asserting 201; returns the offset.
+    pub fn publish(&self, to: &str, body: Value) -> u64 {
+        let response = self.post(
+            "/v1/messages",
+            serde_json::json!({"to": format!("agent:{to}"), "from": "tester", "body": body}),
+        );
+        assert_eq!(response.status, 201, "{response:?}");
+        response.json["offset"].as_u64().expect("offset")
+    }
+
+    /// Receives (long-poll) with the given request; returns the messages.
+    pub fn receive(&self, agent: &str, request: Value) -> Vec<Value> {
+        let response = self.post(&format!("/v1/agents/{agent}/receive"), request);
+        assert_eq!(response.status, 200, "{response:?}");
+        response.json["messages"]
+            .as_array()
+            .expect("messages")
+            .clone()
+    }
+
+    /// Settles receipts (`ack`, `nack` or `extend`); returns the statuses.
+    pub fn settle(
+        &self,
+        agent: &str,
+        verb: &str,
+        mut body: Value,
+        receipts: &[&str],
+    ) -> Vec<String> {
+        body["receipts"] = serde_json::json!(receipts);
+        let response = self.post(&format!("/v1/agents/{agent}/{verb}"), body);
+        assert_eq!(response.status, 200, "{response:?}");
+        response.json["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .map(|r| r["status"].as_str().expect("status").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A response: status, headers (lowercase names) and the body's JSON (Null if not JSON).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub json: Value,
+}
+
+impl Response {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The error code of an error response.
+    pub fn code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`).
+pub fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let (Some(_), Some(ct)) = (body, content_type) {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Length: {}\r\n\r\n",
+        body.map_or(0, <[u8]>::len)
+    ));
+    stream.write_all(head.as_bytes())?;
+    if let Some(body) = body {
+        stream.write_all(body)?;
+    }
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head not utf-8"))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("no status"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
+    }
+    let body = String::from_utf8(body).map_err(|_| bad("body not utf-8"))?;
+    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+    Ok(Response {
+        status,
+        headers,
+        json,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).ok()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Receipts of delivered messages.
+pub fn receipts(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["receipt"].as_str().expect("receipt").to_owned())
+        .collect()
+}
+
+/// Offsets of delivered messages.
+pub fn offsets(messages: &[Value]) -> Vec<u64> {
+    messages
+        .iter()
+        .map(|m| m["offset"].as_u64().expect("offset"))
+        .collect()
+}
