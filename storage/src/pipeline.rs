@@ -92,6 +92,11 @@ fn run_checkpointer(shared: &Shared) {
     let interval = shared.options.checkpoint_interval;
     let mut closing = shared.closing.lock().expect("closing lock");
     loop {
+        // Checked before waiting too: a close that came while the lock was released (during
+        // the last checkpoint) must not wait out a whole interval.
+        if *closing {
+            return;
+        }
         closing = shared
             .checkpoint_due
             .wait_timeout(closing, interval)
