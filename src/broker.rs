@@ -210,16 +210,12 @@ impl Broker {
         clock: Clock,
     ) -> std::result::Result<Self, courier_storage::Error> {
         let index = log.index().clone();
-        let mut core = Core::default();
-        for agent in index.agents()? {
-            core.delivery.open_inbox(&agent.id);
-            for entry in index.inbox(&agent.id) {
-                let entry = entry?;
-                core.delivery.load_entry(&agent.id, entry.slot, entry.value);
-            }
-            for dead in index.dead_letters(&agent.id, None, usize::MAX)? {
-                core.delivery.load_dead(&agent.id, dead);
-            }
+        let (delivery, agents) = recover_state(&index)?;
+        let mut core = Core {
+            delivery,
+            ..Core::default()
+        };
+        for agent in agents {
             core.agents.insert(
                 agent.id.clone(),
                 Registered {
@@ -630,6 +626,26 @@ impl Broker {
             ))),
         }
     }
+}
+
+/// Rebuilds the in-memory delivery state and the agent registry from a recovered index
+/// (which recovery made current with the log). Start-up and the model test both use it.
+pub fn recover_state(
+    index: &Index,
+) -> std::result::Result<(delivery::State, Vec<Agent>), courier_storage::Error> {
+    let mut state = delivery::State::new();
+    let agents = index.agents()?;
+    for agent in &agents {
+        state.open_inbox(&agent.id);
+        for entry in index.inbox(&agent.id) {
+            let entry = entry?;
+            state.load_entry(&agent.id, entry.slot, entry.value);
+        }
+        for dead in index.dead_letters(&agent.id, None, usize::MAX)? {
+            state.load_dead(&agent.id, dead);
+        }
+    }
+    Ok((state, agents))
 }
 
 /// What a receive asks for.

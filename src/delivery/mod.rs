@@ -588,8 +588,10 @@ impl State {
             }
             let (releases, letters) = per_inbox.entry(name.clone()).or_default();
             let s = slot(*k);
+            // A message past its ttl dies as expired, whichever of its timers came first.
+            let expired = entry.expires_at_ms.is_some_and(|at| at <= now_ms);
             match (kind, entry.state) {
-                (TimerKind::Expiry, _) => letters.push(DeadLetter {
+                _ if expired => letters.push(DeadLetter {
                     slot: s,
                     reason: DeadReason::Expired,
                     attempts: entry.attempts,
@@ -610,8 +612,9 @@ impl State {
                         });
                     }
                 }
-                // A delay ending is a promotion, not a record.
-                (TimerKind::Due, EntryState::Ready { .. }) => {
+                // A delay ending is a promotion, not a record (and an expiry timer that is
+                // due is always expired, above).
+                (TimerKind::Due, EntryState::Ready { .. }) | (TimerKind::Expiry, _) => {
                     decided.remove(&(name.clone(), *k));
                 }
             }

@@ -12,5 +12,6 @@
 mod delivery;
 mod durability;
 mod limits;
+mod model;
 mod publish;
 mod support;
