@@ -763,7 +763,10 @@ impl Broker {
         Self::durable(rx).await?;
         let mut delivered = Vec::with_capacity(leases.len());
         for lease in leases {
-            let frame = self.read_message(lease.slot.offset)?;
+            // A message that age retention deleted meanwhile is gone: nothing to deliver.
+            let Some(frame) = self.read_message(lease.slot.offset)? else {
+                continue;
+            };
             delivered.push(Delivered {
                 frame,
                 attempt: lease.attempt,
@@ -778,10 +781,15 @@ impl Broker {
         Ok(delivered)
     }
 
-    fn read_message(&self, offset: Offset) -> Result<Frame> {
-        self.log.read(offset).map_err(|error| {
-            Refusal::Unavailable(format!("reading message {offset} failed: {error}"))
-        })
+    /// Reads a message; `None` if retention deleted its segment.
+    fn read_message(&self, offset: Offset) -> Result<Option<Frame>> {
+        match self.log.read(offset) {
+            Ok(frame) => Ok(Some(frame)),
+            Err(courier_storage::Error::NotFound(_)) => Ok(None),
+            Err(error) => Err(Refusal::Unavailable(format!(
+                "reading message {offset} failed: {error}"
+            ))),
+        }
     }
 
     /// Acks, nacks or extends leases of `agent`; one outcome per receipt, once durable.
@@ -835,14 +843,13 @@ impl Broker {
             }
             core.delivery.dead_letters(agent, after, limit)
         };
-        dead.into_iter()
-            .map(|dead| {
-                Ok(DeadView {
-                    frame: self.read_message(dead.slot.offset)?,
-                    dead,
-                })
-            })
-            .collect()
+        let mut views = Vec::with_capacity(dead.len());
+        for dead in dead {
+            if let Some(frame) = self.read_message(dead.slot.offset)? {
+                views.push(DeadView { frame, dead });
+            }
+        }
+        Ok(views)
     }
 
     /// Moves dead letters back into the inbox with attempts reset; `None` redrives all.
@@ -919,6 +926,59 @@ impl Broker {
             tokio::select! {
                 () = &mut woken => {}
                 () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                _ = closing.changed() => return,
+            }
+        }
+    }
+
+    // ---- retention ------------------------------------------------------------------------
+
+    /// Deletes whole old segments per `retention.*` (blocking: call it off the async threads).
+    /// When age retention dropped messages that were still pending, the log holds a
+    /// `Truncated` record; the in-memory state forgets the same messages.
+    pub fn enforce_retention(&self) -> std::result::Result<usize, courier_storage::Error> {
+        let retention = courier_storage::Retention {
+            max_bytes: self.config.retention_max_bytes,
+            max_age_ms: self
+                .config
+                .retention_max_age
+                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+        };
+        if retention.max_bytes.is_none() && retention.max_age_ms.is_none() {
+            return Ok(0);
+        }
+        let deleted = self.log.enforce_retention(retention, self.clock.now_ms())?;
+        if !deleted.is_empty() {
+            let below = self
+                .log
+                .segments()
+                .first()
+                .map_or(Offset(0), |segment| segment.base);
+            let now = self.clock.now_ms();
+            let mut core = self.lock();
+            core.delivery
+                .apply(&Record::Truncated { below }, Offset(0), now);
+            tracing::info!(
+                segments = deleted.len(),
+                below = below.0,
+                "retention deleted old segments"
+            );
+        }
+        Ok(deleted.len())
+    }
+
+    /// Runs retention at start and then every `interval` until shutdown.
+    pub async fn run_retention(self: Arc<Self>, interval: Duration) {
+        let mut closing = self.closing.subscribe();
+        loop {
+            let broker = self.clone();
+            match tokio::task::spawn_blocking(move || broker.enforce_retention()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::error!(%error, "retention failed"),
+                Err(error) => tracing::error!(%error, "retention task failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
                 _ = closing.changed() => return,
             }
         }

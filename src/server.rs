@@ -12,6 +12,16 @@ use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::Config;
 
+/// How often retention looks for segments to delete: every 30 s, or a quarter of
+/// `retention.max_age` if that is shorter (at least every 100 ms).
+fn retention_interval(config: &Config) -> std::time::Duration {
+    use std::time::Duration;
+    let every = Duration::from_secs(30);
+    config.retention_max_age.map_or(every, |age| {
+        (age / 4).clamp(Duration::from_millis(100), every)
+    })
+}
+
 /// Runs the server on `listener` until `shutdown` completes, then shuts down gracefully:
 /// stops accepting, wakes long-polls with what they have, lets in-flight requests finish,
 /// and closes the log (every queued append is written and synced, the index checkpointed).
@@ -24,6 +34,7 @@ pub async fn run(
     let clock = Clock::start();
     let broker = open(&config, clock).await?;
     let sweeper = tokio::spawn(broker.clone().run_sweeper());
+    let retention = tokio::spawn(broker.clone().run_retention(retention_interval(&config)));
     let state = AppState {
         broker: broker.clone(),
         config: config.clone(),
@@ -38,6 +49,7 @@ pub async fn run(
         .await?;
     broker.close();
     sweeper.await?;
+    retention.await?;
     let closer = broker.clone();
     tokio::task::spawn_blocking(move || closer.shutdown_log()).await??;
     tracing::info!("shut down cleanly");

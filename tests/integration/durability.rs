@@ -157,3 +157,56 @@ fn torn_tail_is_truncated_at_startup_and_earlier_messages_survive() {
     let messages = server.receive("worker", json!({"wait_ms": 0}));
     assert_eq!(messages[0]["body"], json!("kept"));
 }
+
+#[test]
+fn retention_by_age_deletes_old_segments_and_forgets_their_messages() {
+    let server = TestServer::start(&["--segment-bytes", "4096", "--retention-max-age", "1s"]);
+    server.register("worker", json!({}));
+    for n in 0..40 {
+        server.publish("worker", json!({"n": n, "pad": "x".repeat(200)}));
+    }
+    let segments = |s: &TestServer| s.get("/v1/stats").json["log"]["segments"].as_u64().unwrap();
+    assert!(segments(&server) > 2, "the messages span several segments");
+    eventually(
+        Duration::from_secs(20),
+        "retention to delete old segments",
+        || (segments(&server) <= 2).then_some(()),
+    );
+    assert!(
+        server.logs().contains("retention deleted old segments"),
+        "{}",
+        server.logs()
+    );
+    // What is left is consistent: every message still counted can be delivered.
+    let ready = server.get("/v1/agents/worker").json["inbox"]["ready"]
+        .as_u64()
+        .unwrap();
+    assert!(ready < 40, "nothing was forgotten: {ready}");
+    let delivered = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
+    assert_eq!(delivered.len() as u64, ready);
+}
+
+#[test]
+fn retention_by_size_never_deletes_pending_messages() {
+    let mut server =
+        TestServer::start(&["--segment-bytes", "4096", "--retention-max-bytes", "5000"]);
+    server.register("worker", json!({}));
+    for n in 0..40 {
+        server.publish("worker", json!({"n": n, "pad": "x".repeat(200)}));
+    }
+    server.restart();
+    // Nothing was acked: every segment holds pending messages, so none may go.
+    let messages = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
+    assert_eq!(messages.len(), 40);
+    let r = receipts(&messages);
+    let all: Vec<&str> = r.iter().map(String::as_str).collect();
+    assert_eq!(
+        server.settle("worker", "ack", json!({}), &all),
+        vec!["acked"; 40]
+    );
+    server.restart();
+    let segments = server.get("/v1/stats").json["log"]["segments"]
+        .as_u64()
+        .unwrap();
+    assert!(segments <= 2, "acked segments were kept: {segments}");
+}
