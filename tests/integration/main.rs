@@ -10,6 +10,7 @@
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
 mod delivery;
+mod docs;
 mod durability;
 mod limits;
 mod model;
