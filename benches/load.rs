@@ -1,0 +1,231 @@
+//! Load driver for a running `courier` server (not a criterion benchmark: it measures the
+//! server over HTTP, and `benches/run.sh` runs it next to wrk, axum's hello-world and Redis).
+//!
+//! ```text
+//! cargo bench --bench load -- fill    URL AGENT COUNT [BATCH] [THREADS]  publish 1 KiB messages in batches
+//! cargo bench --bench load -- drain   URL AGENT COUNT [CONSUMERS]        receive (max 100) + ack until COUNT acked
+//! cargo bench --bench load -- latency URL AGENT RATE SECONDS             publish → delivery at a steady rate
+//! ```
+//!
+//! Every loop is bounded by its count or its duration; figures are printed, never asserted.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a load driver measures time"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Conn {
+    fn open(url: &str) -> Self {
+        let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let stream = TcpStream::connect(&host).unwrap_or_else(|e| panic!("connect {host}: {e}"));
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            reader: BufReader::new(stream),
+            host,
+        }
+    }
+
+    fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes()).expect("write");
+        stream.write_all(body).expect("write");
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("header");
+            let trimmed = line.trim_end();
+            if trimmed.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = trimmed.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("body");
+        (status, body)
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: Option<T>) -> T {
+    args.get(i)
+        .and_then(|s| s.parse().ok())
+        .or(default)
+        .unwrap_or_else(|| panic!("argument {i} missing or invalid; see the usage in benches/load.rs"))
+}
+
+fn message(agent: &str, body: &str) -> String {
+    format!(r#"{{"to":"agent:{agent}","from":"loadgen","body":{body}}}"#)
+}
+
+fn pad() -> String {
+    "x".repeat(1000)
+}
+
+fn fill(url: &str, agent: &str, count: u64, batch: u64, threads: u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (url, agent, next) = (url.to_owned(), agent.to_owned(), next.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                let pad = pad();
+                loop {
+                    let first = next.fetch_add(batch, Ordering::Relaxed);
+                    if first >= count {
+                        return;
+                    }
+                    let n = batch.min(count - first);
+                    let messages: Vec<String> = (first..first + n)
+                        .map(|i| message(&agent, &format!(r#"{{"n":{i},"pad":"{pad}"}}"#)))
+                        .collect();
+                    let body = format!(r#"{{"messages":[{}]}}"#, messages.join(","));
+                    let (status, reply) = conn.post("/v1/messages/batch", body.as_bytes());
+                    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("publisher");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("fill: {count} messages in {secs:.2} s = {:.0} msg/s (batches of {batch}, {threads} connections)", count as f64 / secs);
+}
+
+fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
+    let acked = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(600);
+    let workers: Vec<_> = (0..consumers)
+        .map(|_| {
+            let (url, agent, acked) = (url.to_owned(), agent.to_owned(), acked.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                while acked.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+                    let (status, body) = conn.post(
+                        &format!("/v1/agents/{agent}/receive"),
+                        br#"{"max": 100, "wait_ms": 1000}"#,
+                    );
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                    let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                    let receipts: Vec<&str> = reply["messages"]
+                        .as_array()
+                        .expect("messages")
+                        .iter()
+                        .filter_map(|m| m["receipt"].as_str())
+                        .collect();
+                    if receipts.is_empty() {
+                        continue;
+                    }
+                    let ack = serde_json::json!({ "receipts": receipts }).to_string();
+                    let (status, body) = conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                    acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("consumer");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = acked.load(Ordering::Relaxed);
+    println!("drain: {n} messages received and acked in {secs:.2} s = {:.0} msg/s ({consumers} consumers, max 100)", n as f64 / secs);
+}
+
+fn latency(url: &str, agent: &str, rate: u64, seconds: u64) {
+    let base = Instant::now();
+    let total = rate * seconds;
+    let consumer = {
+        let (url, agent) = (url.to_owned(), agent.to_owned());
+        std::thread::spawn(move || {
+            let mut conn = Conn::open(&url);
+            let mut latencies_us = Vec::with_capacity(total as usize);
+            let stop = base + Duration::from_secs(seconds + 10);
+            while (latencies_us.len() as u64) < total && Instant::now() < stop {
+                let (_, body) = conn.post(
+                    &format!("/v1/agents/{agent}/receive"),
+                    br#"{"max": 100, "wait_ms": 1000}"#,
+                );
+                let now = base.elapsed().as_micros() as u64;
+                let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                let messages = reply["messages"].as_array().expect("messages");
+                let mut receipts = Vec::new();
+                for m in messages {
+                    latencies_us.push(now - m["body"]["t"].as_u64().expect("t"));
+                    receipts.push(m["receipt"].as_str().expect("receipt").to_owned());
+                }
+                if !receipts.is_empty() {
+                    let ack = serde_json::json!({ "receipts": receipts }).to_string();
+                    conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
+                }
+            }
+            latencies_us
+        })
+    };
+    let mut conn = Conn::open(url);
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    for i in 0..total {
+        let due = base + interval * i as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let t = base.elapsed().as_micros() as u64;
+        let body = message(agent, &format!(r#"{{"t":{t},"pad":"{}"}}"#, "x".repeat(900)));
+        let (status, reply) = conn.post("/v1/messages", body.as_bytes());
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+    }
+    let mut latencies = consumer.join().expect("consumer");
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "latency publish→delivery at {rate} msg/s for {seconds} s ({} messages): p50 {} µs, p99 {} µs, max {} µs",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(0)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let Some(scenario) = args.first() else {
+        eprintln!("usage: see the top of benches/load.rs");
+        return;
+    };
+    let url: String = arg(&args, 1, None);
+    let agent: String = arg(&args, 2, None);
+    match scenario.as_str() {
+        "fill" => fill(&url, &agent, arg(&args, 3, None), arg(&args, 4, Some(100)), arg(&args, 5, Some(8))),
+        "drain" => drain(&url, &agent, arg(&args, 3, None), arg(&args, 4, Some(8))),
+        "latency" => latency(&url, &agent, arg(&args, 3, Some(1000)), arg(&args, 4, Some(10))),
+        other => eprintln!("unknown scenario {other:?}; see benches/load.rs"),
+    }
+}
