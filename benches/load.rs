@@ -8,10 +8,7 @@
 //! ```
 //!
 //! Every loop is bounded by its count or its duration; figures are printed, never asserted.
-#![allow(
-    clippy::disallowed_methods,
-    reason = "a load driver measures time"
-)]
+#![allow(clippy::disallowed_methods, reason = "a load driver measures time")]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -27,7 +24,10 @@ struct Conn {
 
 impl Conn {
     fn open(url: &str) -> Self {
-        let host = url.trim_start_matches("http://").trim_end_matches('/').to_owned();
+        let host = url
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
         let stream = TcpStream::connect(&host).unwrap_or_else(|e| panic!("connect {host}: {e}"));
         stream.set_nodelay(true).expect("nodelay");
         Self {
@@ -76,7 +76,9 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: Option<T>) -> T
     args.get(i)
         .and_then(|s| s.parse().ok())
         .or(default)
-        .unwrap_or_else(|| panic!("argument {i} missing or invalid; see the usage in benches/load.rs"))
+        .unwrap_or_else(|| {
+            panic!("argument {i} missing or invalid; see the usage in benches/load.rs")
+        })
 }
 
 fn message(agent: &str, body: &str) -> String {
@@ -145,7 +147,8 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
                         continue;
                     }
                     let ack = serde_json::json!({ "receipts": receipts }).to_string();
-                    let (status, body) = conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
+                    let (status, body) =
+                        conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
                     acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
                 }
@@ -198,7 +201,10 @@ fn latency(url: &str, agent: &str, rate: u64, seconds: u64) {
             std::thread::sleep(wait);
         }
         let t = base.elapsed().as_micros() as u64;
-        let body = message(agent, &format!(r#"{{"t":{t},"pad":"{}"}}"#, "x".repeat(900)));
+        let body = message(
+            agent,
+            &format!(r#"{{"t":{t},"pad":"{}"}}"#, "x".repeat(900)),
+        );
         let (status, reply) = conn.post("/v1/messages", body.as_bytes());
         assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
     }
@@ -215,7 +221,10 @@ fn latency(url: &str, agent: &str, rate: u64, seconds: u64) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let Some(scenario) = args.first() else {
         eprintln!("usage: see the top of benches/load.rs");
         return;
@@ -223,9 +232,20 @@ fn main() {
     let url: String = arg(&args, 1, None);
     let agent: String = arg(&args, 2, None);
     match scenario.as_str() {
-        "fill" => fill(&url, &agent, arg(&args, 3, None), arg(&args, 4, Some(100)), arg(&args, 5, Some(8))),
+        "fill" => fill(
+            &url,
+            &agent,
+            arg(&args, 3, None),
+            arg(&args, 4, Some(100)),
+            arg(&args, 5, Some(8)),
+        ),
         "drain" => drain(&url, &agent, arg(&args, 3, None), arg(&args, 4, Some(8))),
-        "latency" => latency(&url, &agent, arg(&args, 3, Some(1000)), arg(&args, 4, Some(10))),
+        "latency" => latency(
+            &url,
+            &agent,
+            arg(&args, 3, Some(1000)),
+            arg(&args, 4, Some(10)),
+        ),
         other => eprintln!("unknown scenario {other:?}; see benches/load.rs"),
     }
 }

@@ -6,7 +6,9 @@ use axum::Router;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let address = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7080".into());
+    let address = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7080".into());
     let app = Router::new().route(
         "/v1/messages",
         post(|body: axum::body::Bytes| async move { format!("{{\"bytes\":{}}}", body.len()) }),
