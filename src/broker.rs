@@ -133,6 +133,19 @@ struct Registered {
     tokens_at_ms: u64,
 }
 
+impl Registered {
+    /// A newly registered (or recovered) agent: not seen yet, no receivers, no tokens.
+    fn new(agent: Agent) -> Self {
+        Self {
+            agent,
+            last_seen_ms: None,
+            receivers: 0,
+            tokens: 0.0,
+            tokens_at_ms: 0,
+        }
+    }
+}
+
 /// Everything behind the broker's lock.
 #[derive(Debug, Default)]
 struct Core {
@@ -216,16 +229,7 @@ impl Broker {
             ..Core::default()
         };
         for agent in agents {
-            core.agents.insert(
-                agent.id.clone(),
-                Registered {
-                    agent,
-                    last_seen_ms: None,
-                    receivers: 0,
-                    tokens: 0.0,
-                    tokens_at_ms: 0,
-                },
-            );
+            core.agents.insert(agent.id.clone(), Registered::new(agent));
         }
         Ok(Self {
             log,
@@ -338,16 +342,7 @@ impl Broker {
                 match core.agents.get_mut(&agent.id) {
                     Some(registered) => registered.agent = agent,
                     None => {
-                        core.agents.insert(
-                            agent.id.clone(),
-                            Registered {
-                                agent,
-                                last_seen_ms: None,
-                                receivers: 0,
-                                tokens: 0.0,
-                                tokens_at_ms: 0,
-                            },
-                        );
+                        core.agents.insert(agent.id.clone(), Registered::new(agent));
                     }
                 }
             });

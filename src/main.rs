@@ -85,6 +85,7 @@ async fn serve(config: courier::config::Config) -> anyhow::Result<()> {
         fsync = ?config.fsync,
         "starting courier"
     );
+    tracing::info!(?config, "configuration");
     courier::run(config, listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -10,25 +10,8 @@ use crate::support::{eventually, offsets, receipts, TestServer};
 fn long_poll_wakes_on_the_publish() {
     let server = TestServer::start(&[]);
     server.register("worker", json!({}));
-    let addr = server.addr;
-    let waiter = std::thread::spawn(move || {
-        #[expect(
-            clippy::disallowed_methods,
-            reason = "the test measures that it did not time out"
-        )]
-        let start = Instant::now();
-        let body = br#"{"max": 5, "wait_ms": 30000}"#;
-        let r = crate::support::send(
-            addr,
-            "POST",
-            "/v1/agents/worker/receive",
-            Some(body),
-            Some("application/json"),
-            &[],
-        )
-        .unwrap();
-        (r, start.elapsed())
-    });
+    let waiter =
+        crate::support::receive_in_background(&server, "worker", r#"{"max": 5, "wait_ms": 30000}"#);
     // The waiter must be parked in its long-poll before the publish.
     eventually(Duration::from_secs(10), "the long-poll to open", || {
         (server.get("/v1/agents/worker").json["receivers"] == json!(1)).then_some(())

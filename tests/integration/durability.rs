@@ -105,18 +105,7 @@ fn sigkill_with_an_index_deleted_rebuilds_the_same_state() {
 fn sigterm_wakes_long_polls_and_exits_zero() {
     let mut server = TestServer::start(&[]);
     server.register("worker", json!({}));
-    let addr = server.addr;
-    let waiter = std::thread::spawn(move || {
-        let body = br#"{"wait_ms": 60000}"#;
-        crate::support::send(
-            addr,
-            "POST",
-            "/v1/agents/worker/receive",
-            Some(body),
-            Some("application/json"),
-            &[],
-        )
-    });
+    let waiter = crate::support::receive_in_background(&server, "worker", r#"{"wait_ms": 60000}"#);
     eventually(Duration::from_secs(10), "the long-poll to open", || {
         (server.get("/v1/agents/worker").json["receivers"] == json!(1)).then_some(())
     });
@@ -126,7 +115,7 @@ fn sigterm_wakes_long_polls_and_exits_zero() {
         "exit status {status:?}\n{}",
         server.logs()
     );
-    let response = waiter.join().unwrap().expect("the long-poll got an answer");
+    let (response, _) = waiter.join().unwrap();
     assert_eq!(response.status, 200);
     assert_eq!(response.json["messages"], json!([]));
     assert!(

@@ -50,17 +50,7 @@ fn full_inbox_gets_429_with_retry_after() {
 fn open_long_polls_per_agent_are_capped() {
     let server = TestServer::start(&["--limits-max-receivers", "1"]);
     server.register("worker", json!({}));
-    let addr = server.addr;
-    let waiter = std::thread::spawn(move || {
-        crate::support::send(
-            addr,
-            "POST",
-            "/v1/agents/worker/receive",
-            Some(br#"{"wait_ms": 3000}"#),
-            Some("application/json"),
-            &[],
-        )
-    });
+    let waiter = crate::support::receive_in_background(&server, "worker", r#"{"wait_ms": 3000}"#);
     crate::support::eventually(
         std::time::Duration::from_secs(10),
         "the first long-poll",
@@ -69,7 +59,7 @@ fn open_long_polls_per_agent_are_capped() {
     let r = server.post("/v1/agents/worker/receive", json!({"wait_ms": 0}));
     assert_eq!((r.status, r.code()), (429, "too_many_receivers"));
     assert!(r.header("retry-after").is_some());
-    assert_eq!(waiter.join().unwrap().unwrap().status, 200);
+    assert_eq!(waiter.join().unwrap().0.status, 200);
 }
 
 #[test]

@@ -307,6 +307,29 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Starts a receive on its own thread (a long-poll to observe); join it for the response.
+pub fn receive_in_background(
+    server: &TestServer,
+    agent: &str,
+    body: &'static str,
+) -> std::thread::JoinHandle<(Response, Duration)> {
+    let addr = server.addr;
+    let path = format!("/v1/agents/{agent}/receive");
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let response = send(
+            addr,
+            "POST",
+            &path,
+            Some(body.as_bytes()),
+            Some("application/json"),
+            &[],
+        )
+        .expect("the receive gets an answer");
+        (response, start.elapsed())
+    })
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
