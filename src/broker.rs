@@ -13,12 +13,13 @@
 //! are already in memory, so applying them at decision time gives the same state.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use courier_storage::index::DeadEntry;
 use courier_storage::{
-    Agent, Appended, Frame, Index, Log, LogStats, Message, Offset, Record, SegmentInfo,
+    Agent, Appended, Frame, Index, Log, LogStats, Message, Offset, Record, SegmentInfo, Slot,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -211,6 +212,8 @@ pub struct Broker {
     core: Mutex<Core>,
     /// Wakes the sweeper when a timer earlier than the one it sleeps for may exist.
     sweeper: Notify,
+    /// When the sweeper will look next on its own (epoch ms), written under the core lock.
+    sweeper_wakes_at_ms: AtomicU64,
     /// Set once when shutdown begins: long-polls return, writes are refused.
     closing: watch::Sender<bool>,
 }
@@ -238,6 +241,7 @@ impl Broker {
             config,
             core: Mutex::new(core),
             sweeper: Notify::new(),
+            sweeper_wakes_at_ms: AtomicU64::new(0),
             closing: watch::Sender::new(false),
         })
     }
@@ -254,6 +258,19 @@ impl Broker {
     /// Whether the log takes writes and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
         !self.log.is_poisoned() && !*self.closing.borrow()
+    }
+
+    /// Wakes the sweeper if the earliest timer is now before the time it sleeps until (a
+    /// new delay, lease or backoff may be due sooner); otherwise it is left asleep.
+    fn poke_sweeper(&self, core: &Core) {
+        let wakes_at = self.sweeper_wakes_at_ms.load(Ordering::Acquire);
+        if core
+            .delivery
+            .next_due_ms()
+            .is_some_and(|due| due < wakes_at)
+        {
+            self.sweeper.notify_one();
+        }
     }
 
     /// Begins shutdown: open long-polls return what they have, new writes are refused.
@@ -567,9 +584,21 @@ impl Broker {
         if records.is_empty() {
             return Ok(staged);
         }
-        let applied = records.clone();
+        // What delivery needs of each message, without its body.
+        let arrivals: Vec<Arrival> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Message(m) => Some(Arrival {
+                    destinations: m.destinations.clone(),
+                    priority: m.priority,
+                    not_before_ms: m.not_before_ms,
+                    expires_at_ms: m.expires_at_ms,
+                }),
+                _ => None,
+            })
+            .collect();
         let rx = self.submit(now, records, move |broker, appended| {
-            broker.messages_durable(&applied, ids, appended, now, window);
+            broker.messages_durable(&arrivals, ids, appended, now, window);
         });
         staged.append = Some((written, rx));
         Ok(staged)
@@ -579,7 +608,7 @@ impl Broker {
     /// completion thread), remembers their client ids, and wakes the long-polls.
     fn messages_durable(
         &self,
-        records: &[Record],
+        arrivals: &[Arrival],
         ids: Vec<Option<(String, watch::Sender<Option<u64>>)>>,
         appended: Appended,
         now: u64,
@@ -587,9 +616,18 @@ impl Broker {
     ) {
         let mut core = self.lock();
         let mut woken = Vec::new();
-        for (n, (record, id)) in records.iter().zip(ids).enumerate() {
-            let offset = Offset(appended.first.0 + n as u64);
-            woken.extend(core.delivery.apply(record, offset, now));
+        for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
+            let slot = Slot {
+                offset: Offset(appended.first.0 + n as u64),
+                priority: arrival.priority,
+            };
+            let offset = slot.offset;
+            woken.extend(core.delivery.arrive(
+                &arrival.destinations,
+                slot,
+                arrival.not_before_ms,
+                arrival.expires_at_ms,
+            ));
             if let Some((id, tx)) = id {
                 let until_ms = now.saturating_add(window);
                 let done = Remembered::Done {
@@ -602,8 +640,7 @@ impl Broker {
             }
         }
         core.wake(&woken);
-        drop(core);
-        self.sweeper.notify_one();
+        self.poke_sweeper(&core);
     }
 
     fn recall(&self, core: &Core, id: &str, now: u64) -> Result<Option<Remembered>> {
@@ -736,8 +773,7 @@ impl Broker {
         };
         core.delivery.apply(&record, Offset(0), now);
         let rx = self.submit(now, vec![record], |_, _| {});
-        drop(core);
-        self.sweeper.notify_one();
+        self.poke_sweeper(&core);
         Ok(Some((leases, rx)))
     }
 
@@ -815,9 +851,9 @@ impl Broker {
             }
             woken.extend(core.delivery.promote(now));
             core.wake(&woken);
+            self.poke_sweeper(&core);
             (outcomes, self.submit(now, records, |_, _| {}))
         };
-        self.sweeper.notify_one();
         Self::durable(rx).await?;
         Ok(outcomes)
     }
@@ -875,9 +911,9 @@ impl Broker {
     // ---- sweeper --------------------------------------------------------------------------
 
     /// One sweep at the current time: promotes delayed messages whose time came, releases or
-    /// dead-letters expired leases, dead-letters expired messages. Returns when to sweep
-    /// next (the earliest timer), if any. Only due timers are read.
-    pub fn sweep(self: &Arc<Self>) -> Option<u64> {
+    /// dead-letters expired leases, dead-letters expired messages. Returns how long to sleep
+    /// (until the earliest timer, at most a second). Only due timers are read.
+    pub fn sweep(self: &Arc<Self>) -> Duration {
         let now = self.clock.now_ms();
         let mut core = self.lock();
         let mut woken = core.delivery.promote(now);
@@ -900,7 +936,15 @@ impl Broker {
             }
         }
         core.wake(&woken);
-        core.delivery.next_due_ms()
+        // At least every second, so a clock anomaly can never stall the sweeper. Stored under
+        // the lock, where every `poke_sweeper` compares with it.
+        let sleep_ms = core
+            .delivery
+            .next_due_ms()
+            .map_or(1000, |due| due.saturating_sub(now).min(1000));
+        self.sweeper_wakes_at_ms
+            .store(now.saturating_add(sleep_ms), Ordering::Release);
+        Duration::from_millis(sleep_ms)
     }
 
     /// Runs the sweeper until shutdown: sleeps until the earliest timer, or until woken by a
@@ -911,16 +955,13 @@ impl Broker {
             let woken = self.sweeper.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let next = self.sweep();
+            let sleep = self.sweep();
             if *closing.borrow_and_update() {
                 return;
             }
-            let now = self.clock.now_ms();
-            // At least every second, so a clock anomaly can never stall the sweeper.
-            let sleep_ms = next.map_or(1000, |due| due.saturating_sub(now).min(1000));
             tokio::select! {
                 () = &mut woken => {}
-                () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                () = tokio::time::sleep(sleep) => {}
                 _ = closing.changed() => return,
             }
         }
@@ -1031,6 +1072,14 @@ fn log_dead_letters(record: &Record) {
             );
         }
     }
+}
+
+/// What the in-memory state needs of a published message.
+struct Arrival {
+    destinations: Vec<String>,
+    priority: u8,
+    not_before_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
 }
 
 /// A publish decided under the lock, waiting for its append.

@@ -283,21 +283,11 @@ impl State {
         let mut woken = Vec::new();
         match record {
             Record::Message(m) => {
-                let value = EntryValue {
-                    attempts: 0,
-                    state: EntryState::Ready {
-                        not_before_ms: m.not_before_ms,
-                    },
-                    expires_at_ms: m.expires_at_ms,
-                };
-                let k = key(Slot {
+                let slot = Slot {
                     offset,
                     priority: m.priority,
-                });
-                for inbox in &m.destinations {
-                    self.put(inbox, k, value);
-                    woken.push(self.name(inbox));
-                }
+                };
+                woken = self.arrive(&m.destinations, slot, m.not_before_ms, m.expires_at_ms);
             }
             Record::Leased { .. }
             | Record::Acked { .. }
@@ -389,6 +379,30 @@ impl State {
             }
             _ => None,
         }
+    }
+
+    /// Applies a published message given only what delivery needs of it (its slot, inboxes,
+    /// delay and expiry): the effect of [`State::apply`] on its `Message` record, without the
+    /// body. Returns the inboxes that may have messages ready now.
+    pub fn arrive(
+        &mut self,
+        destinations: &[String],
+        slot: Slot,
+        not_before_ms: Option<u64>,
+        expires_at_ms: Option<u64>,
+    ) -> Vec<Arc<str>> {
+        let value = EntryValue {
+            attempts: 0,
+            state: EntryState::Ready { not_before_ms },
+            expires_at_ms,
+        };
+        destinations
+            .iter()
+            .map(|inbox| {
+                self.put(inbox, key(slot), value);
+                self.name(inbox)
+            })
+            .collect()
     }
 
     fn truncate(&mut self, below: Offset) {
