@@ -917,7 +917,8 @@ impl Broker {
         let now = self.clock.now_ms();
         let mut core = self.lock();
         let mut woken = core.delivery.promote(now);
-        if self.check_writable().is_ok() {
+        let writable = self.check_writable().is_ok();
+        if writable {
             let tick = {
                 let core = &*core;
                 core.delivery.tick(now, |inbox| {
@@ -938,10 +939,11 @@ impl Broker {
         core.wake(&woken);
         // At least every second, so a clock anomaly can never stall the sweeper. Stored under
         // the lock, where every `poke_sweeper` compares with it.
-        let sleep_ms = core
-            .delivery
-            .next_due_ms()
-            .map_or(1000, |due| due.saturating_sub(now).min(1000));
+        // A log that takes no writes leaves due timers due: then look once a second only.
+        let sleep_ms = match core.delivery.next_due_ms() {
+            Some(due) if writable => due.saturating_sub(now).clamp(1, 1000),
+            _ => 1000,
+        };
         self.sweeper_wakes_at_ms
             .store(now.saturating_add(sleep_ms), Ordering::Release);
         Duration::from_millis(sleep_ms)
