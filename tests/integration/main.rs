@@ -6,9 +6,12 @@
 //!   expiry → redelivery → dead letter → redrive, ttl expiry.
 //! - `durability`: SIGKILL and restart keep what was not acked and forget what was; SIGTERM
 //!   shuts down cleanly and wakes long-polls.
+//! - `crash`: T1, SIGKILL under load (publishers, acking/nacking/abandoning consumers),
+//!   checked the Jepsen way: 0 lost, 0 acked-then-redelivered, 0 unexpected.
 //! - `limits`: `max_in_flight`, inbox depth, open long-polls, body sizes.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
+mod crash;
 mod delivery;
 mod docs;
 mod durability;
