@@ -227,6 +227,24 @@ fn check(history: &History, seed: u64) {
     );
 }
 
+/// Acks everything until the inbox is empty. (An ack whose answer a kill swallowed may have
+/// taken effect: those messages are done without an `acked` answer.)
+fn drain(server: &TestServer, addr: &RwLock<SocketAddr>, seed: u64, history: &Mutex<History>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut rng = Rng(seed ^ 99);
+    loop {
+        let inbox = server.get("/v1/agents/worker").json["inbox"].clone();
+        if inbox["ready"] == json!(0) && inbox["in_flight"] == json!(0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the inbox does not drain: {inbox}"
+        );
+        consume_once(addr, &mut rng, true, history);
+    }
+}
+
 #[test]
 fn sigkill_under_load_loses_nothing_acknowledged() {
     let soak = std::env::var_os("COURIER_SOAK").is_some();
@@ -283,21 +301,7 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     for t in threads {
         t.join().expect("client thread");
     }
-    // Drain: ack everything until the inbox is empty. (An ack whose answer a kill swallowed
-    // may have taken effect: those messages are done without an `acked` answer.)
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut drain_rng = Rng(seed ^ 99);
-    loop {
-        let inbox = server.get("/v1/agents/worker").json["inbox"].clone();
-        if inbox["ready"] == json!(0) && inbox["in_flight"] == json!(0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the inbox does not drain: {inbox}"
-        );
-        consume_once(&addr, &mut drain_rng, true, &history);
-    }
+    drain(&server, &addr, seed, &history);
     assert!(
         received.load(Ordering::Relaxed) > 0,
         "the consumers received nothing under load"
