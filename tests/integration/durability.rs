@@ -159,12 +159,10 @@ fn retention_by_age_deletes_old_segments_and_forgets_their_messages() {
     eventually(
         Duration::from_secs(20),
         "retention to delete old segments",
-        || (segments(&server) <= 2).then_some(()),
-    );
-    assert!(
-        server.logs().contains("retention deleted old segments"),
-        "{}",
-        server.logs()
+        || {
+            let logged = server.logs().contains("retention deleted old segments");
+            (segments(&server) <= 2 && logged).then_some(())
+        },
     );
     // What is left is consistent: every message still counted can be delivered.
     let ready = server.get("/v1/agents/worker").json["inbox"]["ready"]
@@ -203,4 +201,39 @@ fn retention_by_size_never_deletes_pending_messages() {
             (segments <= 2).then_some(())
         },
     );
+}
+
+#[test]
+fn flipped_bit_in_an_old_segment_refuses_start_until_repaired() {
+    let mut server = TestServer::start(&["--segment-bytes", "4096"]);
+    server.register("worker", json!({}));
+    for n in 0..40 {
+        server.publish("worker", json!({"n": n, "pad": "x".repeat(200)}));
+    }
+    server.kill9();
+    let segment = server.data_dir().join("log").join(format!("{:020}.seg", 0));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[300] ^= 0x10; // inside the first message, in a sealed segment
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let logs = server.restart_expecting_failure();
+    assert!(
+        logs.contains("00000000000000000000.seg"),
+        "the error does not name the segment:\n{logs}"
+    );
+    assert!(
+        logs.contains(" at byte "),
+        "the error does not name the position:\n{logs}"
+    );
+
+    let dir = server.data_dir();
+    let quarantined =
+        courier_storage::verify::repair(&courier_storage::io::FileDisk, &dir, &dir.join("index"))
+            .unwrap();
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    server.restart();
+    // One message was quarantined; every other one is still delivered.
+    let messages = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
+    assert_eq!(messages.len(), 39);
+    assert!(std::fs::read_dir(dir.join("quarantine")).unwrap().count() == 1);
 }

@@ -46,6 +46,13 @@ impl TestServer {
     }
 
     fn spawn(&mut self) {
+        if let Err(logs) = self.try_spawn() {
+            panic!("courier did not start:\n{logs}");
+        }
+    }
+
+    /// Starts the binary and waits until it is ready; if it exits instead, returns its logs.
+    fn try_spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         self.stderr_path = self.dir.path().join(format!("stderr-{}.log", self.starts));
         let stderr = std::fs::File::create(&self.stderr_path).expect("stderr file");
@@ -65,17 +72,35 @@ impl TestServer {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read stdout");
-        let Some(addr) = line.trim().strip_prefix("courier listening on http://") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("courier did not start: {line:?}\n{}", self.logs());
-        };
-        self.addr = addr.parse().expect("address");
-        self.child = Some(child);
+        if let Some(addr) = line.trim().strip_prefix("courier listening on http://") {
+            self.addr = addr.parse().expect("address");
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.get("/readyz").status != 200 {
-            assert!(Instant::now() < deadline, "never ready:\n{}", self.logs());
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("exited with {status}:\n{}", self.logs()));
+            }
+            let ready =
+                send(self.addr, "GET", "/readyz", None, None, &[]).is_ok_and(|r| r.status == 200);
+            if ready {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("never ready:\n{}", self.logs()));
+            }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Restarts (after a SIGKILL if running) expecting the start to fail; returns the logs.
+    pub fn restart_expecting_failure(&mut self) -> String {
+        self.kill9();
+        match self.try_spawn() {
+            Ok(()) => panic!("the server started:\n{}", self.logs()),
+            Err(logs) => logs,
         }
     }
 
