@@ -300,3 +300,16 @@ fn agents_register_update_list_and_delete() {
         1
     );
 }
+
+#[test]
+fn receive_lease_ms_overrides_the_default_lease() {
+    let server = TestServer::start(&["--lease", "60s", "--backoff-initial", "10ms"]);
+    server.register("worker", json!({}));
+    let offset = server.publish("worker", json!(1));
+    let first = server.receive("worker", json!({"lease_ms": 100, "wait_ms": 0}));
+    assert_eq!(offsets(&first), vec![offset]);
+    // With the server's 60 s lease this would not come back within the test.
+    let again = server.receive("worker", json!({"wait_ms": 10000}));
+    assert_eq!(offsets(&again), vec![offset]);
+    assert_eq!(again[0]["attempt"], json!(2));
+}

@@ -1,4 +1,4 @@
-//! Backpressure and limits.
+//! Backpressure and limits, error shapes of unknown routes, and the log format.
 
 use serde_json::json;
 
@@ -89,4 +89,22 @@ fn unknown_routes_and_methods_use_the_error_shape() {
     assert_eq!((r.status, r.code()), (405, "method_not_allowed"));
     assert_eq!(server.get("/healthz").status, 200);
     assert_eq!(server.get("/readyz").status, 200);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let server = TestServer::start(&["--log-format", "json"]);
+    server.register("worker", json!({}));
+    let logs = server.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.len() >= 3, "{logs}");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(logs.contains("recovered the log"));
 }
