@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::{send, TestServer};
+use crate::support::{send, Rng, TestServer};
 
 /// What the clients saw.
 #[derive(Default)]
@@ -38,18 +38,6 @@ struct History {
     delivered: Vec<(u64, u64, u64, u64)>,
     /// Receipts answered `acked`: offset → attempt.
     acked: BTreeMap<u64, u64>,
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 /// The outcome of a request to a server that may be killed at any moment.

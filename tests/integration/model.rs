@@ -26,6 +26,8 @@ use courier_storage::{
     Agent, DeadReason, FsyncPolicy, Lease, Log, LogOptions, Message, Offset, Record, Slot,
 };
 
+use crate::support::Rng;
+
 const INBOX: &str = "worker";
 const MAX_ATTEMPTS: u32 = 3;
 const LEASE_MS: u64 = 100;
@@ -40,23 +42,6 @@ fn policy() -> Policy {
             max: Duration::from_millis(200),
             multiplier: 2.0,
         },
-    }
-}
-
-/// splitmix64: the test's only source of randomness, so a seed replays exactly.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
