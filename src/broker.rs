@@ -163,6 +163,13 @@ struct Core {
 }
 
 impl Core {
+    /// The registered agent `agent`, or the refusal that names it unknown.
+    fn registered(&self, agent: &str) -> Result<&Registered> {
+        self.agents
+            .get(agent)
+            .ok_or_else(|| Refusal::UnknownAgent(agent.to_owned()))
+    }
+
     fn wake(&self, inboxes: &[Arc<str>]) {
         for inbox in inboxes {
             if let Some(notify) = self.waiters.get(&**inbox) {
@@ -397,7 +404,7 @@ impl Broker {
     }
 
     fn view(&self, core: &Core, registered: &Registered, now: u64) -> AgentView {
-        let ttl = u64::try_from(self.config.presence_ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl = millis(self.config.presence_ttl);
         let policy = self.policy(Some(&registered.agent));
         AgentView {
             agent: registered.agent.clone(),
@@ -538,7 +545,7 @@ impl Broker {
         outgoing: Vec<Outgoing>,
         now: u64,
     ) -> Result<Staged> {
-        let window = u64::try_from(self.config.dedupe_window.as_millis()).unwrap_or(u64::MAX);
+        let window = millis(self.config.dedupe_window);
         let mut staged = Staged {
             results: vec![None; outgoing.len()],
             waits: Vec::new(),
@@ -680,6 +687,11 @@ pub fn recover_state(
     Ok((state, agents))
 }
 
+/// A duration in whole milliseconds (saturating), the unit of every time in the core.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// What a receive asks for.
 #[derive(Debug, Clone, Copy)]
 pub struct ReceiveRequest {
@@ -751,15 +763,11 @@ impl Broker {
     ) -> Result<Option<(Vec<courier_storage::Lease>, AppendRx)>> {
         let now = self.clock.now_ms();
         let mut core = self.lock();
-        let registered = core
-            .agents
-            .get(agent)
-            .ok_or_else(|| Refusal::UnknownAgent(agent.to_owned()))?;
+        let registered = core.registered(agent)?;
         let policy = self.policy(Some(&registered.agent));
         let lease_ms = request
             .lease_ms
-            .or(registered.agent.lease_ms)
-            .unwrap_or_else(|| u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX));
+            .unwrap_or_else(|| self.lease_of(&registered.agent));
         let leases = core
             .delivery
             .lease(agent, request.max, now, lease_ms, &policy);
@@ -782,8 +790,12 @@ impl Broker {
         let core = self.lock();
         core.agents
             .get(agent)
-            .and_then(|r| r.agent.lease_ms)
-            .unwrap_or_else(|| u64::try_from(self.config.lease.as_millis()).unwrap_or(u64::MAX))
+            .map_or_else(|| millis(self.config.lease), |r| self.lease_of(&r.agent))
+    }
+
+    /// The lease of `agent`'s deliveries: its own `lease_ms`, else the server's `lease`.
+    fn lease_of(&self, agent: &Agent) -> u64 {
+        agent.lease_ms.unwrap_or_else(|| millis(self.config.lease))
     }
 
     /// Waits for a lease to be durable, then reads its messages.
@@ -834,11 +846,7 @@ impl Broker {
         let parsed: Vec<Option<Receipt>> = receipts.iter().map(|r| Receipt::parse(r)).collect();
         let (outcomes, rx) = {
             let mut core = self.lock();
-            let registered = core
-                .agents
-                .get(agent)
-                .ok_or_else(|| Refusal::UnknownAgent(agent.to_owned()))?;
-            let policy = self.policy(Some(&registered.agent));
+            let policy = self.policy(Some(&core.registered(agent)?.agent));
             let (outcomes, records) = core.delivery.settle(agent, &parsed, how, now, &policy);
             if records.is_empty() {
                 return Ok(outcomes);
@@ -869,9 +877,7 @@ impl Broker {
     ) -> Result<Vec<DeadView>> {
         let dead = {
             let core = self.lock();
-            if !core.agents.contains_key(agent) {
-                return Err(Refusal::UnknownAgent(agent.to_owned()));
-            }
+            core.registered(agent)?;
             core.delivery.dead_letters(agent, after, limit)
         };
         let mut views = Vec::with_capacity(dead.len());
@@ -888,9 +894,7 @@ impl Broker {
         let now = self.clock.now_ms();
         let (count, rx) = {
             let mut core = self.lock();
-            if !core.agents.contains_key(agent) {
-                return Err(Refusal::UnknownAgent(agent.to_owned()));
-            }
+            core.registered(agent)?;
             let Some(record) = core.delivery.redrive(agent, offsets) else {
                 return Ok(0);
             };
@@ -977,10 +981,7 @@ impl Broker {
     pub fn enforce_retention(&self) -> std::result::Result<usize, courier_storage::Error> {
         let retention = courier_storage::Retention {
             max_bytes: self.config.retention_max_bytes,
-            max_age_ms: self
-                .config
-                .retention_max_age
-                .map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            max_age_ms: self.config.retention_max_age.map(millis),
         };
         if retention.max_bytes.is_none() && retention.max_age_ms.is_none() {
             return Ok(0);

@@ -11,7 +11,7 @@ use super::error::{parse_json, ApiError, JsonBody};
 use super::messages::MAX_LEASE_MS;
 use super::wire::{in_range, AgentBody};
 use super::{agent_id, AppState};
-use crate::broker::AgentView;
+use crate::broker::{AgentView, Refusal};
 use crate::clock::rfc3339;
 use courier_storage::Agent;
 
@@ -112,11 +112,7 @@ pub async fn upsert(
 }
 
 fn unknown(id: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_agent",
-        format!("agent `{id}` is not registered; register it with PUT /v1/agents/{id}"),
-    )
+    Refusal::UnknownAgent(id.to_owned()).into()
 }
 
 /// `GET /v1/agents/{agent}`.
