@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::error::{parse_json, too_large, ApiError, JsonBody};
 use super::wire::{
-    check_message_size, in_range, AckBody, BatchBody, DeliveredView, ExtendBody, MessageView,
+    check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeliveredView, ExtendBody,
     NackBody, PublishBody, ReceiveBody, RedriveBody,
 };
 use super::{agent_id, AppState};
@@ -209,20 +209,7 @@ pub async fn dead_letters(
     let dead = state
         .broker
         .dead_letters(agent.as_str(), query.after, limit)?;
-    let views: Vec<serde_json::Value> = dead
-        .iter()
-        .filter_map(|d| {
-            let mut value = serde_json::to_value(MessageView::of(&d.frame)?).ok()?;
-            let object = value.as_object_mut()?;
-            object.insert("attempts".into(), d.dead.attempts.into());
-            object.insert("reason".into(), d.dead.reason.as_str().into());
-            object.insert(
-                "dead_lettered_at".into(),
-                crate::clock::rfc3339(d.dead.dead_lettered_at_ms).into(),
-            );
-            Some(value)
-        })
-        .collect();
+    let views: Vec<DeadLetterView<'_>> = dead.iter().filter_map(DeadLetterView::of).collect();
     Ok(Json(json!({"dead_letters": views})).into_response())
 }
 

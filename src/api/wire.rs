@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use crate::broker::{Delivered, Outgoing};
+use crate::broker::{DeadView, Delivered, Outgoing};
 use crate::clock::rfc3339;
 use crate::config::Limits;
 use crate::ids::{check_message_id, Address, AgentId};
@@ -251,6 +251,28 @@ impl<'a> DeliveredView<'a> {
             attempt: delivered.attempt,
             receipt: &delivered.receipt,
             lease_expires_at: rfc3339(delivered.lease_deadline_ms),
+        })
+    }
+}
+
+/// A dead letter: the message plus why and when it died.
+#[derive(Debug, Serialize)]
+pub struct DeadLetterView<'a> {
+    #[serde(flatten)]
+    message: MessageView<'a>,
+    attempts: u32,
+    reason: &'static str,
+    dead_lettered_at: String,
+}
+
+impl<'a> DeadLetterView<'a> {
+    /// The view of a dead letter.
+    pub fn of(dead: &'a DeadView) -> Option<Self> {
+        Some(Self {
+            message: MessageView::of(&dead.frame)?,
+            attempts: dead.dead.attempts,
+            reason: dead.dead.reason.as_str(),
+            dead_lettered_at: rfc3339(dead.dead.dead_lettered_at_ms),
         })
     }
 }
