@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use courier_storage::failpoint;
 use courier_storage::index::DeadEntry;
 use courier_storage::{
     Agent, Appended, Frame, Index, Log, LogStats, Message, Offset, Record, SegmentInfo, Slot,
@@ -305,6 +306,7 @@ impl Broker {
     /// outcome. `on_durable` runs on the log's completion thread before the receiver fires.
     fn submit(
         self: &Arc<Self>,
+        points: CrashPoints,
         timestamp_ms: u64,
         records: Vec<Record>,
         on_durable: impl FnOnce(&Self, Appended) + Send + 'static,
@@ -313,12 +315,14 @@ impl Broker {
         let broker = self.clone();
         self.log.submit(timestamp_ms, records, move |result| {
             if let Ok(appended) = &result {
+                failpoint::crash(points.durable);
                 on_durable(&broker, *appended);
             } else if let Err(error) = &result {
                 tracing::error!(%error, "an append failed; the log refuses further writes");
             }
             let _ = tx.send(result);
         });
+        failpoint::crash(points.submitted);
         rx
     }
 
@@ -357,7 +361,7 @@ impl Broker {
             let core = self.lock();
             let created = !core.agents.contains_key(&agent.id);
             let record = Record::AgentUpserted(agent);
-            let rx = self.submit(now, vec![record.clone()], move |broker, appended| {
+            let rx = self.submit(AGENT, now, vec![record.clone()], move |broker, appended| {
                 let mut core = broker.lock();
                 core.delivery.apply(&record, appended.first, now);
                 let Record::AgentUpserted(agent) = record else {
@@ -388,7 +392,7 @@ impl Broker {
             let record = Record::AgentDeleted {
                 agent: id.to_owned(),
             };
-            self.submit(now, vec![record.clone()], move |broker, appended| {
+            self.submit(AGENT, now, vec![record.clone()], move |broker, appended| {
                 let mut core = broker.lock();
                 core.delivery.apply(&record, appended.first, now);
                 if let Record::AgentDeleted { agent } = &record {
@@ -604,7 +608,7 @@ impl Broker {
                 _ => None,
             })
             .collect();
-        let rx = self.submit(now, records, move |broker, appended| {
+        let rx = self.submit(PUBLISH, now, records, move |broker, appended| {
             broker.messages_durable(&arrivals, ids, appended, now, window);
         });
         staged.append = Some((written, rx));
@@ -780,7 +784,7 @@ impl Broker {
             leases: leases.clone(),
         };
         core.delivery.apply(&record, Offset(0), now);
-        let rx = self.submit(now, vec![record], |_, _| {});
+        let rx = self.submit(LEASE, now, vec![record], |_, _| {});
         self.poke_sweeper(&core);
         Ok(Some((leases, rx)))
     }
@@ -860,7 +864,10 @@ impl Broker {
             woken.extend(core.delivery.promote(now));
             core.wake(&woken);
             self.poke_sweeper(&core);
-            (outcomes, self.submit(now, records, |_, _| {}))
+            (
+                outcomes,
+                self.submit(settle_points(how), now, records, |_, _| {}),
+            )
         };
         Self::durable(rx).await?;
         Ok(outcomes)
@@ -906,7 +913,7 @@ impl Broker {
             let woken = core.delivery.apply(&record, Offset(0), now);
             core.wake(&woken);
             tracing::info!(agent, count, "redrove dead letters");
-            (count, self.submit(now, vec![record], |_, _| {}))
+            (count, self.submit(REDRIVE, now, vec![record], |_, _| {}))
         };
         Self::durable(rx).await?;
         Ok(count)
@@ -937,7 +944,16 @@ impl Broker {
                 woken.extend(core.delivery.promote(now));
                 // Not awaited: these are the server's own decisions; if they are lost in a
                 // crash, the next start decides them again from the recovered state.
-                drop(self.submit(now, tick.records, |_, _| {}));
+                let points = if tick
+                    .records
+                    .iter()
+                    .any(|r| matches!(r, Record::DeadLettered { .. }))
+                {
+                    DEAD_LETTER
+                } else {
+                    EXPIRY
+                };
+                drop(self.submit(points, now, tick.records, |_, _| {}));
             }
         }
         core.wake(&woken);
@@ -1060,6 +1076,40 @@ impl Drop for OpenReceive<'_> {
         if let Some(registered) = self.broker.lock().agents.get_mut(self.agent) {
             registered.receivers = registered.receivers.saturating_sub(1);
         }
+    }
+}
+
+/// The crash points around one kind of write, for the crash-safety tests (feature
+/// `failpoints`, see [`courier_storage::failpoint`]): once its records are decided and
+/// submitted (in memory, not yet durable), and once they are durable (before any answer).
+#[derive(Debug, Clone, Copy)]
+struct CrashPoints {
+    submitted: &'static str,
+    durable: &'static str,
+}
+
+const fn points(submitted: &'static str, durable: &'static str) -> CrashPoints {
+    CrashPoints { submitted, durable }
+}
+
+const PUBLISH: CrashPoints = points("publish.submitted", "publish.durable");
+const LEASE: CrashPoints = points("lease.submitted", "lease.durable");
+const ACK: CrashPoints = points("ack.submitted", "ack.durable");
+const NACK: CrashPoints = points("nack.submitted", "nack.durable");
+const EXTEND: CrashPoints = points("extend.submitted", "extend.durable");
+const EXPIRY: CrashPoints = points("expiry.submitted", "expiry.durable");
+const DEAD_LETTER: CrashPoints = points("dead_letter.submitted", "dead_letter.durable");
+const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.durable");
+const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
+
+fn settle_points(how: Settle) -> CrashPoints {
+    match how {
+        Settle::Ack => ACK,
+        Settle::Nack {
+            dead_letter: true, ..
+        } => DEAD_LETTER,
+        Settle::Nack { .. } => NACK,
+        Settle::Extend { .. } => EXTEND,
     }
 }
 

@@ -99,6 +99,12 @@ fn main() -> ExitCode {
         }
     };
     courier::telemetry::init(&config);
+    if courier_storage::failpoint::setup_from_env() {
+        tracing::warn!(
+            failpoints = std::env::var("FAILPOINTS").unwrap_or_default(),
+            "this build has fail points (feature `failpoints`): a test build, not for production"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

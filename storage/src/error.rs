@@ -105,7 +105,7 @@ pub enum Error {
     #[error("offset {0} is not in the log")]
     NotFound(u64),
     /// The sled index failed. The index is derived: deleting `index/` rebuilds it from the log.
-    #[error("index error: {0}; the index can be rebuilt by deleting the index/ directory")]
+    #[error("index error: {0}{advice}", advice = index_advice(.0))]
     Index(#[from] sled::Error),
     /// A value in the index does not decode. Delete `index/` to rebuild it from the log.
     #[error(
@@ -141,5 +141,15 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// What to do about a sled error: free space for a full disk, else rebuild the index.
+fn index_advice(error: &sled::Error) -> &'static str {
+    match error {
+        sled::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+            "; the disk is full: free space, then start again"
+        }
+        _ => "; the index can be rebuilt by deleting the index/ directory",
     }
 }

@@ -139,6 +139,9 @@ impl DiskFile for RealFile {
     }
 
     fn write_at(&self, buf: &[u8], position: u64) -> io::Result<()> {
+        if let Some(error) = crate::failpoint::io_error("io.write") {
+            return Err(error);
+        }
         self.0.write_all_at(buf, position)
     }
 
@@ -151,6 +154,9 @@ impl DiskFile for RealFile {
         reason = "the one place that fsyncs a segment"
     )]
     fn sync_data(&self) -> io::Result<()> {
+        if let Some(error) = crate::failpoint::io_error("io.sync") {
+            return Err(error);
+        }
         self.0.sync_data()
     }
 }

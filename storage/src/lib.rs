@@ -26,6 +26,7 @@
 #![deny(missing_docs, clippy::unwrap_used)]
 
 pub mod error;
+pub mod failpoint;
 pub mod index;
 pub mod io;
 mod log;

@@ -136,6 +136,7 @@ impl Segment {
             .map_err(|e| Error::io("create segment", &path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fsync new segment", &path, e))?;
+        crate::failpoint::crash("segment.created");
         disk.sync_dir(log_dir)
             .map_err(|e| Error::io("sync directory", log_dir, e))?;
         Ok(Self { base, path, file })
@@ -281,8 +282,29 @@ impl Log {
             .index_dir
             .clone()
             .unwrap_or_else(|| dir.join("index"));
-        let index = Index::open(&index_dir, options.index_cache_bytes)?;
-        let recovered = recovery::recover(disk.as_ref(), &log_dir, &index, options.verify_sealed)?;
+        let open_and_recover = || -> Result<_> {
+            let index = Index::open(&index_dir, options.index_cache_bytes)?;
+            let recovered =
+                recovery::recover(disk.as_ref(), &log_dir, &index, options.verify_sealed)?;
+            Ok((index, recovered))
+        };
+        let (index, mut recovered) = match open_and_recover() {
+            // The index is derived from the log: a damaged one (sled's files torn, say, by a
+            // full disk) is set aside, never deleted, and rebuilt.
+            Err(Error::Index(sled::Error::Corruption { .. })) => {
+                let aside = set_aside(&index_dir)?;
+                tracing::warn!(
+                    index = %index_dir.display(),
+                    moved_to = %aside.display(),
+                    "the index is damaged; moved it aside and rebuilding it from the log"
+                );
+                let (index, mut recovered) = open_and_recover()?;
+                recovered.report.index_set_aside = Some(aside);
+                (index, recovered)
+            }
+            other => other?,
+        };
+        recovered.report.index_rebuilt |= recovered.report.index_set_aside.is_some();
         let end = recovered.report.next_offset;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
@@ -495,7 +517,15 @@ impl Log {
         let _serial = self.shared.retention.lock().expect("retention lock");
         let segments = self.segments();
         let mut total: u64 = segments.iter().map(|s| s.bytes).sum();
-        let live = self.index().min_live_offset()?;
+        // Records the index has not applied yet may hold live messages: count them as live.
+        let unindexed = self
+            .index()
+            .applied()?
+            .map_or(Offset(0), |a| Offset(a.0 + 1));
+        let live = match self.index().min_live_offset()? {
+            Some(live) => live.min(unindexed),
+            None => unindexed,
+        };
         let mut below = None;
         for pair in segments.windows(2) {
             let (segment, next) = (&pair[0], &pair[1]);
@@ -506,8 +536,7 @@ impl Log {
                 }
                 _ => false,
             };
-            let oversize = retention.max_bytes.is_some_and(|max| total > max)
-                && live.is_none_or(|live| live >= next.base);
+            let oversize = retention.max_bytes.is_some_and(|max| total > max) && live >= next.base;
             if !expired && !oversize {
                 break;
             }
@@ -533,6 +562,7 @@ impl Log {
         }
         records.push(Record::Truncated { below });
         self.append(now_ms, records)?;
+        crate::failpoint::crash("retention.truncated");
         let doomed: Vec<Arc<Segment>> = {
             let mut map = self.shared.segments.write().expect("segments lock");
             let keep = map.split_off(&below);
@@ -545,6 +575,7 @@ impl Log {
                 .remove_file(&segment.path)
                 .map_err(|e| Error::io("delete segment", &segment.path, e))?;
             tracing::info!(segment = %segment.path.display(), "deleted segment by retention");
+            crate::failpoint::crash("retention.deleted");
             deleted.push(segment.path.clone());
         }
         let log_dir = &self.shared.log_dir;
@@ -569,6 +600,24 @@ impl Log {
         self.shared.index.checkpoint()?;
         Ok(())
     }
+}
+
+/// Renames a damaged index directory to the first free `<name>.damaged-<n>` beside it and
+/// makes the rename durable; returns the new path.
+fn set_aside(index_dir: &Path) -> Result<PathBuf> {
+    let parent = index_dir.parent().unwrap_or(Path::new("."));
+    let name = index_dir
+        .file_name()
+        .map_or_else(|| "index".into(), |n| n.to_string_lossy().into_owned());
+    let aside = (1..)
+        .map(|n| parent.join(format!("{name}.damaged-{n}")))
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| parent.join(format!("{name}.damaged")));
+    std::fs::rename(index_dir, &aside).map_err(|e| Error::io("set aside index", index_dir, e))?;
+    FileDisk
+        .sync_dir(parent)
+        .map_err(|e| Error::io("sync directory", parent, e))?;
+    Ok(aside)
 }
 
 impl Drop for Log {

@@ -731,6 +731,7 @@ impl Writer {
             }
             None => self.sync()?,
         }
+        crate::failpoint::crash("segment.sealed");
         let base = self.next_offset;
         let shared = &self.shared;
         let segment = Arc::new(Segment::create(

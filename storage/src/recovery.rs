@@ -47,8 +47,12 @@ pub struct RecoveryReport {
     pub replayed_records: u64,
     /// The torn tail truncated, if any.
     pub truncated: Option<Truncation>,
-    /// Whether the index was rebuilt from the whole log (it was missing, or ahead of the log).
+    /// Whether the index was rebuilt from the whole log (it was missing, damaged, or ahead of
+    /// the log).
     pub index_rebuilt: bool,
+    /// Where a damaged index was moved before the rebuild (kept for inspection, never
+    /// deleted), if it was.
+    pub index_set_aside: Option<PathBuf>,
     /// The offset the next append gets.
     pub next_offset: Offset,
 }
@@ -162,6 +166,7 @@ pub(crate) fn recover(
             replayed_records: 0,
             truncated: None,
             index_rebuilt: checkpoint.is_some(),
+            index_set_aside: None,
             next_offset: Offset(0),
         };
         return Ok(Recovered {
@@ -259,6 +264,7 @@ fn attempt(
         replayed_records: replay.replayed,
         truncated,
         index_rebuilt: checkpoint.is_none(),
+        index_set_aside: None,
         next_offset: next,
     };
     Ok(Recovered {

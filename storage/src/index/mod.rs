@@ -286,12 +286,14 @@ impl Index {
         if let Some(applied) = frozen.applied {
             batch.insert(APPLIED_KEY, &applied.0.to_le_bytes());
         }
-        let written = self
-            .tree
-            .apply_batch(batch)
-            .and_then(|()| self.db.flush().map(|_| ()));
+        crate::failpoint::crash("checkpoint.start");
+        let written = self.tree.apply_batch(batch).and_then(|()| {
+            crate::failpoint::crash("checkpoint.applied");
+            self.db.flush().map(|_| ())
+        });
         // On failure the frozen layer stays readable; the caller poisons the log.
         written?;
+        crate::failpoint::crash("checkpoint.flushed");
         self.layers.write().expect("index layers lock").frozen = None;
         match frozen.applied {
             Some(applied) => Ok(Some(applied)),

@@ -271,6 +271,33 @@ fn index_deleted_is_rebuilt_equal() {
 }
 
 #[test]
+fn index_damaged_is_set_aside_and_rebuilt_equal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 600);
+    part_one(&log);
+    part_two(&log);
+    let live = log.index().snapshot().unwrap();
+    drop(log);
+    // What a restart on a full disk did to sled here: its `conf` file cut short (sled then
+    // refuses to open with `Corruption`).
+    let conf = dir.path().join("index").join("conf");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&conf)
+        .unwrap()
+        .set_len(20)
+        .unwrap();
+    let (rebuilt, report) = reopen_snapshot(dir.path());
+    assert!(report.index_rebuilt);
+    let aside = report
+        .index_set_aside
+        .expect("the damaged index was set aside");
+    assert_eq!(aside, dir.path().join("index.damaged-1"));
+    assert_eq!(std::fs::metadata(aside.join("conf")).unwrap().len(), 20);
+    assert_eq!(rebuilt, live);
+}
+
+#[test]
 fn index_at_an_old_checkpoint_catches_up_equal() {
     let dir = tempfile::tempdir().unwrap();
     let log = open_real(dir.path(), 600);
