@@ -6,16 +6,24 @@
 //!   expiry → redelivery → dead letter → redrive, ttl expiry.
 //! - `durability`: SIGKILL and restart keep what was not acked and forget what was; SIGTERM
 //!   shuts down cleanly and wakes long-polls.
-//! - `crash`: T1, SIGKILL under load (publishers, acking/nacking/abandoning consumers),
-//!   checked the Jepsen way: 0 lost, 0 acked-then-redelivered, 0 unexpected.
+//! - `crash`: T1, SIGKILL under load, on the shared `workload` (publishers; consumers that
+//!   ack, nack, extend, dead-letter or abandon; a redriver), checked the Jepsen way: 0 lost,
+//!   0 acked-then-redelivered, 0 unexpected.
+//! - `failpoints` (feature `failpoints` only): T8, the same workload crashed at every named
+//!   crash point of the write paths, and T9, injected write and fsync errors.
+//! - `disk_errors`: T9 on a real full disk (a small tmpfs): 503, not ready, recovery.
 //! - `limits`: `max_in_flight`, inbox depth, open long-polls, body sizes.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
 mod crash;
 mod delivery;
+mod disk_errors;
 mod docs;
 mod durability;
+#[cfg(feature = "failpoints")]
+mod failpoints;
 mod limits;
 mod model;
 mod publish;
 mod support;
+mod workload;

@@ -18,6 +18,7 @@ pub struct TestServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     /// Where it listens.
     pub addr: SocketAddr,
     stderr_path: PathBuf,
@@ -27,17 +28,23 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with extra flags (for example `["--lease", "1s"]`).
     pub fn start(args: &[&str]) -> Self {
+        let mut server = Self::unstarted(args);
+        server.spawn();
+        server
+    }
+
+    /// A server not started yet: prepare its data directory, then [`TestServer::restart`].
+    pub fn unstarted(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self {
+        Self {
             child: None,
             stderr_path: dir.path().join("stderr-0.log"),
             dir,
             args: args.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
             addr: "127.0.0.1:0".parse().unwrap(),
             starts: 0,
-        };
-        server.spawn();
-        server
+        }
     }
 
     /// The data directory.
@@ -63,6 +70,8 @@ impl TestServer {
             .arg(self.data_dir())
             .args(&self.args)
             .env_remove("RUST_LOG")
+            .env_remove("FAILPOINTS")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
@@ -93,6 +102,42 @@ impl TestServer {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next starts.
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        expect(dead_code, reason = "used by the fail point tests only")
+    )]
+    pub fn set_env(&mut self, name: &str, value: Option<&str>) {
+        self.env.retain(|(n, _)| n != name);
+        if let Some(value) = value {
+            self.env.push((name.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Restarts (after a SIGKILL if running); if the start fails, returns its logs.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.kill9();
+        self.try_spawn()
+    }
+
+    /// Waits up to `timeout` for the server to exit by itself; returns its exit status.
+    #[cfg_attr(
+        not(feature = "failpoints"),
+        expect(dead_code, reason = "used by the fail point tests only")
+    )]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
     }
 
     /// Restarts (after a SIGKILL if running) expecting the start to fail; returns the logs.

@@ -1,0 +1,159 @@
+//! Fail points (feature `failpoints`): the binary is built with named crash and error points
+//! in its write paths, armed per start through `FAILPOINTS`.
+//!
+//! - T8: the crash workload of [`crate::workload`] runs while the server is restarted with
+//!   one crash point armed at a time; the server aborts there (no unwinding, no flush), is
+//!   restarted clean, and the history is checked as for T1. CI crashes once at every point;
+//!   `COURIER_SOAK=1` ten times. A point the workload never reaches fails the test.
+//! - T9: injected write and fsync errors (EIO, ENOSPC): publishers get 503, never a 2xx after
+//!   the failure; the server reports not-ready and refuses writes; a restart recovers every
+//!   message acknowledged before.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the test paces its crashes and bounds its waits with the clock"
+)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::disk_errors;
+use crate::support::{Rng, TestServer};
+use crate::workload::{self, Load};
+
+/// Every crash point of the server's write paths. (`agent.submitted` / `agent.durable`
+/// exist too; this workload registers its agent only once.)
+const POINTS: &[&str] = &[
+    "publish.submitted",
+    "publish.durable",
+    "lease.submitted",
+    "lease.durable",
+    "ack.submitted",
+    "ack.durable",
+    "nack.submitted",
+    "nack.durable",
+    "extend.submitted",
+    "extend.durable",
+    "expiry.submitted",
+    "expiry.durable",
+    "dead_letter.submitted",
+    "dead_letter.durable",
+    "redrive.submitted",
+    "redrive.durable",
+    "segment.sealed",
+    "segment.created",
+    "checkpoint.start",
+    "checkpoint.applied",
+    "checkpoint.flushed",
+    "retention.truncated",
+    "retention.deleted",
+];
+
+/// Small segments and a small size limit, so that rolls and retention happen all the time;
+/// short leases and few attempts, so that expiry and dead-lettering do.
+const FLAGS: &[&str] = &[
+    "--lease",
+    "300ms",
+    "--backoff-initial",
+    "20ms",
+    "--backoff-max",
+    "100ms",
+    "--max-attempts",
+    "3",
+    "--segment-bytes",
+    "65536",
+    "--retention-max-bytes",
+    "262144",
+];
+
+/// Restarts the server with `point` armed to crash after `skip` passes; returns whether it
+/// crashed there within the time allowed.
+fn crash_at(server: &mut TestServer, load: &Load, point: &str, skip: u64) -> bool {
+    let line = format!("crashing at fail point {point}");
+    server.set_env("FAILPOINTS", Some(&format!("{point}={skip}*off->return")));
+    let crashed = match server.try_restart() {
+        // Retention runs at start: its points can crash the start itself.
+        Err(logs) => {
+            assert!(logs.contains(&line), "the start failed otherwise:\n{logs}");
+            true
+        }
+        Ok(()) => {
+            load.follow(server);
+            match server.wait_exit(Duration::from_secs(10)) {
+                Some(status) => {
+                    let logs = server.logs();
+                    assert!(logs.contains(&line), "exited with {status}:\n{logs}");
+                    true
+                }
+                None => false,
+            }
+        }
+    };
+    server.set_env("FAILPOINTS", None);
+    server.restart();
+    load.follow(server);
+    crashed
+}
+
+#[test]
+fn crash_at_every_fail_point_loses_nothing_acknowledged() {
+    let runs = if std::env::var_os("COURIER_SOAK").is_some() {
+        10
+    } else {
+        1
+    };
+    let seed = workload::seed();
+    let mut rng = Rng(seed);
+    let mut server = TestServer::start(FLAGS);
+    let load = Load::start(&server, seed);
+    let mut missed = Vec::new();
+    for _ in 0..runs {
+        for &point in POINTS {
+            // Load between crashes; retention only deletes at start what piled up before.
+            let retention = point.starts_with("retention.");
+            let pause = if retention {
+                1500
+            } else {
+                100 + rng.below(200)
+            };
+            std::thread::sleep(Duration::from_millis(pause));
+            let skip = if retention { 0 } else { rng.below(3) };
+            if !crash_at(&mut server, &load, point, skip) {
+                missed.push(point);
+            }
+        }
+    }
+    load.finish(&server, "T8");
+    assert!(
+        missed.is_empty(),
+        "the workload never reached these fail points: {missed:?}"
+    );
+}
+
+/// Arms `failpoints` on a server that holds some messages, publishes until the injected
+/// error stops it, checks the fail-stop behaviour, restarts clean and drains.
+fn disk_error_stops_writes_and_a_restart_recovers(failpoints: &str) {
+    let mut server = TestServer::start(&[]);
+    server.register("worker", json!({}));
+    let mut acked: BTreeSet<u64> = (0..20)
+        .map(|n| server.publish("worker", json!({"before": n})))
+        .collect();
+    server.set_env("FAILPOINTS", Some(failpoints));
+    server.try_restart().expect("the server starts");
+    acked.extend(disk_errors::publish_until_refused(&server, 16));
+    disk_errors::assert_fail_stop(&server);
+    server.set_env("FAILPOINTS", None);
+    server.restart();
+    disk_errors::assert_all_delivered(&server, &acked, &format!("T9 {failpoints}"));
+}
+
+#[test]
+fn fsync_eio_fails_publishes_with_503_and_a_restart_recovers() {
+    disk_error_stops_writes_and_a_restart_recovers("io.sync=30*off->return(EIO)");
+}
+
+#[test]
+fn write_enospc_fails_publishes_with_503_and_a_restart_recovers() {
+    disk_error_stops_writes_and_a_restart_recovers("io.write=30*off->return(ENOSPC)");
+}
