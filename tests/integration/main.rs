@@ -12,6 +12,7 @@
 //! - `failpoints` (feature `failpoints` only): T8, the same workload crashed at every named
 //!   crash point of the write paths, and T9, injected write and fsync errors.
 //! - `disk_errors`: T9 on a real full disk (a small tmpfs): 503, not ready, recovery.
+//! - `fuzz_corpus`: T11, the saved fuzz corpus replayed through the fuzz targets' bodies.
 //! - `limits`: `max_in_flight`, inbox depth, open long-polls, body sizes.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
@@ -22,6 +23,7 @@ mod docs;
 mod durability;
 #[cfg(feature = "failpoints")]
 mod failpoints;
+mod fuzz_corpus;
 mod limits;
 mod model;
 mod publish;
