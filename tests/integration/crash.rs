@@ -38,5 +38,5 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
         server.restart();
         load.follow(&server);
     }
-    load.finish(&server, "T1");
+    load.finish(&server, "T1").assert_clean();
 }

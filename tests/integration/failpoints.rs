@@ -124,7 +124,7 @@ fn crash_at_every_fail_point_loses_nothing_acknowledged() {
             }
         }
     }
-    load.finish(&server, "T8");
+    load.finish(&server, "T8").assert_clean();
     assert!(
         missed.is_empty(),
         "the workload never reached these fail points: {missed:?}"

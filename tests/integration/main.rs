@@ -14,6 +14,8 @@
 //! - `disk_errors`: T9 on a real full disk (a small tmpfs): 503, not ready, recovery.
 //! - `fuzz_corpus`: T11, the saved fuzz corpus replayed through the fuzz targets' bodies.
 //! - `limits`: `max_in_flight`, inbox depth, open long-polls, body sizes.
+//! - `power_loss`: T4, power cuts on a FUSE file system that drops what was not fsynced
+//!   (`powerfs`); `fsync=never` as the negative control.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
 mod crash;
@@ -26,6 +28,8 @@ mod failpoints;
 mod fuzz_corpus;
 mod limits;
 mod model;
+mod power_loss;
+mod powerfs;
 mod publish;
 mod support;
 mod workload;

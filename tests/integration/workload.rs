@@ -302,8 +302,8 @@ impl Load {
     }
 
     /// Stops the clients, drains the inbox (redriving dead letters, acking everything) and
-    /// checks the history. `name` labels the report line.
-    pub fn finish(mut self, server: &TestServer, name: &str) {
+    /// tallies the history, printing a report line labelled `name`.
+    pub fn finish(mut self, server: &TestServer, name: &str) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             t.join().expect("client thread");
@@ -313,7 +313,7 @@ impl Load {
             "the consumers received nothing under load"
         );
         self.drain(server);
-        check(&self.history.lock().unwrap(), name, self.seed);
+        tally(&self.history.lock().unwrap(), name, self.seed)
     }
 
     /// Acks everything until the inbox and its dead letters are empty. (An ack whose answer
@@ -339,7 +339,39 @@ impl Load {
     }
 }
 
-fn check(history: &History, name: &str, seed: u64) {
+/// What the checker found; [`Tally::assert_clean`] for the tests that expect nothing.
+pub struct Tally {
+    seed: u64,
+    /// 2xx publishes never delivered.
+    pub lost: Vec<u64>,
+    /// Deliveries after an `acked` answer: (offset, attempt).
+    pub acked_then_redelivered: Vec<(u64, u64)>,
+    /// Deliveries of messages nobody published.
+    pub unexpected: usize,
+    /// Attempt numbers delivered twice (never-redriven messages): (offset, attempt).
+    pub resets: Vec<(u64, u64)>,
+}
+
+impl Tally {
+    /// Panics, naming the seed, unless every figure is 0.
+    pub fn assert_clean(&self) {
+        let seed = self.seed;
+        assert!(self.lost.is_empty(), "seed {seed}: lost {:?}", self.lost);
+        assert!(
+            self.acked_then_redelivered.is_empty(),
+            "seed {seed}: acked then redelivered {:?}",
+            self.acked_then_redelivered
+        );
+        assert_eq!(self.unexpected, 0, "seed {seed}: unexpected deliveries");
+        assert!(
+            self.resets.is_empty(),
+            "seed {seed}: attempt numbers delivered twice {:?}",
+            self.resets
+        );
+    }
+}
+
+fn tally(history: &History, name: &str, seed: u64) -> Tally {
     let mut delivered_offsets = BTreeSet::new();
     let mut attempts: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     let mut delivered_ids = BTreeSet::new();
@@ -395,16 +427,13 @@ fn check(history: &History, name: &str, seed: u64) {
         history.unknown.len(),
         history.unknown.len() - recovered,
     );
-    assert!(lost.is_empty(), "seed {seed}: lost {lost:?}");
-    assert!(
-        acked_then_redelivered.is_empty(),
-        "seed {seed}: acked then redelivered {acked_then_redelivered:?}"
-    );
-    assert_eq!(unexpected, 0, "seed {seed}: unexpected deliveries");
-    assert!(
-        resets.is_empty(),
-        "seed {seed}: attempt numbers delivered twice {resets:?}"
-    );
+    Tally {
+        seed,
+        lost,
+        acked_then_redelivered,
+        unexpected,
+        resets,
+    }
 }
 
 /// The seed of a seeded test: `COURIER_SEED` to replay, else a new one (printed by the check).
