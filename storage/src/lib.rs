@@ -41,7 +41,7 @@ pub use error::{Corruption, Error, Result};
 pub use index::{Index, IndexSnapshot};
 pub use log::{Appended, FsyncPolicy, Log, LogOptions, LogStats, Retention, SegmentInfo};
 pub use record::{Agent, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot};
-pub use recovery::{list_segments, RecoveryReport, Truncation};
+pub use recovery::{list_segments, replay_into, RecoveryReport, Truncation};
 
 /// A record's position in the global log: strictly increasing, one per record.
 #[derive(

@@ -193,6 +193,55 @@ pub(crate) fn recover(
     Ok(rebuilt)
 }
 
+/// Builds `index` (a new, empty one, in a scratch directory) from the log in `log_dir`
+/// without locking or changing anything there: for offline tools, also while a server writes.
+/// Reads every segment in order up to its last valid record (a partial tail is where a
+/// running server is writing, or a torn tail); damage before that is [`Error::Corrupt`].
+/// Returns the offset after the last record applied.
+pub fn replay_into(disk: &dyn Disk, log_dir: &Path, index: &Index) -> Result<Offset> {
+    let listed = list_segments(disk, log_dir)?;
+    let mut replay = Replay {
+        index,
+        from: Offset(0),
+        frames: Vec::new(),
+        runs: Vec::new(),
+        run: None,
+        run_end: 0,
+        replayed: 0,
+    };
+    let mut next = listed.first().map_or(Offset(0), |(b, _)| *b);
+    for (base, path) in &listed {
+        let file = disk
+            .open(path, false)
+            .map_err(|e| Error::io("open segment", path, e))?;
+        if *base != next {
+            let reason = Corruption::OffsetMismatch {
+                expected: next.0,
+                found: base.0,
+            };
+            return Err(Error::Corrupt {
+                segment: path.clone(),
+                position: 0,
+                reason,
+            });
+        }
+        let mut visit = |frame: &Frame, position, len| replay.visit(*base, frame, position, len);
+        let scan = segment::scan(file.as_ref(), *base, false, Some(&mut visit))
+            .map_err(|e| with_path(e, path))?;
+        replay.flush()?;
+        if let Some(damage) = scan.damage.first() {
+            return Err(Error::Corrupt {
+                segment: path.clone(),
+                position: damage.position,
+                reason: damage.reason.clone(),
+            });
+        }
+        next = scan.next_offset;
+    }
+    index.checkpoint()?;
+    Ok(next)
+}
+
 /// One pass over the segments: checks the sealed ones before the checkpoint (CRCs only, if
 /// `verify_sealed`), replays the rest into the index, truncates a torn tail.
 fn attempt(

@@ -1,0 +1,318 @@
+//! `courierctl` against data directories written by the real `courier` server: clean, with a
+//! torn tail, with a flipped bit in an older segment, many segments; while the server runs
+//! and after it stopped. `--json` output is parsed.
+//!
+//! The server binary is the one built beside `courierctl` (`cargo test --workspace` builds
+//! it; alone, run `cargo build -p courier` first).
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the tests wait for the server with deadlines"
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A real server on a loopback port.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(data: &Path) -> Self {
+        let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
+        assert!(
+            exe.exists(),
+            "{} is missing: build the server first (cargo build -p courier)",
+            exe.display()
+        );
+        let mut child = Command::new(exe)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--segment-bytes",
+                "4096",
+                "--data-dir",
+            ])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn courier");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("courier listening on http://")
+            .expect("the listening line")
+            .parse()
+            .expect("an address");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http(addr, "GET", "/readyz", None).0 != 200 {
+            assert!(Instant::now() < deadline, "the server never got ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, addr }
+    }
+
+    fn send(&self, method: &str, path: &str, body: Value) -> Value {
+        let (status, reply) = http(self.addr, method, path, Some(&body));
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {reply}"
+        );
+        reply
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request; returns the status and the body's JSON (Null if none).
+fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, Value::Null);
+    };
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("receive");
+    let status = raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let json = raw
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (status, json)
+}
+
+fn courierctl(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .args(args)
+        .arg(dir)
+        .output()
+        .expect("run courierctl")
+}
+
+fn json_of(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+/// A data directory with agents `a` and `b`, 60 messages to `a` (several segments of 4 KiB)
+/// and 3 to `b`, one message of `a` leased; the server still running.
+fn populated(dir: &Path) -> Server {
+    let server = Server::start(dir);
+    for agent in ["a", "b"] {
+        server.send("PUT", &format!("/v1/agents/{agent}"), json!({}));
+    }
+    for n in 0..60 {
+        let body = json!({"n": n, "pad": "x".repeat(300)});
+        let msg =
+            json!({"to": "agent:a", "from": "w", "headers": {"n": n.to_string()}, "body": body});
+        server.send("POST", "/v1/messages", msg);
+    }
+    for n in 0..3 {
+        server.send(
+            "POST",
+            "/v1/messages",
+            json!({"to": "agent:b", "from": "w", "body": [n]}),
+        );
+    }
+    server.send(
+        "POST",
+        "/v1/agents/a/receive",
+        json!({"max": 1, "wait_ms": 0}),
+    );
+    server
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("log"))
+        .expect("log dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn clean_directory_verify_inspect_and_dump_while_running_and_after() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    let server = populated(&dir);
+
+    let verify = courierctl(&["verify", "--json"], &dir);
+    assert_eq!(verify.status.code(), Some(0), "{verify:?}");
+    let report = json_of(&verify);
+    assert_eq!(report["clean"], true);
+    assert!(report["segments"].as_array().expect("segments").len() > 3);
+    assert_eq!(report["records"], 2 + 63 + 1);
+
+    let inspect = json_of(&courierctl(&["inspect", "--json"], &dir));
+    assert_eq!(inspect["server_running"], true);
+    assert_eq!(inspect["next_offset"], 66);
+    let agents = inspect["agents"].as_array().expect("agents");
+    assert_eq!(
+        agents[0],
+        json!({"agent": "a", "registered": true, "ready": 59, "in_flight": 1, "dead_letters": 0})
+    );
+    assert_eq!(
+        agents[1],
+        json!({"agent": "b", "registered": true, "ready": 3, "in_flight": 0, "dead_letters": 0})
+    );
+
+    let refused = courierctl(&["repair"], &dir);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("running server"));
+
+    server.stop();
+    let dump = courierctl(
+        &[
+            "dump", "--agent", "a", "--from", "10", "--to", "40", "--limit", "5",
+        ],
+        &dir,
+    );
+    assert_eq!(dump.status.code(), Some(0));
+    let lines: Vec<Value> = String::from_utf8_lossy(&dump.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[0]["offset"], 10);
+    assert_eq!(lines[0]["body"]["n"], 8);
+    assert_eq!(lines[0]["headers"], json!({"n": "8"}));
+    assert_eq!(lines[0]["from"], "w");
+    assert_eq!(lines[0]["to"], "agent:a");
+    assert!(lines[0]["id"].as_str().is_some_and(|id| id.len() == 26));
+    assert!(lines[0]["time"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert_eq!(lines[4]["offset"], 14);
+
+    let only_b = courierctl(&["dump", "--agent", "b"], &dir);
+    assert_eq!(String::from_utf8_lossy(&only_b.stdout).lines().count(), 3);
+
+    let table = courierctl(&["inspect"], &dir);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("server not running"), "{text}");
+    assert!(
+        text.contains("AGENT") && text.contains("DEAD_LETTERS"),
+        "{text}"
+    );
+}
+
+#[test]
+fn torn_tail_is_reported_but_only_strict_counts_it() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    populated(&dir).stop();
+    let newest = segments(&dir).pop().expect("a segment");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&newest)
+        .expect("open");
+    file.write_all(&[0x5a; 13]).expect("garbage");
+
+    let verify = courierctl(&["verify", "--json"], &dir);
+    assert_eq!(verify.status.code(), Some(0), "{verify:?}");
+    let problems = json_of(&verify)["problems"].clone();
+    assert_eq!(problems[0]["torn_tail"], true);
+    assert_eq!(problems[0]["bytes"], 13);
+    let strict = courierctl(&["verify", "--strict"], &dir);
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&strict.stdout).contains("torn tail"));
+}
+
+#[test]
+fn flipped_bit_is_reported_with_file_and_position_then_repaired() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("data");
+    populated(&dir).stop();
+    let older = segments(&dir)[1].clone();
+    let mut bytes = std::fs::read(&older).expect("read");
+    let at = 100;
+    bytes[at] ^= 0x10;
+    std::fs::write(&older, &bytes).expect("write");
+
+    let verify = courierctl(&["verify"], &dir);
+    assert_eq!(verify.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&verify.stdout);
+    let name = older
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(text.contains(&name) && text.contains("DAMAGED"), "{text}");
+    let report = json_of(&courierctl(&["verify", "--json"], &dir));
+    let problem = &report["problems"][0];
+    assert!(problem["segment"]
+        .as_str()
+        .expect("segment")
+        .ends_with(&name));
+    assert!(problem["position"].as_u64().expect("position") <= at as u64);
+    assert_eq!(problem["torn_tail"], false);
+
+    let repair = courierctl(&["repair", "--json"], &dir);
+    assert_eq!(repair.status.code(), Some(0), "{repair:?}");
+    let repaired = json_of(&repair)["repaired"].clone();
+    let quarantine = repaired[0]["quarantine_file"].as_str().expect("file");
+    assert!(Path::new(quarantine).exists(), "{quarantine}");
+    assert_eq!(courierctl(&["verify"], &dir).status.code(), Some(0));
+    // Every undamaged message is still there; the server starts on the repaired directory.
+    let dumped = courierctl(&["dump", "--agent", "a"], &dir);
+    let count = String::from_utf8_lossy(&dumped.stdout).lines().count();
+    assert!((55..60).contains(&count), "{count} messages of a left");
+    let server = Server::start(&dir);
+    let got = server.send(
+        "POST",
+        "/v1/agents/b/receive",
+        json!({"max": 10, "wait_ms": 0}),
+    );
+    assert_eq!(got["messages"].as_array().expect("messages").len(), 3);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let missing = courierctl(&["verify"], &tmp.path().join("nothing"));
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not a Courier data directory"));
+    let bad_flag = courierctl(&["dump", "--frm", "3"], tmp.path());
+    assert_eq!(bad_flag.status.code(), Some(2));
+    let from_after_to = Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .args(["dump", "--from", "9", "--to", "3"])
+        .arg(tmp.path())
+        .output()
+        .expect("run");
+    assert_eq!(from_after_to.status.code(), Some(2));
+    let help = Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .args(["verify", "--help"])
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Example: courierctl verify"));
+}
