@@ -21,16 +21,7 @@ fn sigkill_under_load_loses_nothing_acknowledged() {
     let cycles = if soak { 200 } else { 20 };
     let seed = workload::seed();
     let mut rng = Rng(seed);
-    let mut server = TestServer::start(&[
-        "--lease",
-        "300ms",
-        "--backoff-initial",
-        "20ms",
-        "--backoff-max",
-        "100ms",
-        "--max-attempts",
-        "1000",
-    ]);
+    let mut server = TestServer::start(&workload::flags(&["--max-attempts", "1000"]));
     let load = Load::start(&server, seed);
     for _ in 0..cycles {
         std::thread::sleep(Duration::from_millis(100 + rng.below(300)));

@@ -51,14 +51,8 @@ const POINTS: &[&str] = &[
 ];
 
 /// Small segments and a small size limit, so that rolls and retention happen all the time;
-/// short leases and few attempts, so that expiry and dead-lettering do.
+/// few attempts, so that dead-lettering does (and, with the workload's short leases, expiry).
 const FLAGS: &[&str] = &[
-    "--lease",
-    "300ms",
-    "--backoff-initial",
-    "20ms",
-    "--backoff-max",
-    "100ms",
     "--max-attempts",
     "3",
     "--segment-bytes",
@@ -105,7 +99,7 @@ fn crash_at_every_fail_point_loses_nothing_acknowledged() {
     };
     let seed = workload::seed();
     let mut rng = Rng(seed);
-    let mut server = TestServer::start(FLAGS);
+    let mut server = TestServer::start(&workload::flags(FLAGS));
     let load = Load::start(&server, seed);
     let mut missed = Vec::new();
     for _ in 0..runs {

@@ -19,20 +19,14 @@ use crate::workload::{self, Load, Tally};
 fn power_cuts(fsync: &str, cuts: u32) -> Option<Tally> {
     let seed = workload::seed();
     let mut rng = Rng(seed);
-    let mut server = TestServer::unstarted(&[
+    let mut server = TestServer::unstarted(&workload::flags(&[
         "--fsync",
         fsync,
         "--segment-bytes",
         "1048576",
-        "--lease",
-        "300ms",
-        "--backoff-initial",
-        "20ms",
-        "--backoff-max",
-        "100ms",
         "--max-attempts",
         "3",
-    ]);
+    ]));
     let fs = match PowerFs::mount(&server.data_dir()) {
         Ok(fs) => fs,
         Err(why) => {

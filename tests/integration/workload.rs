@@ -436,6 +436,21 @@ fn tally(history: &History, name: &str, seed: u64) -> Tally {
     }
 }
 
+/// The server flags the workload is written for, plus `extra`: leases of 300 ms, so that
+/// abandoned deliveries come back quickly, and a short backoff.
+pub fn flags<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = vec![
+        "--lease",
+        "300ms",
+        "--backoff-initial",
+        "20ms",
+        "--backoff-max",
+        "100ms",
+    ];
+    flags.extend_from_slice(extra);
+    flags
+}
+
 /// The seed of a seeded test: `COURIER_SEED` to replay, else a new one (printed by the check).
 pub fn seed() -> u64 {
     std::env::var("COURIER_SEED")
