@@ -8,6 +8,7 @@
 //! why); 2 usage errors (bad flags, a directory that is not a Courier data directory).
 
 mod offline;
+mod online;
 mod output;
 
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "courierctl",
     version,
-    about = "Inspect, verify, repair and dump Courier data directories",
+    about = "Inspect, verify, repair and dump Courier data directories; manage dead letters",
     after_help = "Exit codes: 0 success, 1 damage found or the command failed, 2 usage error.\n\
                   Every command takes --json for scripts."
 )]
@@ -89,6 +90,68 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List or redrive an agent's dead letters on a running server.
+    Dlq {
+        #[command(subcommand)]
+        action: Dlq,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dlq {
+    /// Every dead letter of the agent: offset, id, reason, attempts, when.
+    #[command(
+        after_help = "Example: courierctl dlq list --server http://127.0.0.1:7070 --agent planner"
+    )]
+    List {
+        /// The server's base URL.
+        #[arg(long)]
+        server: String,
+        /// The agent whose dead letters to list.
+        #[arg(long)]
+        agent: String,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back into the agent's inbox, attempts reset.
+    #[command(
+        after_help = "Example: courierctl dlq redrive --server http://127.0.0.1:7070 --agent planner --offset 5 --offset 9"
+    )]
+    Redrive {
+        /// The server's base URL.
+        #[arg(long)]
+        server: String,
+        /// The agent whose dead letters to redrive.
+        #[arg(long)]
+        agent: String,
+        /// Redrive every dead letter.
+        #[arg(long, conflicts_with = "offset")]
+        all: bool,
+        /// Redrive the dead letter at this offset (repeatable).
+        #[arg(long)]
+        offset: Vec<u64>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn dlq(action: Dlq) -> output::Outcome {
+    match action {
+        Dlq::List {
+            server,
+            agent,
+            json,
+        } => online::dlq_list(&online::Client::new(&server)?, &agent, json),
+        Dlq::Redrive {
+            server,
+            agent,
+            all,
+            offset,
+            json,
+        } => online::dlq_redrive(&online::Client::new(&server)?, &agent, all, &offset, json),
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,6 +176,7 @@ fn main() -> ExitCode {
             },
         ),
         Command::Repair { dir, json } => offline::repair(&dir, json),
+        Command::Dlq { action } => dlq(action),
     };
     match result {
         Ok(code) => code,

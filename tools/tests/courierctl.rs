@@ -316,3 +316,64 @@ fn usage_errors_exit_2() {
         .expect("run");
     assert!(String::from_utf8_lossy(&help.stdout).contains("Example: courierctl verify"));
 }
+
+fn dlq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .arg("dlq")
+        .args(args)
+        .output()
+        .expect("run courierctl")
+}
+
+#[test]
+fn dlq_lists_and_redrives_dead_letters_of_a_running_server() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let server = populated(&tmp.path().join("data"));
+    let url = format!("http://{}", server.addr);
+    let got = server.send(
+        "POST",
+        "/v1/agents/b/receive",
+        json!({"max": 3, "wait_ms": 0}),
+    );
+    let receipts: Vec<Value> = got["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["receipt"].clone())
+        .collect();
+    let body = json!({"receipts": receipts, "dead_letter": true});
+    server.send("POST", "/v1/agents/b/nack", body);
+
+    let list = dlq(&["list", "--server", &url, "--agent", "b", "--json"]);
+    assert_eq!(list.status.code(), Some(0), "{list:?}");
+    let listed = json_of(&list)["dead_letters"].clone();
+    let offsets: Vec<u64> = listed
+        .as_array()
+        .expect("dead letters")
+        .iter()
+        .map(|d| d["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets.len(), 3);
+    assert_eq!(listed[0]["reason"], "rejected");
+    assert_eq!(listed[0]["attempts"], 1);
+    let table = dlq(&["list", "--server", &url, "--agent", "b"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("3 dead letters for b"));
+
+    let one = offsets[0].to_string();
+    let redrive = dlq(&[
+        "redrive", "--server", &url, "--agent", "b", "--offset", &one, "--json",
+    ]);
+    assert_eq!(json_of(&redrive)["redriven"], 1);
+    let rest = dlq(&[
+        "redrive", "--server", &url, "--agent", "b", "--all", "--json",
+    ]);
+    assert_eq!(json_of(&rest)["redriven"], 2);
+    let empty = json_of(&dlq(&["list", "--server", &url, "--agent", "b", "--json"]));
+    assert_eq!(empty["dead_letters"], json!([]));
+
+    let unknown = dlq(&["list", "--server", &url, "--agent", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("404"));
+    let neither = dlq(&["redrive", "--server", &url, "--agent", "b"]);
+    assert_eq!(neither.status.code(), Some(2));
+}

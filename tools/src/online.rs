@@ -1,0 +1,149 @@
+//! The online commands: they speak the server's HTTP API (`--server URL`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::output::{self, failed, usage, Outcome};
+
+/// A client of one server.
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// `server` is the base URL, for example `http://127.0.0.1:7070`.
+    pub fn new(server: &str) -> Result<Self, output::Failure> {
+        let base = server.trim_end_matches('/').to_owned();
+        if !base.starts_with("http://") {
+            return Err(usage(format!(
+                "--server {server}: expected http://HOST:PORT (TLS is not in this build)"
+            )));
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build();
+        Ok(Self {
+            base,
+            agent: config.into(),
+        })
+    }
+
+    /// One request; a non-2xx answer fails with the server's error message.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, output::Failure> {
+        let url = format!("{}{path}", self.base);
+        let sent = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            (_, body) => self
+                .agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(body.unwrap_or(&json!({})).to_string()),
+        };
+        let mut response = sent.map_err(|e| failed(anyhow::anyhow!("{method} {url}: {e}")))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| failed(anyhow::anyhow!("{method} {url}: reading the answer: {e}")))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if !(200..300).contains(&status) {
+            let message = value["error"]["message"].as_str().unwrap_or(&text);
+            return Err(failed(anyhow::anyhow!(
+                "{method} {url}: {status}: {message}"
+            )));
+        }
+        Ok(value)
+    }
+}
+
+#[derive(Serialize)]
+struct DeadRow {
+    offset: u64,
+    id: String,
+    reason: String,
+    attempts: u64,
+    dead_lettered_at: String,
+}
+
+/// `dlq list`: every dead letter of `agent`, oldest first, paging through the API.
+pub fn dlq_list(client: &Client, agent: &str, json: bool) -> Outcome {
+    let mut rows = Vec::new();
+    let mut after: Option<u64> = None;
+    loop {
+        let mut path = format!("/v1/agents/{agent}/dead-letters?limit=1000");
+        if let Some(after) = after {
+            path.push_str(&format!("&after={after}"));
+        }
+        let page = client.call("GET", &path, None)?;
+        let letters = page["dead_letters"].as_array().cloned().unwrap_or_default();
+        for d in &letters {
+            rows.push(DeadRow {
+                offset: d["offset"].as_u64().unwrap_or(0),
+                id: d["id"].as_str().unwrap_or("").to_owned(),
+                reason: d["reason"].as_str().unwrap_or("").to_owned(),
+                attempts: d["attempts"].as_u64().unwrap_or(0),
+                dead_lettered_at: d["dead_lettered_at"].as_str().unwrap_or("").to_owned(),
+            });
+        }
+        match rows.last() {
+            Some(last) if letters.len() == 1000 => after = Some(last.offset),
+            _ => break,
+        }
+    }
+    if json {
+        output::json(&json!({"agent": agent, "dead_letters": rows}));
+    } else {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.offset.to_string(),
+                    r.id.clone(),
+                    r.reason.clone(),
+                    r.attempts.to_string(),
+                    r.dead_lettered_at.clone(),
+                ]
+            })
+            .collect();
+        output::table(
+            &["OFFSET", "ID", "REASON", "ATTEMPTS", "DEAD_LETTERED_AT"],
+            &cells,
+        );
+        println!("{} dead letters for {agent}", rows.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq redrive`: all dead letters, or the given offsets, back into the inbox.
+pub fn dlq_redrive(
+    client: &Client,
+    agent: &str,
+    all: bool,
+    offsets: &[u64],
+    json: bool,
+) -> Outcome {
+    let body = match (all, offsets.is_empty()) {
+        (true, true) => json!({"all": true}),
+        (false, false) => json!({"offsets": offsets}),
+        _ => return Err(usage("give either --all or one or more --offset".into())),
+    };
+    let path = format!("/v1/agents/{agent}/dead-letters/redrive");
+    let reply = client.call("POST", &path, Some(&body))?;
+    let redriven = reply["redriven"].as_u64().unwrap_or(0);
+    if json {
+        output::json(&json!({"agent": agent, "redriven": redriven}));
+    } else {
+        println!("redrove {redriven} dead letters of {agent} back into its inbox (attempts reset)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
