@@ -7,9 +7,11 @@
 //! Exit codes: 0 success; 1 the command ran and found damage or failed (the message says
 //! why); 2 usage errors (bad flags, a directory that is not a Courier data directory).
 
+mod bench;
 mod offline;
 mod online;
 mod output;
+mod replay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,6 +92,76 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish a data directory's messages again to a running server, at a bounded rate.
+    #[command(
+        after_help = "Example: courierctl replay ./old-data --server http://127.0.0.1:7070 --agent planner --rate 200\n\
+        Each message keeps its fields and carries courier-original-id / courier-original-offset\n\
+        headers. A failure stops the replay and prints the --from to resume with. Replaying\n\
+        into the server that writes DIR itself needs --into-owner."
+    )]
+    Replay {
+        /// The data directory to read.
+        dir: PathBuf,
+        /// The server's base URL.
+        #[arg(long)]
+        server: String,
+        /// First offset (inclusive); where a stopped replay said to resume.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Last offset (inclusive).
+        #[arg(long)]
+        to: Option<u64>,
+        /// Only messages routed to this agent's inbox.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Send every message here instead of its original `to` (for example agent:audit).
+        #[arg(long)]
+        to_address: Option<String>,
+        /// Messages per second (0: as fast as the server answers).
+        #[arg(long, default_value_t = 500.0)]
+        rate: f64,
+        /// Allow replaying into the server that owns DIR.
+        #[arg(long)]
+        into_owner: bool,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generator: publish/receive/ack throughput and latency percentiles.
+    #[command(
+        after_help = "Example: courierctl bench --server http://127.0.0.1:7070 --publishers 8 --consumers 4 --size 1024 --duration 10\n\
+        Latencies: one publish request; publish -> delivery (send time to a consumer holding the\n\
+        message); one ack request. Exit 1 if not everything published was delivered."
+    )]
+    Bench {
+        /// The server's base URL.
+        #[arg(long)]
+        server: String,
+        /// The agent to publish to (registered if missing).
+        #[arg(long, default_value = "bench")]
+        agent: String,
+        /// Publishing threads, each with its own connection.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        /// Consuming threads (receive up to 100, then ack them).
+        #[arg(long, default_value_t = 2)]
+        consumers: usize,
+        /// Bytes of padding in each message body.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Messages per publish request (1: single publishes, else the batch endpoint).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Seconds of publishing.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Stop after this many messages (if sooner than --duration).
+        #[arg(long)]
+        count: Option<u64>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List or redrive an agent's dead letters on a running server.
     Dlq {
         #[command(subcommand)]
@@ -154,9 +226,9 @@ fn dlq(action: Dlq) -> output::Outcome {
     }
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+/// The offline commands here; the online ones in [`online_command`].
+fn run(command: Command) -> output::Outcome {
+    match command {
         Command::Verify { dir, strict, json } => offline::verify(&dir, strict, json),
         Command::Inspect { dir, json } => offline::inspect(&dir, json),
         Command::Dump {
@@ -176,8 +248,67 @@ fn main() -> ExitCode {
             },
         ),
         Command::Repair { dir, json } => offline::repair(&dir, json),
+        online => online_command(online),
+    }
+}
+
+/// The commands that speak to a server.
+fn online_command(command: Command) -> output::Outcome {
+    match command {
         Command::Dlq { action } => dlq(action),
-    };
+        Command::Bench {
+            server,
+            agent,
+            publishers,
+            consumers,
+            size,
+            batch,
+            duration,
+            count,
+            json,
+        } => bench::bench(&bench::BenchOptions {
+            server,
+            agent,
+            publishers,
+            consumers,
+            size,
+            batch,
+            duration: std::time::Duration::from_secs_f64(duration.max(0.0)),
+            count,
+            json,
+        }),
+        Command::Replay {
+            dir,
+            server,
+            from,
+            to,
+            agent,
+            to_address,
+            rate,
+            into_owner,
+            json,
+        } => online::Client::new(&server).and_then(|client| {
+            let options = replay::ReplayOptions {
+                from,
+                to,
+                agent,
+                to_address,
+                rate,
+                into_owner,
+                json,
+            };
+            replay::replay(&dir, &client, &options)
+        }),
+        Command::Verify { .. }
+        | Command::Inspect { .. }
+        | Command::Dump { .. }
+        | Command::Repair { .. } => unreachable!("`run` runs the offline commands"),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = run(cli.command);
     match result {
         Ok(code) => code,
         Err(failure) => {

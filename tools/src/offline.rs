@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use crate::output::{self, failed, usage, Outcome};
 
 /// Checks that `dir` is a data directory: it has `log/`.
-fn data_dir(dir: &Path) -> Result<PathBuf, output::Failure> {
+pub fn data_dir(dir: &Path) -> Result<PathBuf, output::Failure> {
     let log = dir.join("log");
     if !log.is_dir() {
         return Err(usage(format!(

@@ -41,13 +41,19 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Value, output::Failure> {
         let url = format!("{}{path}", self.base);
-        let sent = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            (_, body) => self
+        let body = body.unwrap_or(&json!({})).to_string();
+        let sent = match method {
+            "GET" => self.agent.get(&url).call(),
+            "PUT" => self
+                .agent
+                .put(&url)
+                .header("content-type", "application/json")
+                .send(body),
+            _ => self
                 .agent
                 .post(&url)
                 .header("content-type", "application/json")
-                .send(body.unwrap_or(&json!({})).to_string()),
+                .send(body),
         };
         let mut response = sent.map_err(|e| failed(anyhow::anyhow!("{method} {url}: {e}")))?;
         let status = response.status().as_u16();

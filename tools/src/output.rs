@@ -37,7 +37,7 @@ pub fn time(ms: u64) -> String {
 }
 
 /// Prints rows under a header, each column as wide as its widest cell; numbers (cells that
-/// parse as integers) are right-aligned.
+/// parse as numbers) are right-aligned.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
@@ -50,7 +50,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
             .iter()
             .zip(&widths)
             .map(|(cell, &w)| {
-                if cell.parse::<u64>().is_ok() {
+                if cell.parse::<f64>().is_ok() {
                     format!("{cell:>w$}")
                 } else {
                     format!("{cell:<w$}")

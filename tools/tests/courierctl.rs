@@ -377,3 +377,138 @@ fn dlq_lists_and_redrives_dead_letters_of_a_running_server() {
     let neither = dlq(&["redrive", "--server", &url, "--agent", "b"]);
     assert_eq!(neither.status.code(), Some(2));
 }
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .args(args)
+        .output()
+        .expect("run courierctl")
+}
+
+#[test]
+fn replay_republishes_history_resumably_and_spares_the_owner() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let old = tmp.path().join("old");
+    populated(&old).stop();
+    let target = Server::start(&tmp.path().join("new"));
+    let url = format!("http://{}", target.addr);
+    target.send("PUT", "/v1/agents/a", json!({}));
+    let old_dir = old.to_str().expect("utf-8 path");
+
+    // Agent b is not registered on the target: the replay stops at its first message.
+    let stopped = run(&["replay", old_dir, "--server", &url, "--rate", "0", "--json"]);
+    assert_eq!(stopped.status.code(), Some(1), "{stopped:?}");
+    let report = json_of(&stopped);
+    assert_eq!(report["replayed"], 60);
+    assert_eq!(report["stopped"]["offset"], 62);
+    assert!(report["stopped"]["error"]
+        .as_str()
+        .expect("error")
+        .contains("404"));
+    assert_eq!(report["next_from"], 62);
+
+    target.send("PUT", "/v1/agents/b", json!({}));
+    let resumed = run(&[
+        "replay", old_dir, "--server", &url, "--from", "62", "--json",
+    ]);
+    assert_eq!(resumed.status.code(), Some(0), "{resumed:?}");
+    let report = json_of(&resumed);
+    assert_eq!(report["replayed"], 3);
+    assert_eq!(report["stopped"], Value::Null);
+    assert_eq!(report["next_from"], 65);
+
+    // Within the dedupe window, replaying again stores nothing twice.
+    let again = json_of(&run(&[
+        "replay", old_dir, "--server", &url, "--agent", "b", "--json",
+    ]));
+    assert_eq!(again["replayed"], 3);
+    assert_eq!(again["duplicates"], 3);
+
+    let got = target.send(
+        "POST",
+        "/v1/agents/a/receive",
+        json!({"max": 100, "wait_ms": 0}),
+    );
+    let messages = got["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 60);
+    let first = &messages[0];
+    assert_eq!(first["body"]["n"], 0);
+    assert_eq!(first["from"], "w");
+    assert_eq!(first["headers"]["n"], "0");
+    assert_eq!(first["headers"]["courier-original-offset"], "2");
+    assert_eq!(
+        first["headers"]["courier-original-id"]
+            .as_str()
+            .map(str::len),
+        Some(26)
+    );
+
+    // Into the server that writes the directory itself only when asked.
+    target.stop();
+    let owner = Server::start(&old);
+    let owner_url = format!("http://{}", owner.addr);
+    let refused = run(&["replay", old_dir, "--server", &owner_url]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--into-owner"));
+    let redirected = run(&[
+        "replay",
+        old_dir,
+        "--server",
+        &owner_url,
+        "--into-owner",
+        "--agent",
+        "b",
+        "--to-address",
+        "agent:a",
+        "--json",
+    ]);
+    assert_eq!(json_of(&redirected)["replayed"], 3);
+    let inbox = owner.send("GET", "/v1/agents/a", json!({}));
+    assert_eq!(inbox["inbox"]["ready"], 59 + 3);
+}
+
+#[test]
+fn bench_reports_throughput_and_latency_percentiles() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let server = Server::start(&tmp.path().join("data"));
+    let url = format!("http://{}", server.addr);
+    for (batch, requests) in [("1", 300), ("25", 12)] {
+        let out = run(&[
+            "bench",
+            "--server",
+            &url,
+            "--publishers",
+            "2",
+            "--consumers",
+            "2",
+            "--size",
+            "64",
+            "--count",
+            "300",
+            "--batch",
+            batch,
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let report = json_of(&out);
+        assert_eq!(report["publish"]["count"], requests);
+        assert_eq!(report["delivery"]["count"], 300);
+        assert!(report["ack"]["count"].as_u64().expect("acks") >= 1);
+        for what in ["publish", "delivery", "ack"] {
+            let f = &report[what];
+            let (p50, p99, max) = (
+                f["p50_ms"].as_f64(),
+                f["p99_ms"].as_f64(),
+                f["max_ms"].as_f64(),
+            );
+            assert!(p50 > Some(0.0) && p50 <= p99 && p99 <= max, "{what}: {f}");
+        }
+        assert!(report["messages_per_second"].as_f64().expect("rate") > 0.0);
+    }
+    let table = run(&["bench", "--server", &url, "--count", "50"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("publish->delivery") && text.contains("P99_MS"),
+        "{text}"
+    );
+}
