@@ -50,7 +50,8 @@ enum Command {
     /// Segments (file, offsets, records, bytes, times), totals, and agents with their depths.
     #[command(after_help = "Example: courierctl inspect ./courier-data --json\n\
         Agents and depths are computed by replaying the log into a scratch index, so they are\n\
-        exact as of the log's last complete record and need no lock.")]
+        exact as of the log's last complete record and need no lock. On a damaged log they are\n\
+        not computed, and the exit code is 1.")]
     Inspect {
         /// The data directory.
         dir: PathBuf,

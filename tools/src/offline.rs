@@ -195,7 +195,9 @@ struct InspectJson {
     total_bytes: u64,
     first_offset: Option<u64>,
     next_offset: u64,
-    agents: Vec<AgentRow>,
+    /// Damage other than a torn tail: then agents are not computed (null).
+    damaged: bool,
+    agents: Option<Vec<AgentRow>>,
 }
 
 /// Agents and depths from a replay of the log into a scratch index (nothing in `dir` is
@@ -235,8 +237,15 @@ pub fn inspect(dir: &Path, json: bool) -> Outcome {
     let running = server_running(dir);
     let spinner = output::spinner("reading segments");
     let report = verify::verify(&FileDisk, dir).map_err(failed)?;
-    spinner.set_message("replaying the log for agent depths");
-    let (agents, next) = agent_rows(dir).map_err(failed)?;
+    let damaged = report.problems.iter().any(|p| !p.torn_tail);
+    let (agents, next) = if damaged {
+        let next = report.segments.last().map_or(Offset(0), |s| s.next_offset);
+        (None, next)
+    } else {
+        spinner.set_message("replaying the log for agent depths");
+        let (agents, next) = agent_rows(dir).map_err(failed)?;
+        (Some(agents), next)
+    };
     spinner.finish_and_clear();
     let segments = segment_rows(&report);
     let summary = InspectJson {
@@ -246,11 +255,13 @@ pub fn inspect(dir: &Path, json: bool) -> Outcome {
         first_offset: segments.first().map(|s| s.base),
         next_offset: next.0,
         segments,
+        damaged,
         agents,
     };
+    let code = ExitCode::from(u8::from(damaged));
     if json {
         output::json(&summary);
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     let state = if running {
         "running (the directory is locked)"
@@ -268,8 +279,14 @@ pub fn inspect(dir: &Path, json: bool) -> Outcome {
         summary.next_offset
     );
     println!();
-    let rows: Vec<Vec<String>> = summary
-        .agents
+    let Some(agents) = &summary.agents else {
+        println!(
+            "the log is damaged, so agents and depths are not computed: run `courierctl verify {}`",
+            dir.display()
+        );
+        return Ok(code);
+    };
+    let rows: Vec<Vec<String>> = agents
         .iter()
         .map(|a| {
             vec![
@@ -285,13 +302,7 @@ pub fn inspect(dir: &Path, json: bool) -> Outcome {
         &["AGENT", "REGISTERED", "READY", "IN_FLIGHT", "DEAD_LETTERS"],
         &rows,
     );
-    if report.problems.iter().any(|p| !p.torn_tail) {
-        println!(
-            "the log is damaged: run `courierctl verify {}`",
-            dir.display()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// What `dump` prints.
@@ -387,7 +398,17 @@ pub fn dump(dir: &Path, filter: &DumpFilter) -> Outcome {
             }
             Ok(())
         };
-        segment::scan(file.as_ref(), *base, false, Some(&mut visit)).map_err(failed)?;
+        let scan = segment::scan(file.as_ref(), *base, false, Some(&mut visit)).map_err(failed)?;
+        if let Some(damage) = scan.damage.first() {
+            bar.suspend(|| {
+                eprintln!(
+                    "courierctl: {} is damaged at byte {} ({}); its later records are skipped: run `courierctl verify`",
+                    path.display(),
+                    damage.position,
+                    damage.reason
+                );
+            });
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();

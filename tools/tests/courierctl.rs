@@ -177,6 +177,7 @@ fn clean_directory_verify_inspect_and_dump_while_running_and_after() {
 
     let inspect = json_of(&courierctl(&["inspect", "--json"], &dir));
     assert_eq!(inspect["server_running"], true);
+    assert_eq!(inspect["damaged"], false);
     assert_eq!(inspect["next_offset"], 66);
     let agents = inspect["agents"].as_array().expect("agents");
     assert_eq!(
@@ -276,6 +277,18 @@ fn flipped_bit_is_reported_with_file_and_position_then_repaired() {
         .ends_with(&name));
     assert!(problem["position"].as_u64().expect("position") <= at as u64);
     assert_eq!(problem["torn_tail"], false);
+
+    let inspect = courierctl(&["inspect", "--json"], &dir);
+    assert_eq!(inspect.status.code(), Some(1));
+    let inspected = json_of(&inspect);
+    assert_eq!(inspected["damaged"], true);
+    assert_eq!(inspected["agents"], Value::Null);
+    let dump = courierctl(&["dump"], &dir);
+    let warning = String::from_utf8_lossy(&dump.stderr);
+    assert!(
+        warning.contains(&name) && warning.contains("damaged"),
+        "{warning}"
+    );
 
     let repair = courierctl(&["repair", "--json"], &dir);
     assert_eq!(repair.status.code(), Some(0), "{repair:?}");
