@@ -15,8 +15,19 @@ pub struct Client {
 }
 
 impl Client {
-    /// `server` is the base URL, for example `http://127.0.0.1:7070`.
+    /// `server` is the base URL, for example `http://127.0.0.1:7070`. A request that gets no
+    /// answer within a minute fails.
     pub fn new(server: &str) -> Result<Self, output::Failure> {
+        Self::with_timeout(server, Some(Duration::from_secs(60)))
+    }
+
+    /// A client without a timeout per request: ureq's timeout bookkeeping costs the load
+    /// generator half its throughput (17.8k against 8.3k publishes/s with 64 publishers).
+    pub fn without_timeout(server: &str) -> Result<Self, output::Failure> {
+        Self::with_timeout(server, None)
+    }
+
+    fn with_timeout(server: &str, timeout: Option<Duration>) -> Result<Self, output::Failure> {
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             return Err(usage(format!(
@@ -25,7 +36,7 @@ impl Client {
         }
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
+            .timeout_global(timeout)
             .build();
         Ok(Self {
             base,
@@ -40,8 +51,17 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, output::Failure> {
+        self.call_raw(method, path, body.unwrap_or(&json!({})).to_string())
+    }
+
+    /// [`Client::call`] with a body that is already JSON text.
+    pub fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: String,
+    ) -> Result<Value, output::Failure> {
         let url = format!("{}{path}", self.base);
-        let body = body.unwrap_or(&json!({})).to_string();
         let sent = match method {
             "GET" => self.agent.get(&url).call(),
             "PUT" => self
