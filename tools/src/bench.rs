@@ -26,20 +26,35 @@ use serde_json::{json, Value};
 use crate::online::Client;
 use crate::output::{self, usage, Outcome};
 
-/// The load to generate.
+/// The load to generate (the `bench` command's flags).
+#[derive(clap::Args)]
 pub struct BenchOptions {
+    /// The server's base URL.
+    #[arg(long)]
     pub server: String,
+    /// The agent to publish to (registered if missing).
+    #[arg(long, default_value = "bench")]
     pub agent: String,
+    /// Publishing threads, each with its own connection.
+    #[arg(long, default_value_t = 4)]
     pub publishers: usize,
+    /// Consuming threads (receive up to 100, then ack them).
+    #[arg(long, default_value_t = 2)]
     pub consumers: usize,
     /// Bytes of padding in each message body.
+    #[arg(long, default_value_t = 1024)]
     pub size: usize,
-    /// Messages per publish request (1: single publishes).
+    /// Messages per publish request (1: single publishes, else the batch endpoint).
+    #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Stop publishing after this long...
-    pub duration: Duration,
-    /// ... or after this many messages, whichever comes first.
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop after this many messages (if sooner than --duration).
+    #[arg(long)]
     pub count: Option<u64>,
+    /// JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
 }
 
@@ -294,7 +309,7 @@ pub fn bench(options: &BenchOptions) -> Outcome {
             let shared = &shared;
             scope.spawn(move || consumer(&client, shared, &options.agent));
         }
-        let deadline = started + options.duration;
+        let deadline = started + Duration::from_secs_f64(options.duration.max(0.0));
         while Instant::now() < deadline && publishers.iter().any(|p| !p.is_finished()) {
             std::thread::sleep(Duration::from_millis(20));
             bar.set_message(format!(

@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "courierctl",
     version,
-    about = "Inspect, verify, repair and dump Courier data directories; manage dead letters",
+    about = "Inspect, verify, repair, dump and replay Courier data directories; manage dead letters; generate load",
     after_help = "Exit codes: 0 success, 1 damage found or the command failed, 2 usage error.\n\
                   Every command takes --json for scripts."
 )]
@@ -66,15 +66,8 @@ enum Command {
     Dump {
         /// The data directory.
         dir: PathBuf,
-        /// First offset (inclusive).
-        #[arg(long)]
-        from: Option<u64>,
-        /// Last offset (inclusive).
-        #[arg(long)]
-        to: Option<u64>,
-        /// Only messages routed to this agent's inbox.
-        #[arg(long)]
-        agent: Option<String>,
+        #[command(flatten)]
+        selection: offline::Selection,
         /// At most this many messages.
         #[arg(long)]
         limit: Option<u64>,
@@ -106,15 +99,8 @@ enum Command {
         /// The server's base URL.
         #[arg(long)]
         server: String,
-        /// First offset (inclusive); where a stopped replay said to resume.
-        #[arg(long)]
-        from: Option<u64>,
-        /// Last offset (inclusive).
-        #[arg(long)]
-        to: Option<u64>,
-        /// Only messages routed to this agent's inbox.
-        #[arg(long)]
-        agent: Option<String>,
+        #[command(flatten)]
+        selection: offline::Selection,
         /// Send every message here instead of its original `to` (for example agent:audit).
         #[arg(long)]
         to_address: Option<String>,
@@ -135,33 +121,8 @@ enum Command {
         message); one ack request. Exit 1 if not everything published was delivered."
     )]
     Bench {
-        /// The server's base URL.
-        #[arg(long)]
-        server: String,
-        /// The agent to publish to (registered if missing).
-        #[arg(long, default_value = "bench")]
-        agent: String,
-        /// Publishing threads, each with its own connection.
-        #[arg(long, default_value_t = 4)]
-        publishers: usize,
-        /// Consuming threads (receive up to 100, then ack them).
-        #[arg(long, default_value_t = 2)]
-        consumers: usize,
-        /// Bytes of padding in each message body.
-        #[arg(long, default_value_t = 1024)]
-        size: usize,
-        /// Messages per publish request (1: single publishes, else the batch endpoint).
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Stop after this many messages (if sooner than --duration).
-        #[arg(long)]
-        count: Option<u64>,
-        /// JSON instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        options: bench::BenchOptions,
     },
     /// List or redrive an agent's dead letters on a running server.
     Dlq {
@@ -234,20 +195,10 @@ fn run(command: Command) -> output::Outcome {
         Command::Inspect { dir, json } => offline::inspect(&dir, json),
         Command::Dump {
             dir,
-            from,
-            to,
-            agent,
+            selection,
             limit,
             json: _,
-        } => offline::dump(
-            &dir,
-            &offline::DumpFilter {
-                from,
-                to,
-                agent,
-                limit,
-            },
-        ),
+        } => offline::dump(&dir, &selection, limit),
         Command::Repair { dir, json } => offline::repair(&dir, json),
         online => online_command(online),
     }
@@ -257,42 +208,18 @@ fn run(command: Command) -> output::Outcome {
 fn online_command(command: Command) -> output::Outcome {
     match command {
         Command::Dlq { action } => dlq(action),
-        Command::Bench {
-            server,
-            agent,
-            publishers,
-            consumers,
-            size,
-            batch,
-            duration,
-            count,
-            json,
-        } => bench::bench(&bench::BenchOptions {
-            server,
-            agent,
-            publishers,
-            consumers,
-            size,
-            batch,
-            duration: std::time::Duration::from_secs_f64(duration.max(0.0)),
-            count,
-            json,
-        }),
+        Command::Bench { options } => bench::bench(&options),
         Command::Replay {
             dir,
             server,
-            from,
-            to,
-            agent,
+            selection,
             to_address,
             rate,
             into_owner,
             json,
         } => online::Client::new(&server).and_then(|client| {
             let options = replay::ReplayOptions {
-                from,
-                to,
-                agent,
+                selection,
                 to_address,
                 rate,
                 into_owner,

@@ -13,7 +13,7 @@ use courier_storage::io::{Disk, FileDisk};
 use courier_storage::record::Frame;
 use courier_storage::segment;
 use courier_storage::verify::{self, Problem, VerifyReport};
-use courier_storage::{Error, Index, Offset, Record};
+use courier_storage::{Error, Index, Message, Offset, Record};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -305,12 +305,54 @@ pub fn inspect(dir: &Path, json: bool) -> Outcome {
     Ok(code)
 }
 
-/// What `dump` prints.
-pub struct DumpFilter {
+/// Which messages `dump` and `replay` read: an offset range and an agent.
+#[derive(clap::Args, Clone, Default)]
+pub struct Selection {
+    /// First offset (inclusive); where a stopped replay said to resume.
+    #[arg(long)]
     pub from: Option<u64>,
+    /// Last offset (inclusive).
+    #[arg(long)]
     pub to: Option<u64>,
+    /// Only messages routed to this agent's inbox.
+    #[arg(long)]
     pub agent: Option<String>,
-    pub limit: Option<u64>,
+}
+
+impl Selection {
+    /// The offsets selected; a usage error if `--from` is after `--to`.
+    pub fn range(&self) -> Result<std::ops::RangeInclusive<u64>, output::Failure> {
+        let (from, to) = (self.from.unwrap_or(0), self.to.unwrap_or(u64::MAX));
+        if from > to {
+            return Err(usage(format!("--from {from} is after --to {to}")));
+        }
+        Ok(from..=to)
+    }
+
+    /// Whether the message `m` at `offset` is selected.
+    pub fn wants(&self, offset: u64, m: &Message) -> bool {
+        let routed = self
+            .agent
+            .as_ref()
+            .is_none_or(|a| m.destinations.iter().any(|d| d == a));
+        routed && self.from.unwrap_or(0) <= offset && offset <= self.to.unwrap_or(u64::MAX)
+    }
+
+    /// The segments of the data directory `dir` that can hold selected offsets, oldest first
+    /// (those that end before `--from` are skipped unread, and those after `--to`).
+    pub fn segments(&self, dir: &Path) -> Result<Vec<(Offset, PathBuf)>, output::Failure> {
+        let range = self.range()?;
+        let listed = courier_storage::list_segments(&FileDisk, &data_dir(dir)?).map_err(failed)?;
+        let first = listed
+            .iter()
+            .rposition(|(base, _)| base.0 <= *range.start())
+            .unwrap_or(0);
+        Ok(listed
+            .into_iter()
+            .skip(first)
+            .take_while(|(base, _)| base.0 <= *range.end())
+            .collect())
+    }
 }
 
 #[derive(Serialize)]
@@ -332,14 +374,12 @@ struct DumpLine<'a> {
     body: &'a RawValue,
 }
 
-fn dump_line(frame: &Frame, filter: &DumpFilter) -> Option<String> {
+fn dump_line(frame: &Frame, selection: &Selection) -> Option<String> {
     let Record::Message(m) = &frame.record else {
         return None;
     };
-    if let Some(agent) = &filter.agent {
-        if !m.destinations.iter().any(|d| d == agent) {
-            return None;
-        }
+    if !selection.wants(frame.offset.0, m) {
+        return None;
     }
     let body = std::str::from_utf8(&m.body)
         .ok()
@@ -365,25 +405,14 @@ fn dump_line(frame: &Frame, filter: &DumpFilter) -> Option<String> {
     Some(serde_json::to_string(&line).expect("a dump line serializes"))
 }
 
-/// `dump DIR`: messages as JSON lines, oldest first.
-pub fn dump(dir: &Path, filter: &DumpFilter) -> Outcome {
-    let log = data_dir(dir)?;
-    let from = filter.from.unwrap_or(0);
-    let to = filter.to.unwrap_or(u64::MAX);
-    if from > to {
-        return Err(usage(format!("--from {from} is after --to {to}")));
-    }
-    let listed = courier_storage::list_segments(&FileDisk, &log).map_err(failed)?;
-    // Segments that end before `from` are skipped unread.
-    let first = listed
-        .iter()
-        .rposition(|(base, _)| base.0 <= from)
-        .unwrap_or(0);
-    let bar = output::progress((listed.len() - first) as u64, "dumping");
+/// `dump DIR`: messages as JSON lines, oldest first, at most `limit`.
+pub fn dump(dir: &Path, selection: &Selection, limit: Option<u64>) -> Outcome {
+    let segments = selection.segments(dir)?;
+    let bar = output::progress(segments.len() as u64, "dumping");
     let mut printed = 0;
-    let limit = filter.limit.unwrap_or(u64::MAX);
-    for (base, path) in &listed[first..] {
-        if base.0 > to || printed >= limit {
+    let limit = limit.unwrap_or(u64::MAX);
+    for (base, path) in &segments {
+        if printed >= limit {
             break;
         }
         let file = FileDisk
@@ -391,8 +420,7 @@ pub fn dump(dir: &Path, filter: &DumpFilter) -> Outcome {
             .with_context(|| format!("opening segment {}", path.display()))
             .map_err(failed)?;
         let mut visit = |frame: &Frame, _position, _len| {
-            let wanted = (from..=to).contains(&frame.offset.0) && printed < limit;
-            if let Some(line) = dump_line(frame, filter).filter(|_| wanted) {
+            if let Some(line) = dump_line(frame, selection).filter(|_| printed < limit) {
                 bar.suspend(|| println!("{line}"));
                 printed += 1;
             }

@@ -23,14 +23,13 @@ use courier_storage::{segment, Message, Record};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::offline::Selection;
 use crate::online::Client;
 use crate::output::{self, failed, usage, Outcome};
 
 /// What to replay, and how.
 pub struct ReplayOptions {
-    pub from: Option<u64>,
-    pub to: Option<u64>,
-    pub agent: Option<String>,
+    pub selection: Selection,
     pub to_address: Option<String>,
     /// Messages per second; 0 for no limit.
     pub rate: f64,
@@ -131,12 +130,11 @@ impl Pacer {
     }
 }
 
-/// The messages of one segment with offsets in `range`, routed to `agent` if given.
+/// The selected messages of one segment.
 fn messages_in(
     path: &Path,
     base: courier_storage::Offset,
-    range: std::ops::RangeInclusive<u64>,
-    agent: Option<&str>,
+    selection: &Selection,
 ) -> Result<Vec<(u64, Message)>, output::Failure> {
     let file = FileDisk
         .open(path, false)
@@ -145,8 +143,7 @@ fn messages_in(
     let mut messages = Vec::new();
     let mut collect = |frame: &Frame, _position, _len| {
         if let Record::Message(m) = &frame.record {
-            let routed = agent.is_none_or(|a| m.destinations.iter().any(|d| d == a));
-            if range.contains(&frame.offset.0) && routed {
+            if selection.wants(frame.offset.0, m) {
                 messages.push((frame.offset.0, m.clone()));
             }
         }
@@ -158,7 +155,7 @@ fn messages_in(
 
 /// `replay DIR --server URL`.
 pub fn replay(dir: &Path, client: &Client, options: &ReplayOptions) -> Outcome {
-    let log = crate::offline::data_dir(dir)?;
+    crate::offline::data_dir(dir)?;
     if !options.into_owner && owns(client, dir)? {
         return Err(usage(format!(
             "the server writes {} itself: replaying into it doubles its history; pass \
@@ -166,14 +163,9 @@ pub fn replay(dir: &Path, client: &Client, options: &ReplayOptions) -> Outcome {
             dir.display()
         )));
     }
-    let from = options.from.unwrap_or(0);
-    let to = options.to.unwrap_or(u64::MAX);
-    let listed = courier_storage::list_segments(&FileDisk, &log).map_err(failed)?;
-    let first = listed
-        .iter()
-        .rposition(|(base, _)| base.0 <= from)
-        .unwrap_or(0);
-    let bar = output::progress((listed.len() - first) as u64, "replaying");
+    let segments = options.selection.segments(dir)?;
+    let from = *options.selection.range()?.start();
+    let bar = output::progress(segments.len() as u64, "replaying");
     let mut pacer = Pacer::new(options.rate);
     let mut report = ReplayReport {
         replayed: 0,
@@ -183,11 +175,8 @@ pub fn replay(dir: &Path, client: &Client, options: &ReplayOptions) -> Outcome {
         next_from: from,
         stopped: None,
     };
-    'segments: for (base, path) in &listed[first..] {
-        if base.0 > to {
-            break;
-        }
-        let messages = messages_in(path, *base, from..=to, options.agent.as_deref())?;
+    'segments: for (base, path) in &segments {
+        let messages = messages_in(path, *base, &options.selection)?;
         for (offset, message) in messages {
             pacer.wait();
             let sent = republish(offset, &message, options.to_address.as_deref())
