@@ -288,7 +288,7 @@ impl Log {
                 recovery::recover(disk.as_ref(), &log_dir, &index, options.verify_sealed)?;
             Ok((index, recovered))
         };
-        let (index, mut recovered) = match open_and_recover() {
+        let (index, recovered) = match open_and_recover() {
             // The index is derived from the log: a damaged one (sled's files torn, say, by a
             // full disk) is set aside, never deleted, and rebuilt.
             Err(Error::Index(sled::Error::Corruption { .. })) => {
@@ -300,11 +300,11 @@ impl Log {
                 );
                 let (index, mut recovered) = open_and_recover()?;
                 recovered.report.index_set_aside = Some(aside);
+                recovered.report.index_rebuilt = true;
                 (index, recovered)
             }
             other => other?,
         };
-        recovered.report.index_rebuilt |= recovered.report.index_set_aside.is_some();
         let end = recovered.report.next_offset;
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),

@@ -105,8 +105,21 @@ struct Replay<'a> {
     replayed: u64,
 }
 
-impl Replay<'_> {
+impl<'a> Replay<'a> {
     const BATCH: usize = 4096;
+
+    /// Replays records from offset `from` on into `index`.
+    fn new(index: &'a Index, from: Offset) -> Self {
+        Self {
+            index,
+            from,
+            frames: Vec::new(),
+            runs: Vec::new(),
+            run: None,
+            run_end: 0,
+            replayed: 0,
+        }
+    }
 
     fn visit(&mut self, segment: Offset, frame: &Frame, position: u64, len: u64) -> Result<()> {
         if frame.offset < self.from {
@@ -200,43 +213,13 @@ pub(crate) fn recover(
 /// Returns the offset after the last record applied.
 pub fn replay_into(disk: &dyn Disk, log_dir: &Path, index: &Index) -> Result<Offset> {
     let listed = list_segments(disk, log_dir)?;
-    let mut replay = Replay {
-        index,
-        from: Offset(0),
-        frames: Vec::new(),
-        runs: Vec::new(),
-        run: None,
-        run_end: 0,
-        replayed: 0,
-    };
+    let mut replay = Replay::new(index, Offset(0));
     let mut next = listed.first().map_or(Offset(0), |(b, _)| *b);
     for (base, path) in &listed {
         let file = disk
             .open(path, false)
             .map_err(|e| Error::io("open segment", path, e))?;
-        if *base != next {
-            let reason = Corruption::OffsetMismatch {
-                expected: next.0,
-                found: base.0,
-            };
-            return Err(Error::Corrupt {
-                segment: path.clone(),
-                position: 0,
-                reason,
-            });
-        }
-        let mut visit = |frame: &Frame, position, len| replay.visit(*base, frame, position, len);
-        let scan = segment::scan(file.as_ref(), *base, false, Some(&mut visit))
-            .map_err(|e| with_path(e, path))?;
-        replay.flush()?;
-        if let Some(damage) = scan.damage.first() {
-            return Err(Error::Corrupt {
-                segment: path.clone(),
-                position: damage.position,
-                reason: damage.reason.clone(),
-            });
-        }
-        next = scan.next_offset;
+        next = scan_segment(&mut replay, file.as_ref(), *base, path, next)?.next_offset;
     }
     index.checkpoint()?;
     Ok(next)
@@ -259,15 +242,7 @@ fn attempt(
         .rposition(|(base, _)| *base <= from)
         .unwrap_or(0);
     let newest = listed.len() - 1;
-    let mut replay = Replay {
-        index,
-        from,
-        frames: Vec::new(),
-        runs: Vec::new(),
-        run: None,
-        run_end: 0,
-        replayed: 0,
-    };
+    let mut replay = Replay::new(index, from);
     let mut segments = BTreeMap::new();
     let mut truncated = None;
     let mut next = if verify_sealed {
@@ -365,6 +340,21 @@ fn replay_segment(
     expected_base: Offset,
     newest: bool,
 ) -> Result<(segment::Scan, Option<Truncation>)> {
+    let scan = scan_segment(replay, file, base, path, expected_base)?;
+    let truncation = truncate_tail(file, path, &scan, newest)?;
+    Ok((scan, truncation))
+}
+
+/// Replays one segment's records into the index, reading only: refuses a segment that does
+/// not start at `expected_base`, and damage followed by valid records (a torn tail is left to
+/// the caller).
+fn scan_segment(
+    replay: &mut Replay<'_>,
+    file: &dyn crate::io::DiskFile,
+    base: Offset,
+    path: &Path,
+    expected_base: Offset,
+) -> Result<segment::Scan> {
     let corrupt = |position, reason| Error::Corrupt {
         segment: path.to_path_buf(),
         position,
@@ -384,8 +374,7 @@ fn replay_segment(
     if let Some(damage) = scan.damage.first() {
         return Err(corrupt(damage.position, damage.reason.clone()));
     }
-    let truncation = truncate_tail(file, path, &scan, newest)?;
-    Ok((scan, truncation))
+    Ok(scan)
 }
 
 /// Truncates the torn or zeroed tail of the newest segment; refuses one anywhere else.
