@@ -86,10 +86,6 @@ pub struct LogOptions {
     /// How often index changes are written to sled (a checkpoint). Recovery replays at most
     /// about this much of the log; changes that cancel out in between never reach sled.
     pub checkpoint_interval: Duration,
-    /// Under `fsync=always`, how long the syncer may wait for batches the writer is still
-    /// writing, so that one fsync covers them too (like PostgreSQL's `commit_delay`). It waits
-    /// only while the writer is busy: a lone append is never delayed. Zero disables it.
-    pub commit_delay: Duration,
 }
 
 impl Default for LogOptions {
@@ -103,7 +99,6 @@ impl Default for LogOptions {
             index_dir: None,
             verify_sealed: true,
             checkpoint_interval: Duration::from_secs(1),
-            commit_delay: Duration::from_micros(200),
         }
     }
 }
@@ -197,6 +192,9 @@ pub(crate) struct Request {
 pub(crate) struct Queue {
     pub(crate) requests: Vec<Request>,
     pub(crate) closed: bool,
+    /// Whether the writer waits on `wake_writer`. While it writes or fsyncs, appends only
+    /// queue up (the next group commit) and skip the futex wake.
+    pub(crate) writer_waiting: bool,
 }
 
 /// State shared by the writer thread, appenders and readers.
@@ -209,7 +207,8 @@ pub(crate) struct Shared {
     pub(crate) options: LogOptions,
     /// The derived index; written only by the writer thread (and recovery before it starts).
     pub(crate) index: Index,
-    /// Appends waiting for the writer; `wake_writer` is notified on every push and on close.
+    /// Appends waiting for the writer; `wake_writer` is notified on a push while the writer
+    /// waits, and on close.
     pub(crate) queue: Mutex<Queue>,
     pub(crate) wake_writer: Condvar,
     /// Every segment by base offset; the last one is the active segment.
@@ -236,10 +235,6 @@ pub(crate) struct Shared {
     pub(crate) checkpoint_due: Condvar,
     /// What the writer has done.
     pub(crate) counters: Counters,
-    /// Whether requests are queued or being written behind the batch the syncer holds: its
-    /// sign that more batches are on their way. Set by `submit`, cleared by the writer when it
-    /// hands over a batch with nothing queued behind it; both under the queue lock.
-    pub(crate) writer_busy: AtomicBool,
 }
 
 /// The message log. See the module documentation.
@@ -326,7 +321,6 @@ impl Log {
             closing: Mutex::new(false),
             checkpoint_due: Condvar::new(),
             counters: Counters::default(),
-            writer_busy: AtomicBool::new(false),
         });
         let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
         let threads = Threads::spawn(&shared, writer)?;
@@ -354,14 +348,16 @@ impl Log {
             drop(queue);
             return done(Err(Error::Closed));
         }
-        self.shared.writer_busy.store(true, Ordering::Release);
         queue.requests.push(Request {
             timestamp_ms,
             records,
             done: Box::new(done),
         });
+        let wake = queue.writer_waiting;
         drop(queue);
-        self.shared.wake_writer.notify_one();
+        if wake {
+            self.shared.wake_writer.notify_one();
+        }
     }
 
     /// Appends `records` and blocks until they are durable under the fsync policy.

@@ -1,20 +1,21 @@
 //! The commit pipeline: the threads that turn queued appends into durable, indexed records.
 //!
 //! ```text
-//! submit ─▶ queue ─▶ writer ─▶ syncer ─▶ (publish) ─▶ completer ─▶ callbacks, listeners
-//!                   encode,    fdatasync           └─▶ indexer ─▶ index layer ─▶ checkpointer ─▶ sled
-//!                   write, roll  (always)
+//! submit ─▶ queue ─▶ writer ─────────────▶ (publish) ─▶ completer ─▶ callbacks, listeners
+//!                   encode, write, roll,            └─▶ indexer ─▶ index layer ─▶ checkpointer ─▶ sled
+//!                   fdatasync (per policy)
 //! ```
 //!
-//! The **writer** gives records their offsets, writes them and rolls segments. Under
-//! `fsync=always` the **syncer** makes every batch written meanwhile durable with one
-//! fdatasync, so disk and CPU work overlap; under `interval` and `never` the writer publishes
-//! itself. [`Outlet::publish`] makes a batch visible (positions in `recent`, then the durable
-//! end), the **completer** answers its appends in commit order, the **indexer** applies it to
-//! the index's in-memory layer, and the **checkpointer** writes that layer to sled.
+//! The **writer** takes every queued append, gives the records their offsets, writes them as
+//! one batch, rolls segments, and makes the batch durable per the fsync policy: under
+//! `always`, one fdatasync for the whole batch (a group commit: whatever is submitted during
+//! that fdatasync is the next batch). [`Outlet::publish`] makes a batch visible (positions in
+//! `recent`, then the durable end), the **completer** answers its appends in commit order, the
+//! **indexer** applies it to the index's in-memory layer, and the **checkpointer** writes that
+//! layer to sled.
 //!
-//! **Invariant:** under `fsync=always` the syncer is the only thread that fsyncs segments
-//! while the log is open (fsyncgate: a failed fsync is seen by exactly one caller).
+//! **Invariant:** the writer is the only thread that fsyncs segments while the log is open
+//! (fsyncgate: a failed fsync is seen by exactly one caller, which poisons the log).
 
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -118,7 +119,6 @@ fn run_checkpointer(shared: &Shared) {
 /// The log's background threads, in pipeline order.
 pub(crate) struct Threads {
     writer: JoinHandle<()>,
-    syncer: Option<JoinHandle<()>>,
     completer: JoinHandle<()>,
     indexer: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
@@ -140,22 +140,9 @@ impl Threads {
             to_completer,
             to_indexer,
         };
-        writer.outlet = Some(outlet.clone());
-        let syncer = match shared.options.fsync {
-            FsyncPolicy::Always => {
-                // Bounded: a writer this far ahead of the disk waits for it.
-                let (to_syncer, items) = mpsc::sync_channel(64);
-                writer.to_syncer = Some(to_syncer);
-                Some(spawn(
-                    "syncer",
-                    Box::new(move || run_syncer(&outlet, &items)),
-                )?)
-            }
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => None,
-        };
+        writer.outlet = Some(outlet);
         let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
         Ok(Self {
-            syncer,
             completer: spawn(
                 "completer",
                 Box::new(move || run_completer(&s1, &completions)),
@@ -166,14 +153,10 @@ impl Threads {
         })
     }
 
-    /// Joins in pipeline order: the writer finishes the queue; its exit closes the syncer's
-    /// channel, and theirs close the completer's and indexer's, which drain and stop; then
-    /// the checkpointer.
+    /// Joins in pipeline order: the writer finishes the queue; its exit closes the
+    /// completer's and indexer's channels, which drain and stop; then the checkpointer.
     pub(crate) fn join(self, shared: &Shared) {
         let _ = self.writer.join();
-        if let Some(syncer) = self.syncer {
-            let _ = syncer.join();
-        }
         let _ = self.completer.join();
         let _ = self.indexer.join();
         *shared.closing.lock().expect("closing lock") = true;
@@ -195,22 +178,12 @@ pub(crate) fn poison(shared: &Shared, error: &Error) {
     shared.durable_advanced.notify_all();
 }
 
-/// A batch written to its segment, waiting to be made durable and announced.
+/// A durable batch, to be announced.
 struct Written {
-    /// The segment its last record is in (earlier segments were sealed by a roll).
-    segment: Arc<Segment>,
     end: Offset,
     accepted: Vec<Accepted>,
     frames: Vec<Frame>,
     runs: Vec<PositionRun>,
-}
-
-/// What the writer hands the syncer, in order.
-enum ToSyncer {
-    /// Make this batch durable, then announce it.
-    Batch(Written),
-    /// Sync this segment, which a roll is sealing, and answer before the next one exists.
-    Seal(Arc<Segment>, mpsc::SyncSender<Result<()>>),
 }
 
 /// Where durable (or failed) batches go: the completer and the indexer.
@@ -222,49 +195,42 @@ struct Outlet {
 }
 
 impl Outlet {
-    /// Makes durable batches visible (positions, then the durable end), completes their
-    /// appends and queues them for the index.
-    fn publish(&self, batches: Vec<Written>) {
-        let Some(end) = batches.last().map(|b| b.end) else {
-            return;
-        };
+    /// Makes a durable batch visible (positions, then the durable end), completes its
+    /// appends and queues it for the index.
+    fn publish(&self, batch: Written) {
+        let end = batch.end;
         {
             let mut recent = self.shared.recent.write().expect("recent lock");
-            for run in batches.iter().flat_map(|b| &b.runs) {
+            for run in &batch.runs {
                 recent.insert(run.first, run.clone());
             }
         }
         let counters = &self.shared.counters;
-        let records: usize = batches.iter().map(|b| b.frames.len()).sum();
-        counters
-            .commits
-            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        counters.commits.fetch_add(1, Ordering::Relaxed);
         counters
             .records
-            .fetch_add(records as u64, Ordering::Relaxed);
+            .fetch_add(batch.frames.len() as u64, Ordering::Relaxed);
         *self.shared.durable_end.lock().expect("durable lock") = end;
         self.shared.durable_advanced.notify_all();
-        let mut done = Vec::new();
-        let mut jobs = Vec::with_capacity(batches.len());
-        for batch in batches {
-            done.extend(batch.accepted.into_iter().map(|a| {
+        let done = batch
+            .accepted
+            .into_iter()
+            .map(|a| {
                 let appended = Appended {
                     first: a.first,
                     count: a.count,
                 };
                 (a.done, Ok(appended))
-            }));
-            jobs.push(IndexJob {
-                frames: batch.frames,
-                runs: batch.runs,
-                end: batch.end,
-            });
-        }
+            })
+            .collect();
         self.complete(Some(end), done);
-        for job in jobs {
-            if self.to_indexer.send(job).is_err() {
-                poison(&self.shared, &Error::Closed);
-            }
+        let job = IndexJob {
+            frames: batch.frames,
+            runs: batch.runs,
+            end,
+        };
+        if self.to_indexer.send(job).is_err() {
+            poison(&self.shared, &Error::Closed);
         }
     }
 
@@ -299,104 +265,6 @@ impl Outlet {
             for (done, result) in completion.done {
                 done(result);
             }
-        }
-    }
-
-    /// fdatasyncs `segment`; a failure poisons the log (it is never retried).
-    fn sync(&self, segment: &Segment) -> Result<()> {
-        let synced = segment.file.sync_data();
-        let synced = synced.map_err(|e| Error::io("fdatasync segment", &segment.path, e));
-        match &synced {
-            Ok(()) => {
-                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(error) => poison(&self.shared, error),
-        }
-        synced
-    }
-
-    /// One fdatasync for every batch queued meanwhile (all in the last one's segment), then
-    /// publishes them. Returns whether that segment was synced.
-    fn sync_and_publish(&self, batches: Vec<Written>) -> bool {
-        let Some(segment) = batches.last().map(|b| b.segment.clone()) else {
-            return false;
-        };
-        let accepted = |batches: Vec<Written>| -> Vec<Accepted> {
-            batches.into_iter().flat_map(|b| b.accepted).collect()
-        };
-        if self.shared.poisoned.load(Ordering::Acquire) {
-            self.fail(accepted(batches), &Error::Poisoned);
-            return false;
-        }
-        match self.sync(&segment) {
-            Ok(()) => {
-                self.publish(batches);
-                true
-            }
-            Err(error) => {
-                self.fail(accepted(batches), &error);
-                false
-            }
-        }
-    }
-}
-
-/// The syncer thread (fsync=always): the only thread that fsyncs segments while the log is
-/// open, so a failed fsync is seen by exactly one caller. It takes every batch the writer has
-/// written meanwhile and makes them durable with one fdatasync, while the writer goes on
-/// writing the next ones.
-fn run_syncer(outlet: &Outlet, items: &mpsc::Receiver<ToSyncer>) {
-    while let Ok(first) = items.recv() {
-        let mut pending = vec![first];
-        pending.extend(items.try_iter());
-        wait_for_more(&outlet.shared, items, &mut pending);
-        let mut batches = Vec::new();
-        for item in pending {
-            match item {
-                ToSyncer::Batch(batch) => batches.push(batch),
-                ToSyncer::Seal(segment, reply) => {
-                    // Batches that arrived with the seal are synced after the writer's last
-                    // write to their segment; if that is the sealed one, it is already durable.
-                    let same = batches
-                        .last()
-                        .is_some_and(|b| Arc::ptr_eq(&b.segment, &segment));
-                    let synced = outlet.sync_and_publish(std::mem::take(&mut batches));
-                    let sealed = if outlet.shared.poisoned.load(Ordering::Acquire) {
-                        Err(Error::Poisoned)
-                    } else if same && synced {
-                        Ok(())
-                    } else {
-                        outlet.sync(&segment)
-                    };
-                    let _ = reply.send(sealed);
-                }
-            }
-        }
-        let _ = outlet.sync_and_publish(batches);
-    }
-}
-
-/// The commit delay: while the writer is still busy writing what was submitted meanwhile,
-/// waits up to `commit_delay` for its batches, so that one fsync covers them too. A seal ends
-/// the wait at once (the writer is blocked on it).
-fn wait_for_more(shared: &Shared, items: &mpsc::Receiver<ToSyncer>, pending: &mut Vec<ToSyncer>) {
-    let sealing = |pending: &[ToSyncer]| pending.iter().any(|i| matches!(i, ToSyncer::Seal(..)));
-    let delay = shared.options.commit_delay;
-    if delay.is_zero() || sealing(pending) {
-        return;
-    }
-    let deadline = monotonic_now() + delay;
-    while shared.writer_busy.load(Ordering::Acquire) {
-        let left = deadline.saturating_duration_since(monotonic_now());
-        match items.recv_timeout(left) {
-            Ok(item) => {
-                pending.push(item);
-                pending.extend(items.try_iter());
-                if sealing(pending) {
-                    return;
-                }
-            }
-            Err(_) => return,
         }
     }
 }
@@ -435,8 +303,6 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     /// Set by [`Threads::spawn`]; dropped with the writer, which closes the channels.
     outlet: Option<Outlet>,
-    /// The syncer's queue under fsync=always.
-    to_syncer: Option<mpsc::SyncSender<ToSyncer>>,
 }
 
 struct Accepted {
@@ -468,49 +334,11 @@ impl Writer {
             scratch: Vec::new(),
             buf: Vec::new(),
             outlet: None,
-            to_syncer: None,
         })
     }
 
     fn run(mut self) {
-        loop {
-            let requests = {
-                let mut queue = self.shared.queue.lock().expect("queue lock");
-                loop {
-                    if !queue.requests.is_empty() {
-                        break std::mem::take(&mut queue.requests);
-                    }
-                    if queue.closed {
-                        drop(queue);
-                        let writer_syncs = self.to_syncer.is_none();
-                        if writer_syncs
-                            && self.unsynced
-                            && !self.shared.poisoned.load(Ordering::Acquire)
-                        {
-                            let _ = self.sync().map_err(|e| poison(&self.shared, &e));
-                        }
-                        return;
-                    }
-                    let due = match self.shared.options.fsync {
-                        FsyncPolicy::Interval(every) if self.unsynced => {
-                            Some(every.saturating_sub(self.last_sync.elapsed()))
-                        }
-                        _ => None,
-                    };
-                    match due {
-                        Some(wait) if wait.is_zero() => break Vec::new(),
-                        Some(wait) => {
-                            queue = self
-                                .shared
-                                .wake_writer
-                                .wait_timeout(queue, wait)
-                                .expect("queue lock")
-                                .0
-                        }
-                        None => queue = self.shared.wake_writer.wait(queue).expect("queue lock"),
-                    }
-                }
-            };
+        while let Some(requests) = self.next_requests() {
             if requests.is_empty() {
                 if let Err(e) = self.sync() {
                     poison(&self.shared, &e);
@@ -518,6 +346,45 @@ impl Writer {
                 continue;
             }
             self.commit(requests);
+        }
+        if self.unsynced && !self.shared.poisoned.load(Ordering::Acquire) {
+            let _ = self.sync().map_err(|e| poison(&self.shared, &e));
+        }
+    }
+
+    /// Waits for the next batch: every queued append, or none when an `interval` fsync is
+    /// due; `None` once the log is closed and the queue drained.
+    fn next_requests(&mut self) -> Option<Vec<Request>> {
+        let mut queue = self.shared.queue.lock().expect("queue lock");
+        loop {
+            if !queue.requests.is_empty() {
+                return Some(std::mem::take(&mut queue.requests));
+            }
+            if queue.closed {
+                return None;
+            }
+            let due = match self.shared.options.fsync {
+                FsyncPolicy::Interval(every) if self.unsynced => {
+                    Some(every.saturating_sub(self.last_sync.elapsed()))
+                }
+                _ => None,
+            };
+            queue.writer_waiting = true;
+            queue = match due {
+                Some(wait) if wait.is_zero() => {
+                    queue.writer_waiting = false;
+                    return Some(Vec::new());
+                }
+                Some(wait) => {
+                    self.shared
+                        .wake_writer
+                        .wait_timeout(queue, wait)
+                        .expect("queue lock")
+                        .0
+                }
+                None => self.shared.wake_writer.wait(queue).expect("queue lock"),
+            };
+            queue.writer_waiting = false;
         }
     }
 
@@ -532,6 +399,7 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes one batch, makes it durable per the policy and publishes it.
     fn commit(&mut self, requests: Vec<Request>) {
         let outlet = self.outlet.clone().expect("spawned with an outlet");
         if self.shared.poisoned.load(Ordering::Acquire) {
@@ -543,38 +411,18 @@ impl Writer {
         let mut accepted = Vec::with_capacity(requests.len());
         let mut frames = Vec::new();
         let mut runs = Vec::new();
-        let result = self.write(requests, &mut accepted, &mut frames, &mut runs);
-        // Under fsync=always the syncer makes the batch durable; otherwise it is done here.
-        let result = match self.to_syncer {
-            Some(_) => result,
-            None => result.and_then(|()| self.make_durable()),
-        };
+        let result = self
+            .write(requests, &mut accepted, &mut frames, &mut runs)
+            .and_then(|()| self.make_durable());
         if let Err(error) = result {
             return outlet.fail(accepted, &error);
         }
-        let batch = Written {
-            segment: self.active.clone(),
+        outlet.publish(Written {
             end: self.next_offset,
             accepted,
             frames,
             runs,
-        };
-        match &self.to_syncer {
-            Some(tx) => {
-                {
-                    // Nothing queued behind this batch: the syncer need not wait for more.
-                    let queue = self.shared.queue.lock().expect("queue lock");
-                    let more = !queue.requests.is_empty();
-                    self.shared.writer_busy.store(more, Ordering::Release);
-                }
-                if let Err(mpsc::SendError(ToSyncer::Batch(batch))) =
-                    tx.send(ToSyncer::Batch(batch))
-                {
-                    outlet.fail(batch.accepted, &Error::Closed);
-                }
-            }
-            None => outlet.publish(vec![batch]),
-        }
+        });
     }
 
     fn make_durable(&mut self) -> Result<()> {
@@ -722,15 +570,7 @@ impl Writer {
     /// Seals the active segment (synced whatever the policy, so that a torn tail can only ever
     /// be in the newest segment) and makes a new one durable before anything is written to it.
     fn roll(&mut self) -> Result<()> {
-        match &self.to_syncer {
-            Some(tx) => {
-                let (reply, sealed) = mpsc::sync_channel(1);
-                tx.send(ToSyncer::Seal(self.active.clone(), reply))
-                    .map_err(|_| Error::Closed)?;
-                sealed.recv().unwrap_or(Err(Error::Closed))?;
-            }
-            None => self.sync()?,
-        }
+        self.sync()?;
         crate::failpoint::crash("segment.sealed");
         let base = self.next_offset;
         let shared = &self.shared;

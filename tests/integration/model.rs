@@ -210,7 +210,6 @@ impl System {
             segment_bytes: 4096,
             index_dir: Some(index_dir.path().to_path_buf()),
             checkpoint_interval: Duration::from_secs(3600),
-            commit_delay: Duration::ZERO,
             ..LogOptions::default()
         };
         let (log, _) = Log::open(data_dir(), options).expect("open");

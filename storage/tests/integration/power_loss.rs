@@ -236,8 +236,8 @@ fn concurrent_record(t: u64, n: u64) -> Record {
     message(&format!("t{t}-{n}"), "a", 4, &body(t * 100 + n, size))
 }
 
-/// Eight threads append concurrently, so the writer writes the next batch while the syncer
-/// fsyncs the previous one, and the power fails after `crash_after` I/O operations. Every
+/// Eight threads append concurrently, so appends queue up while the writer writes and fsyncs
+/// (group commits of several appends), and the power fails after `crash_after` I/O operations. Every
 /// acknowledged append survives; every record that survives was attempted, once. Returns the
 /// number of acknowledged appends and the operations the run made before the crash.
 fn concurrent_crash_state(crash_after: Option<u64>, mode: TearMode, seed: u64) -> (usize, u64) {
