@@ -303,7 +303,7 @@ impl Broker {
     }
 
     /// Submits `records` (already decided, under the lock) and returns a receiver for the
-    /// outcome. `on_durable` runs on the log's completion thread before the receiver fires.
+    /// outcome. `on_durable` runs on the log's writer thread before the receiver fires.
     fn submit(
         self: &Arc<Self>,
         points: CrashPoints,
@@ -616,7 +616,7 @@ impl Broker {
     }
 
     /// Applies durable `Message` records to memory (in commit order, from the log's
-    /// completion thread), remembers their client ids, and wakes the long-polls.
+    /// writer thread), remembers their client ids, and wakes the long-polls.
     fn messages_durable(
         &self,
         arrivals: &[Arrival],
