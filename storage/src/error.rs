@@ -33,6 +33,9 @@ pub enum Corruption {
     Truncated,
     /// Zero bytes where a record header was expected, with non-zero bytes after them.
     Zeroed,
+    /// Pages that were never written back (zeros to a page boundary) before records written
+    /// after them, in the newest segment after a crash: nothing from there on was fsynced.
+    Unwritten,
 }
 
 impl std::fmt::Display for Corruption {
@@ -53,6 +56,10 @@ impl std::fmt::Display for Corruption {
             }
             Self::Truncated => write!(f, "record cut short by the end of the segment"),
             Self::Zeroed => write!(f, "zeroed header followed by data"),
+            Self::Unwritten => write!(
+                f,
+                "pages never written back before a crash, followed by records that were never fsynced"
+            ),
         }
     }
 }

@@ -215,11 +215,12 @@ pub fn replay_into(disk: &dyn Disk, log_dir: &Path, index: &Index) -> Result<Off
     let listed = list_segments(disk, log_dir)?;
     let mut replay = Replay::new(index, Offset(0));
     let mut next = listed.first().map_or(Offset(0), |(b, _)| *b);
-    for (base, path) in &listed {
+    for (i, (base, path)) in listed.iter().enumerate() {
         let file = disk
             .open(path, false)
             .map_err(|e| Error::io("open segment", path, e))?;
-        next = scan_segment(&mut replay, file.as_ref(), *base, path, next)?.next_offset;
+        let newest = i + 1 == listed.len();
+        next = scan_segment(&mut replay, file.as_ref(), *base, path, next, newest)?.next_offset;
     }
     index.checkpoint()?;
     Ok(next)
@@ -340,20 +341,22 @@ fn replay_segment(
     expected_base: Offset,
     newest: bool,
 ) -> Result<(segment::Scan, Option<Truncation>)> {
-    let scan = scan_segment(replay, file, base, path, expected_base)?;
+    let scan = scan_segment(replay, file, base, path, expected_base, newest)?;
     let truncation = truncate_tail(file, path, &scan, newest)?;
     Ok((scan, truncation))
 }
 
 /// Replays one segment's records into the index, reading only: refuses a segment that does
 /// not start at `expected_base`, and damage followed by valid records (a torn tail is left to
-/// the caller).
+/// the caller), except, in the `newest` segment, unwritten pages left by a crash, which end
+/// its valid records as a torn tail does.
 fn scan_segment(
     replay: &mut Replay<'_>,
     file: &dyn crate::io::DiskFile,
     base: Offset,
     path: &Path,
     expected_base: Offset,
+    newest: bool,
 ) -> Result<segment::Scan> {
     let corrupt = |position, reason| Error::Corrupt {
         segment: path.to_path_buf(),
@@ -368,9 +371,12 @@ fn scan_segment(
         return Err(corrupt(0, reason));
     }
     let mut visit = |frame: &Frame, position, len| replay.visit(base, frame, position, len);
-    let scan =
+    let mut scan =
         segment::scan(file, base, false, Some(&mut visit)).map_err(|e| with_path(e, path))?;
     replay.flush()?;
+    if newest {
+        scan.unwritten_as_torn_tail();
+    }
     if let Some(damage) = scan.damage.first() {
         return Err(corrupt(damage.position, damage.reason.clone()));
     }

@@ -17,6 +17,8 @@ use crate::Offset;
 
 /// File name suffix of segments.
 pub const SUFFIX: &str = ".seg";
+/// The page size assumed for write-back: a crash may persist any subset of a write's pages.
+pub const PAGE_BYTES: u64 = 4096;
 const CHUNK_BYTES: usize = 4 << 20;
 
 /// The file name of the segment whose first offset is `base`.
@@ -55,6 +57,13 @@ pub enum Tail {
 /// A damaged region followed by a valid record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
+    /// Whether the region looks like pages that were never written back rather than damaged
+    /// bytes: zeros from its start to the next page boundary, or a run of at least a header's
+    /// worth of zeros ending at a page boundary inside it. A crash leaves this when a later
+    /// page of a write reached the disk and an earlier one did not (no ordered data on the
+    /// file system); in the newest segment nothing from there on was acknowledged, since the
+    /// fdatasync that would have acknowledged it writes every page before it.
+    pub unwritten: bool,
     /// Byte position where the damage starts.
     pub position: u64,
     /// Bytes up to the next valid record.
@@ -86,6 +95,25 @@ pub struct Scan {
     pub damage: Vec<Damage>,
     /// How the file ends after the last valid record.
     pub tail: Tail,
+}
+
+impl Scan {
+    /// For the newest segment, stopped at its first damage: if that damage looks unwritten
+    /// ([`Damage::unwritten`]), the valid records end there and the rest of the file is a torn
+    /// tail. Returns whether it did.
+    pub fn unwritten_as_torn_tail(&mut self) -> bool {
+        let Some(first) = self.damage.first().filter(|d| d.unwritten) else {
+            return false;
+        };
+        self.valid_end = first.position;
+        self.next_offset = Offset(first.lost.start);
+        self.tail = Tail::Torn {
+            bytes: self.file_bytes - first.position,
+            reason: Corruption::Unwritten,
+        };
+        self.damage.clear();
+        true
+    }
 }
 
 /// What a position holds, owned (the reader's buffer is reused).
@@ -187,6 +215,39 @@ impl<'a> Reader<'a> {
             position += 1;
         }
         Ok(None)
+    }
+
+    /// Whether `from..to` holds only zeros.
+    fn zero_range(&mut self, from: u64, to: u64) -> io::Result<bool> {
+        let mut position = from;
+        while position < to {
+            let want = usize::try_from(to - position)
+                .unwrap_or(CHUNK_BYTES)
+                .min(CHUNK_BYTES);
+            let chunk = self.bytes(position, want)?;
+            if chunk.is_empty() || chunk.iter().any(|b| *b != 0) {
+                return Ok(false);
+            }
+            position += chunk.len() as u64;
+        }
+        Ok(true)
+    }
+
+    /// Whether the damaged region `from..to` looks unwritten (see [`Damage::unwritten`]).
+    fn unwritten(&mut self, from: u64, to: u64) -> io::Result<bool> {
+        let first_boundary = (from / PAGE_BYTES + 1) * PAGE_BYTES;
+        if first_boundary <= to && self.zero_range(from, first_boundary)? {
+            return Ok(true);
+        }
+        let mut boundary = first_boundary;
+        while boundary <= to {
+            let run_start = boundary - HEADER_BYTES as u64;
+            if run_start >= from && self.zero_range(run_start, boundary)? {
+                return Ok(true);
+            }
+            boundary += PAGE_BYTES;
+        }
+        Ok(false)
     }
 
     fn zero_from(&mut self, from: u64) -> io::Result<bool> {
@@ -295,7 +356,11 @@ fn resync(
         };
         return Ok(None);
     };
+    let unwritten = reader
+        .unwritten(position, next)
+        .map_err(|e| crate::Error::io("read segment", "", e))?;
     scan.damage.push(Damage {
+        unwritten,
         position,
         len: next - position,
         reason,

@@ -28,14 +28,23 @@ pub enum TearMode {
     TornPrefix,
     /// A prefix survives, and the next write's bytes are replaced by random garbage.
     Garbage,
+    /// Writeback in any order, a page at a time: every 4 KiB page holds its contents as of a
+    /// random point among the pending writes (before all of them, after some, or after all),
+    /// and so does the file's length. A later page can survive where an earlier one did not,
+    /// leaving a hole of zeros before records that were written after it.
+    Pages,
 }
 
 /// Every tear mode, for tests that try them all.
-pub const TEAR_MODES: [TearMode; 3] = [
+pub const TEAR_MODES: [TearMode; 4] = [
     TearMode::DropPending,
     TearMode::TornPrefix,
     TearMode::Garbage,
+    TearMode::Pages,
 ];
+
+/// The unit of writeback in [`TearMode::Pages`].
+pub const PAGE_BYTES: usize = 4096;
 
 #[derive(Debug, Clone)]
 enum Write {
@@ -105,6 +114,33 @@ fn next_random(seed: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The image [`TearMode::Pages`] leaves: the length and every page each as of a random
+/// number of the pending writes applied to the durable image.
+fn pages_torn(durable: &[u8], pending: &[Write], seed: &mut u64) -> Vec<u8> {
+    let mut versions = vec![durable.to_vec()];
+    for write in pending {
+        let mut next = versions.last().expect("starts with one").clone();
+        apply(&mut next, write);
+        versions.push(next);
+    }
+    let mut pick = || {
+        let n = versions.len() as u64;
+        usize::try_from(next_random(seed) % n).unwrap_or(0)
+    };
+    let len = versions.get(pick()).map_or(0, Vec::len);
+    let mut image = vec![0u8; len];
+    for (page, out) in image.chunks_mut(PAGE_BYTES).enumerate() {
+        let version = versions.get(pick()).map_or(&[][..], Vec::as_slice);
+        let start = page * PAGE_BYTES;
+        let from = version.get(start..).unwrap_or_default();
+        let n = from.len().min(out.len());
+        out.get_mut(..n)
+            .expect("n fits")
+            .copy_from_slice(from.get(..n).expect("n fits"));
+    }
+    image
 }
 
 impl State {
@@ -193,7 +229,9 @@ impl SimDisk {
             };
             let mut image = inode.durable.clone();
             let pending = &inode.pending;
-            if mode != TearMode::DropPending && !pending.is_empty() {
+            if mode == TearMode::Pages && !pending.is_empty() {
+                image = pages_torn(&inode.durable, pending, &mut seed);
+            } else if mode != TearMode::DropPending && !pending.is_empty() {
                 let keep = usize::try_from(next_random(&mut seed) % (pending.len() as u64 + 1))
                     .unwrap_or(0);
                 for write in pending.iter().take(keep) {

@@ -90,7 +90,13 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
         let file = disk
             .open(path, false)
             .map_err(|e| Error::io("open segment", path, e))?;
-        let scan = segment::scan(file.as_ref(), *base, true, None)?;
+        let mut scan = segment::scan(file.as_ref(), *base, true, None)?;
+        if newest && scan.damage.first().is_some_and(|d| d.unwritten) {
+            // Unwritten pages left by a crash: the newest segment's records end there, as
+            // recovery will find (the records after them were never fsynced).
+            scan = segment::scan(file.as_ref(), *base, false, None)?;
+            scan.unwritten_as_torn_tail();
+        }
         if let Some(expected) = expected.filter(|e| e != base) {
             report.problems.push(Problem {
                 segment: path.clone(),
@@ -291,10 +297,20 @@ fn repair_segment(
             record::encode(Offset(offset), ts, &record, out).expect("a placeholder is tiny");
         }
     };
+    // Nothing after a torn tail is kept (after unwritten pages there may be valid frames,
+    // never fsynced; they are in quarantine with the rest of the tail).
+    let tail_at = problems
+        .iter()
+        .filter(|p| p.torn_tail)
+        .map(|p| p.position)
+        .min();
     let mut pending: Vec<&Quarantined> = moved.iter().collect();
     pending.sort_by_key(|q| q.problem.position);
     let mut next = pending.into_iter().peekable();
     let mut copy = |frame: &crate::Frame, position, len| {
+        if tail_at.is_some_and(|t| position >= t) {
+            return Ok(());
+        }
         while let Some(q) = next.next_if(|q| q.problem.position < position) {
             placeholders(&mut out, &q.problem.lost, &q.file, last_ts);
         }

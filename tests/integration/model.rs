@@ -246,7 +246,7 @@ impl System {
             ..
         } = self;
         drop(log);
-        let mode = TEAR_MODES[rng.below(3) as usize];
+        let mode = TEAR_MODES[rng.below(TEAR_MODES.len() as u64) as usize];
         sim.crash(mode, rng.next());
         Self::open(sim, index_dir)
     }

@@ -196,3 +196,50 @@ fn repair_refuses_a_missing_segment_and_changes_nothing() {
         "the gap refuses the open too: {err}"
     );
 }
+
+/// Encoded records laid out so that record 1 starts `gap` bytes before the first 4 KiB page
+/// boundary, with valid records after the boundary. Returns the bytes and record 1's start.
+fn straddling_layout(gap: u64) -> (Vec<u8>, u64) {
+    use courier_storage::record::encode_to_vec;
+    let target = 4096 - gap;
+    let len_with = |n: usize| encode_to_vec(Offset(0), 1, &message("m0", "a", 4, &body(0, n)));
+    let first = (1..4096)
+        .map(|n| len_with(n).unwrap())
+        .find(|f| f.len() as u64 == target)
+        .expect("some body length puts record 1 there");
+    let mut bytes = first;
+    for n in 1..6u64 {
+        bytes.extend(encode_to_vec(Offset(n), 1, &message("m", "a", 4, &body(n, 300))).unwrap());
+    }
+    (bytes, target)
+}
+
+/// A flipped bit is never taken for pages that were never written back, not even in a
+/// record that starts a few bytes before a page boundary, where "zeros up to the boundary" is
+/// the sign of such a page: every flip of every header bit stays corruption.
+#[test]
+fn bit_flips_next_to_a_page_boundary_are_never_taken_for_unwritten_pages() {
+    use courier_storage::io::Disk;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("00000000000000000000.seg");
+    for gap in 1..=HEADER_BYTES as u64 + 4 {
+        let (clean, start) = straddling_layout(gap);
+        for byte in start..start + HEADER_BYTES as u64 {
+            for bit in 0..8 {
+                let mut bytes = clean.clone();
+                bytes[usize::try_from(byte).unwrap()] ^= 1 << bit;
+                std::fs::write(&path, &bytes).unwrap();
+                let file = FileDisk.open(&path, false).unwrap();
+                let scan =
+                    courier_storage::segment::scan(file.as_ref(), Offset(0), false, None).unwrap();
+                let damage = scan.damage.first().unwrap_or_else(|| {
+                    panic!("gap {gap}, byte {byte}, bit {bit}: the flip is damage before valid records")
+                });
+                assert!(
+                    !damage.unwritten,
+                    "gap {gap}, byte {byte}, bit {bit}: taken for unwritten pages"
+                );
+            }
+        }
+    }
+}

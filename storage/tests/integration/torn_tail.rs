@@ -132,3 +132,90 @@ fn torn_tail_of_zeros_is_truncated() {
     assert_eq!(report.truncated.map(|t| t.bytes_dropped), Some(5000));
     check_intact(&log, &records);
 }
+
+/// Zeroes the bytes from `from` to the next 4 KiB page boundary, as a crash leaves a page
+/// that was never written back, and returns that boundary.
+fn unwrite_page_rest(segment: &Path, from: u64) -> u64 {
+    let boundary = (from / 4096 + 1) * 4096;
+    let mut bytes = std::fs::read(segment).unwrap();
+    let end = usize::try_from(boundary).unwrap();
+    assert!(end < bytes.len(), "valid records follow the page");
+    bytes[usize::try_from(from).unwrap()..end].fill(0);
+    std::fs::write(segment, bytes).unwrap();
+    boundary
+}
+
+#[test]
+fn unwritten_pages_in_the_newest_segment_end_it_as_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 64 << 20);
+    let records: Vec<Record> = (0..60)
+        .map(|n| message(&format!("m{n}"), "a", 4, &body(n, 200)))
+        .collect();
+    for r in &records {
+        log.append(1_000, vec![r.clone()]).unwrap();
+    }
+    // The first record that starts inside the second page and not on its boundary.
+    let k = (0..60u64)
+        .find(|&n| {
+            let p = log.index().location(Offset(n)).unwrap().unwrap().position;
+            p > 4096 && !p.is_multiple_of(4096)
+        })
+        .unwrap();
+    let at = log.index().location(Offset(k)).unwrap().unwrap().position;
+    let segment = log.segments().last().unwrap().path.clone();
+    let file_len = std::fs::metadata(&segment).unwrap().len();
+    drop(log);
+    unwrite_page_rest(&segment, at);
+
+    let report =
+        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
+    assert_eq!(report.corruption().count(), 0, "{:?}", report.problems);
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "one torn tail: {:?}",
+        report.problems
+    );
+    assert_eq!(report.records(), k);
+
+    let ((log, report), logs) = capture_logs(|| Log::open(dir.path(), Default::default()).unwrap());
+    let t = report.truncated.expect("reported as a torn tail");
+    assert_eq!((t.position, t.offset), (at, Offset(k)));
+    assert_eq!(t.bytes_dropped, file_len - at);
+    assert!(t.reason.contains("never written back"), "{}", t.reason);
+    assert!(logs.contains("truncated torn tail"), "{logs}");
+    check_intact(&log, &records[..usize::try_from(k).unwrap()]);
+}
+
+#[test]
+fn unwritten_pages_in_a_sealed_segment_are_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_real(dir.path(), 16 * 1024);
+    let records: Vec<Record> = (0..150)
+        .map(|n| message(&format!("m{n}"), "a", 4, &body(n, 200)))
+        .collect();
+    for r in &records {
+        log.append(1_000, vec![r.clone()]).unwrap();
+    }
+    let sealed = log.segments().first().unwrap().path.clone();
+    assert!(log.segments().len() >= 2);
+    let at = log.index().location(Offset(20)).unwrap().unwrap().position;
+    drop(log);
+    unwrite_page_rest(&sealed, at);
+
+    let report =
+        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
+    let problem = report
+        .corruption()
+        .next()
+        .expect("corruption in a sealed segment");
+    assert_eq!((&problem.segment, problem.position), (&sealed, at));
+    let error = Log::open(dir.path(), Default::default()).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&format!("{} at byte {at}", sealed.display())),
+        "{error}"
+    );
+}
