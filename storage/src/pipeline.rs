@@ -9,10 +9,11 @@
 //! The **writer** takes every queued append, gives the records their offsets, writes them as
 //! one batch (with what arrives while it writes, for up to [`COMMIT_WINDOW`]), rolls segments,
 //! and makes the batch durable per the fsync policy: under `always`, one fdatasync for the
-//! whole batch (a group commit: whatever is submitted during that fdatasync is the next batch). [`Outlet::publish`] makes a batch visible (positions in
-//! `recent`, then the durable end) and answers its appends in commit order, on the writer
-//! thread; the **indexer** applies it to the index's in-memory layer, and the **checkpointer**
-//! writes that layer to sled.
+//! whole batch (a group commit: whatever is submitted during that fdatasync is the next
+//! batch). [`Outlet::publish`] makes a batch visible (positions in `recent`, then the durable
+//! end) and answers its appends in commit order, on the writer thread; the **indexer**
+//! applies it to the index's in-memory layer, and the **checkpointer** writes that layer to
+//! sled.
 //!
 //! Completions run on the writer, not on a thread of their own: on two cores the hand-over's
 //! wake-ups cost more (about 1.5 µs of CPU per single publish in the server) than the
@@ -142,10 +143,10 @@ impl Threads {
             to_indexer,
         };
         writer.outlet = Some(outlet);
-        let (s2, s3) = (shared.clone(), shared.clone());
+        let (s1, s2) = (shared.clone(), shared.clone());
         Ok(Self {
-            indexer: spawn("indexer", Box::new(move || run_indexer(&s2, &jobs)))?,
-            checkpointer: spawn("checkpointer", Box::new(move || run_checkpointer(&s3)))?,
+            indexer: spawn("indexer", Box::new(move || run_indexer(&s1, &jobs)))?,
+            checkpointer: spawn("checkpointer", Box::new(move || run_checkpointer(&s2)))?,
             writer: spawn("writer", Box::new(move || writer.run()))?,
         })
     }

@@ -34,6 +34,9 @@ pub struct Truncation {
     pub bytes_dropped: u64,
     /// What was wrong with them.
     pub reason: String,
+    /// Where the dropped bytes were kept, if they were: a tail after unwritten pages may hold
+    /// complete records (never fsynced), so it is copied to `quarantine/` before the cut.
+    pub quarantined: Option<PathBuf>,
 }
 
 /// What [`crate::Log::open`] found and did.
@@ -257,8 +260,15 @@ fn attempt(
             .open(path, i == newest)
             .map_err(|e| Error::io("open segment", path, e))?;
         if i >= start {
-            let (scan, truncation) =
-                replay_segment(&mut replay, file.as_ref(), *base, path, next, i == newest)?;
+            let (scan, truncation) = replay_segment(
+                disk,
+                &mut replay,
+                file.as_ref(),
+                *base,
+                path,
+                next,
+                i == newest,
+            )?;
             truncated = truncation.or(truncated);
             next = scan.next_offset;
             active_len = scan.valid_end;
@@ -334,6 +344,7 @@ fn check_sealed(
 /// Scans one segment from `attempt`'s start on: replays its records into the index and
 /// truncates its torn tail if it is the newest; refuses any other damage.
 fn replay_segment(
+    disk: &dyn Disk,
     replay: &mut Replay<'_>,
     file: &dyn crate::io::DiskFile,
     base: Offset,
@@ -342,7 +353,7 @@ fn replay_segment(
     newest: bool,
 ) -> Result<(segment::Scan, Option<Truncation>)> {
     let scan = scan_segment(replay, file, base, path, expected_base, newest)?;
-    let truncation = truncate_tail(file, path, &scan, newest)?;
+    let truncation = truncate_tail(disk, file, path, &scan, newest)?;
     Ok((scan, truncation))
 }
 
@@ -383,8 +394,10 @@ fn scan_segment(
     Ok(scan)
 }
 
-/// Truncates the torn or zeroed tail of the newest segment; refuses one anywhere else.
+/// Truncates the torn or zeroed tail of the newest segment; refuses one anywhere else. A tail
+/// after unwritten pages is first copied to `quarantine/`.
 fn truncate_tail(
+    disk: &dyn Disk,
     file: &dyn crate::io::DiskFile,
     path: &Path,
     scan: &segment::Scan,
@@ -402,6 +415,10 @@ fn truncate_tail(
             reason,
         });
     }
+    let quarantined = match reason {
+        Corruption::Unwritten => Some(quarantine_tail(disk, file, path, scan, bytes)?),
+        _ => None,
+    };
     file.set_len(scan.valid_end)
         .map_err(|e| Error::io("truncate torn tail", path, e))?;
     file.sync_data()
@@ -420,7 +437,44 @@ fn truncate_tail(
         offset: scan.next_offset,
         bytes_dropped: bytes,
         reason: reason.to_string(),
+        quarantined,
     }))
+}
+
+/// Copies the newest segment's tail from `scan.valid_end` (`bytes` long) into
+/// `<data dir>/quarantine/` durably and returns the file.
+fn quarantine_tail(
+    disk: &dyn Disk,
+    file: &dyn crate::io::DiskFile,
+    path: &Path,
+    scan: &segment::Scan,
+    bytes: u64,
+) -> Result<PathBuf> {
+    let log_dir = path.parent().unwrap_or(Path::new("."));
+    let dir = log_dir.parent().unwrap_or(Path::new("."));
+    let quarantine = dir.join("quarantine");
+    disk.create_dir_all(&quarantine)
+        .map_err(|e| Error::io("create directory", &quarantine, e))?;
+    disk.sync_dir(dir)
+        .map_err(|e| Error::io("sync directory", dir, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let problem = crate::verify::Problem {
+        segment: path.to_path_buf(),
+        position: scan.valid_end,
+        len: bytes,
+        reason: Corruption::Unwritten,
+        lost: scan.next_offset.0..scan.next_offset.0,
+        torn_tail: true,
+    };
+    let moved = crate::verify::quarantine_bytes(disk, file, path, &name, &quarantine, &[&problem])?;
+    Ok(moved
+        .into_iter()
+        .next()
+        .map(|q| q.file)
+        .unwrap_or(quarantine))
 }
 
 fn with_path(error: Error, path: &Path) -> Error {

@@ -217,7 +217,7 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
 }
 
 /// Copies each problem's bytes into its own durable file in `quarantine/`.
-fn quarantine_bytes(
+pub(crate) fn quarantine_bytes(
     disk: &dyn Disk,
     file: &dyn crate::io::DiskFile,
     path: &Path,

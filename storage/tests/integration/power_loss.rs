@@ -363,6 +363,10 @@ fn power_loss_with_pages_written_back_out_of_order_keeps_every_acked_append() {
         if let Some(t) = &report.truncated {
             if t.reason.contains("never written") {
                 holes += 1;
+                assert!(
+                    t.quarantined.is_some(),
+                    "seed {seed}: the dropped tail is kept"
+                );
             }
         }
         for (i, record) in acked.iter().enumerate() {

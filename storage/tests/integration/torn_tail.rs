@@ -167,6 +167,7 @@ fn unwritten_pages_in_the_newest_segment_end_it_as_a_torn_tail() {
     let file_len = std::fs::metadata(&segment).unwrap().len();
     drop(log);
     unwrite_page_rest(&segment, at);
+    let tail = std::fs::read(&segment).unwrap()[usize::try_from(at).unwrap()..].to_vec();
 
     let report =
         courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
@@ -185,6 +186,17 @@ fn unwritten_pages_in_the_newest_segment_end_it_as_a_torn_tail() {
     assert_eq!(t.bytes_dropped, file_len - at);
     assert!(t.reason.contains("never written back"), "{}", t.reason);
     assert!(logs.contains("truncated torn tail"), "{logs}");
+    let kept = t.quarantined.expect("a tail after unwritten pages is kept");
+    assert!(
+        kept.starts_with(dir.path().join("quarantine")),
+        "{}",
+        kept.display()
+    );
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        tail,
+        "the dropped bytes, whole"
+    );
     check_intact(&log, &records[..usize::try_from(k).unwrap()]);
 }
 
