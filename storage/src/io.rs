@@ -31,6 +31,12 @@ pub trait Disk: Send + Sync + Debug {
     /// Takes an exclusive advisory lock on `path` (created if missing) for the guard's life.
     /// Fails with [`io::ErrorKind::WouldBlock`] when another process holds it.
     fn lock(&self, path: &Path) -> io::Result<DirLock>;
+    /// Bytes free to an unprivileged writer on the file system that holds `dir`, if known
+    /// (segment preallocation leaves room for the data).
+    fn available_bytes(&self, dir: &Path) -> io::Result<Option<u64>> {
+        let _ = dir;
+        Ok(None)
+    }
 }
 
 /// An open file.
@@ -126,6 +132,11 @@ impl Disk for FileDisk {
             Err(std::fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    fn available_bytes(&self, dir: &Path) -> io::Result<Option<u64>> {
+        let stat = rustix::fs::statvfs(dir)?;
+        Ok(Some(stat.f_bavail.saturating_mul(stat.f_frsize)))
     }
 }
 

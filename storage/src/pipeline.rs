@@ -121,9 +121,100 @@ fn run_checkpointer(shared: &Shared) {
     }
 }
 
+/// Name of the prepared next segment in `log/` (hidden, so listings skip it).
+pub(crate) const PREPARED_NAME: &str = ".next.seg";
+
+/// The preallocator thread: keeps one zero-filled, synced segment file ready for the writer's
+/// next roll. It stops for good when space runs low or a preparation fails (the writer then
+/// creates plain segments), and at close, where it removes a file nobody took.
+fn run_preallocator(shared: &Shared) {
+    loop {
+        {
+            let mut prepared = shared.prepared.lock().expect("prepared lock");
+            while prepared.file.is_some() && !prepared.stop {
+                prepared = shared.prepared_taken.wait(prepared).expect("prepared lock");
+            }
+            if prepared.stop {
+                if prepared.file.take().is_some() {
+                    let _ = shared.disk.remove_file(&shared.log_dir.join(PREPARED_NAME));
+                }
+                return;
+            }
+        }
+        match prepare_segment(shared) {
+            Ok(Some(file)) => shared.prepared.lock().expect("prepared lock").file = Some(file),
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "could not preallocate a segment; new segments are not preallocated");
+                return;
+            }
+        }
+    }
+}
+
+/// Removes a segment prepared by an earlier run (maybe cut short): never part of the log.
+pub(crate) fn remove_prepared(disk: &dyn crate::io::Disk, log_dir: &std::path::Path) -> Result<()> {
+    let prepared = log_dir.join(PREPARED_NAME);
+    match disk.remove_file(&prepared) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io("remove prepared segment", &prepared, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Zero-fills and syncs `log/.next.seg` at the segment size. `None` when space is low or the
+/// log is closing. The fsync is of a file with no record in it (fsyncgate does not apply).
+fn prepare_segment(shared: &Shared) -> Result<Option<Box<dyn crate::io::DiskFile>>> {
+    const CHUNK: u64 = 1 << 20;
+    let disk = shared.disk.as_ref();
+    let size = shared.options.segment_bytes;
+    let path = shared.log_dir.join(PREPARED_NAME);
+    let free = disk
+        .available_bytes(&shared.log_dir)
+        .map_err(|e| Error::io("stat file system", &shared.log_dir, e))?;
+    if let Some(free) = free.filter(|free| *free < size.saturating_mul(4)) {
+        tracing::info!(
+            free_bytes = free,
+            "segments are not preallocated: less than four segments' worth of space is free"
+        );
+        return Ok(None);
+    }
+    let file = disk
+        .create(&path)
+        .map_err(|e| Error::io("create prepared segment", &path, e))?;
+    let zeros = vec![0u8; usize::try_from(size.min(CHUNK)).unwrap_or(0)];
+    let mut at = 0;
+    let filled = loop {
+        if shared.prepared.lock().expect("prepared lock").stop {
+            break Ok(false);
+        }
+        if at >= size {
+            break file.sync_data().map(|()| true);
+        }
+        let n = usize::try_from((size - at).min(CHUNK)).unwrap_or(0);
+        if let Err(e) = file.write_at(zeros.get(..n).unwrap_or_default(), at) {
+            break Err(e);
+        }
+        at += n as u64;
+    };
+    match filled {
+        Ok(true) => Ok(Some(file)),
+        Ok(false) => {
+            let _ = disk.remove_file(&path);
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = disk.remove_file(&path);
+            Err(Error::io("preallocate segment", &path, e))
+        }
+    }
+}
+
 /// The log's background threads, in pipeline order.
 pub(crate) struct Threads {
     writer: JoinHandle<()>,
+    preallocator: Option<JoinHandle<()>>,
     indexer: JoinHandle<()>,
     checkpointer: JoinHandle<()>,
 }
@@ -143,8 +234,14 @@ impl Threads {
             to_indexer,
         };
         writer.outlet = Some(outlet);
-        let (s1, s2) = (shared.clone(), shared.clone());
+        let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
+        let preallocator = if shared.options.preallocate {
+            Some(spawn("prealloc", Box::new(move || run_preallocator(&s3)))?)
+        } else {
+            None
+        };
         Ok(Self {
+            preallocator,
             indexer: spawn("indexer", Box::new(move || run_indexer(&s1, &jobs)))?,
             checkpointer: spawn("checkpointer", Box::new(move || run_checkpointer(&s2)))?,
             writer: spawn("writer", Box::new(move || writer.run()))?,
@@ -155,6 +252,11 @@ impl Threads {
     /// channel, which drains and stops; then the checkpointer.
     pub(crate) fn join(self, shared: &Shared) {
         let _ = self.writer.join();
+        shared.prepared.lock().expect("prepared lock").stop = true;
+        shared.prepared_taken.notify_all();
+        if let Some(preallocator) = self.preallocator {
+            let _ = preallocator.join();
+        }
         let _ = self.indexer.join();
         *shared.closing.lock().expect("closing lock") = true;
         shared.checkpoint_due.notify_all();
@@ -566,6 +668,7 @@ impl Writer {
             .write_at(&self.buf, self.active_len)
             .map_err(|e| Error::io("write segment", &self.active.path, e))?;
         self.active_len += self.buf.len() as u64;
+        self.active.len.store(self.active_len, Ordering::Release);
         let written = self.buf.len() as u64;
         self.shared
             .counters
@@ -579,15 +682,34 @@ impl Writer {
     /// Seals the active segment (synced whatever the policy, so that a torn tail can only ever
     /// be in the newest segment) and makes a new one durable before anything is written to it.
     fn roll(&mut self) -> Result<()> {
+        // A preallocated segment is cut to its records first: only the newest one ever has a
+        // zero tail.
+        let file_len = self
+            .active
+            .file
+            .len()
+            .map_err(|e| Error::io("stat segment", &self.active.path, e))?;
+        if file_len > self.active_len {
+            self.active
+                .file
+                .set_len(self.active_len)
+                .map_err(|e| Error::io("trim segment", &self.active.path, e))?;
+        }
         self.sync()?;
         crate::failpoint::crash("segment.sealed");
         let base = self.next_offset;
         let shared = &self.shared;
-        let segment = Arc::new(Segment::create(
-            shared.disk.as_ref(),
-            &shared.log_dir,
-            base,
-        )?);
+        let prepared = shared.prepared.lock().expect("prepared lock").file.take();
+        let disk = shared.disk.as_ref();
+        let segment = Arc::new(match prepared {
+            Some(file) => {
+                let adopted = Segment::adopt(disk, &shared.log_dir, base, file);
+                // Only now is the name free for the next one.
+                shared.prepared_taken.notify_all();
+                adopted?
+            }
+            None => Segment::create(disk, &shared.log_dir, base)?,
+        });
         tracing::info!(segment = %segment.path.display(), base = base.0, "rolled to a new segment");
         self.shared
             .segments

@@ -275,15 +275,13 @@ fn attempt(
         } else if verify_sealed {
             next = check_sealed(file.as_ref(), *base, path, i == 0, next)?;
         }
+        let len = if i == newest {
+            active_len
+        } else {
+            file.len().map_err(|e| Error::io("stat segment", path, e))?
+        };
         let path = path.clone();
-        segments.insert(
-            *base,
-            Arc::new(Segment {
-                base: *base,
-                path,
-                file,
-            }),
-        );
+        segments.insert(*base, Arc::new(Segment::new(*base, path, file, len)));
     }
     if replay.replayed > 0 || checkpoint.is_none() {
         tracing::info!(
@@ -394,8 +392,9 @@ fn scan_segment(
     Ok(scan)
 }
 
-/// Truncates the torn or zeroed tail of the newest segment; refuses one anywhere else. A tail
-/// after unwritten pages is first copied to `quarantine/`.
+/// Truncates the torn tail of the newest segment (keeping a zero tail, which is preallocated
+/// space); refuses either anywhere else. A tail after unwritten pages is first copied to
+/// `quarantine/`.
 fn truncate_tail(
     disk: &dyn Disk,
     file: &dyn crate::io::DiskFile,
@@ -405,6 +404,12 @@ fn truncate_tail(
 ) -> Result<Option<Truncation>> {
     let (bytes, reason) = match &scan.tail {
         Tail::Clean => return Ok(None),
+        // Preallocated space (or a crash before the data of an extended file was written):
+        // the writer goes on at the valid end, over the zeros.
+        Tail::Zeroed { bytes } if newest => {
+            tracing::debug!(segment = %path.display(), bytes, "the newest segment has a zero tail; kept");
+            return Ok(None);
+        }
         Tail::Zeroed { bytes } => (*bytes, Corruption::Zeroed),
         Tail::Torn { bytes, reason } => (*bytes, reason.clone()),
     };

@@ -43,7 +43,7 @@ pub struct SegmentReport {
     pub base: Offset,
     /// Valid records.
     pub records: u64,
-    /// File length.
+    /// File length (for the newest segment, less its preallocated zero tail).
     pub bytes: u64,
     /// Timestamps of the first and last valid records.
     pub time_range_ms: Option<(u64, u64)>,
@@ -115,6 +115,8 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
         }
         let tail = match &scan.tail {
             Tail::Clean => None,
+            // The newest segment's preallocated space.
+            Tail::Zeroed { .. } if newest => None,
             Tail::Zeroed { bytes } => Some((*bytes, Corruption::Zeroed)),
             Tail::Torn { bytes, reason } => Some((*bytes, reason.clone())),
         };
@@ -134,7 +136,10 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
             path: path.clone(),
             base: *base,
             records: scan.records,
-            bytes: scan.file_bytes,
+            bytes: match scan.tail {
+                Tail::Zeroed { .. } if newest => scan.valid_end,
+                _ => scan.file_bytes,
+            },
             time_range_ms: scan.time_range_ms,
             next_offset: scan.next_offset,
         });

@@ -233,11 +233,19 @@ fn torn_tail_is_reported_but_only_strict_counts_it() {
     let dir = tmp.path().join("data");
     populated(&dir).stop();
     let newest = segments(&dir).pop().expect("a segment");
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
+    // Garbage right after the last record: where the records end, not where the file does
+    // (the newest segment may be preallocated, its tail zeros).
+    let clean = courierctl(&["verify", "--json"], &dir);
+    let rows = json_of(&clean)["segments"].clone();
+    let end = rows[rows.as_array().expect("segments").len() - 1]["bytes"]
+        .as_u64()
+        .expect("bytes");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
         .open(&newest)
         .expect("open");
-    file.write_all(&[0x5a; 13]).expect("garbage");
+    file.set_len(end).expect("cut the zero tail");
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 13], end).expect("garbage");
 
     let verify = courierctl(&["verify", "--json"], &dir);
     assert_eq!(verify.status.code(), Some(0), "{verify:?}");

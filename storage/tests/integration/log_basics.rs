@@ -288,3 +288,55 @@ fn second_open_of_the_same_directory_is_refused() {
     drop(log);
     Log::open(dir.path(), LogOptions::default()).unwrap();
 }
+
+/// With preallocation (the default), a roll renames the zero-filled `log/.next.seg` into
+/// place and cuts the sealed segment to its records: sealed files are exactly their records,
+/// the active one is the full segment size while `segments()` reports its records, `verify`
+/// is clean, and a reopen finds no torn tail and every record.
+#[test]
+fn segments_are_preallocated_and_cut_to_their_records_when_sealed() {
+    const SEGMENT: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let prepared = dir.path().join("log").join(".next.seg");
+    let log = open_real(dir.path(), SEGMENT);
+    let mut records = Vec::new();
+    while log.segments().len() < 4 {
+        crate::support::wait_until(10, "a prepared segment", || prepared.exists());
+        let before = log.segments().len();
+        while log.segments().len() == before {
+            let n = records.len() as u64;
+            let record = message(&format!("m{n}"), "a", 4, &body(n, 900));
+            log.append(1_000, vec![record.clone()]).unwrap();
+            records.push(record);
+        }
+    }
+    let segments = log.segments();
+    for (i, s) in segments.iter().enumerate() {
+        let file_len = std::fs::metadata(&s.path).unwrap().len();
+        if i + 1 < segments.len() {
+            assert_eq!(
+                file_len,
+                s.bytes,
+                "sealed {} is cut to its records",
+                s.path.display()
+            );
+        } else {
+            assert_eq!(file_len, SEGMENT, "the active segment is preallocated");
+            assert!(s.bytes < SEGMENT && s.bytes > 0);
+        }
+    }
+    let report =
+        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.records(), records.len() as u64);
+    drop(log);
+    assert!(
+        !prepared.exists(),
+        "a prepared file nobody took is removed at close"
+    );
+    let (log, report) = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(report.truncated, None);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
+    }
+}

@@ -117,8 +117,10 @@ fn torn_tail_cut_at_every_byte_of_the_last_record_is_truncated() {
     }
 }
 
+/// Zeros after the newest segment's records are preallocated space (or a crash before an
+/// extended file's data was written): kept, not reported, written over by the next appends.
 #[test]
-fn torn_tail_of_zeros_is_truncated() {
+fn zero_tail_of_the_newest_segment_is_kept_and_written_over() {
     let clean = tempfile::tempdir().unwrap();
     let (records, segment, _) = build(clean.path());
     let clean_len = std::fs::metadata(&segment).unwrap().len();
@@ -129,8 +131,21 @@ fn torn_tail_of_zeros_is_truncated() {
     file.set_len(clean_len + 5000).unwrap();
     drop(file);
     let (log, report) = Log::open(clean.path(), Default::default()).unwrap();
-    assert_eq!(report.truncated.map(|t| t.bytes_dropped), Some(5000));
+    assert_eq!(report.truncated, None, "zeros are not a torn tail");
+    assert_eq!(log.segments().last().unwrap().bytes, clean_len);
     check_intact(&log, &records);
+    drop(log);
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), clean_len + 5000);
+    let report =
+        courier_storage::verify::verify(&courier_storage::io::FileDisk, clean.path()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let (log, report) = Log::open(clean.path(), Default::default()).unwrap();
+    assert_eq!(report.truncated, None);
+    assert_eq!(
+        log.durable_end().0,
+        RECORDS + 1,
+        "the append after them survived a reopen"
+    );
 }
 
 /// Zeroes the bytes from `from` to the next 4 KiB page boundary, as a crash leaves a page
