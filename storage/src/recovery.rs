@@ -456,16 +456,7 @@ fn quarantine_tail(
     bytes: u64,
 ) -> Result<PathBuf> {
     let log_dir = path.parent().unwrap_or(Path::new("."));
-    let dir = log_dir.parent().unwrap_or(Path::new("."));
-    let quarantine = dir.join("quarantine");
-    disk.create_dir_all(&quarantine)
-        .map_err(|e| Error::io("create directory", &quarantine, e))?;
-    disk.sync_dir(dir)
-        .map_err(|e| Error::io("sync directory", dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let quarantine = crate::verify::quarantine_dir(disk, log_dir.parent().unwrap_or(log_dir))?;
     let problem = crate::verify::Problem {
         segment: path.to_path_buf(),
         position: scan.valid_end,
@@ -474,12 +465,12 @@ fn quarantine_tail(
         lost: scan.next_offset.0..scan.next_offset.0,
         torn_tail: true,
     };
-    let moved = crate::verify::quarantine_bytes(disk, file, path, &name, &quarantine, &[&problem])?;
+    let moved = crate::verify::quarantine_bytes(disk, file, path, &quarantine, &[&problem])?;
     Ok(moved
         .into_iter()
         .next()
-        .map(|q| q.file)
-        .unwrap_or(quarantine))
+        .expect("one quarantine file per problem")
+        .file)
 }
 
 fn with_path(error: Error, path: &Path) -> Error {

@@ -28,9 +28,9 @@ pub enum TearMode {
     TornPrefix,
     /// A prefix survives, and the next write's bytes are replaced by random garbage.
     Garbage,
-    /// Writeback in any order, a page at a time: every 4 KiB page holds its contents as of a
-    /// random point among the pending writes (before all of them, after some, or after all),
-    /// and so does the file's length. A later page can survive where an earlier one did not,
+    /// Writeback in any order, a page ([`crate::segment::PAGE_BYTES`]) at a time: every page
+    /// holds its contents as of a random point among the pending writes (before all of them,
+    /// after some, or after all), and so does the file's length. A later page can survive where an earlier one did not,
     /// leaving a hole of zeros before records that were written after it.
     Pages,
 }
@@ -42,9 +42,6 @@ pub const TEAR_MODES: [TearMode; 4] = [
     TearMode::Garbage,
     TearMode::Pages,
 ];
-
-/// The unit of writeback in [`TearMode::Pages`].
-pub const PAGE_BYTES: usize = 4096;
 
 #[derive(Debug, Clone)]
 enum Write {
@@ -129,11 +126,12 @@ fn pages_torn(durable: &[u8], pending: &[Write], seed: &mut u64) -> Vec<u8> {
         let n = versions.len() as u64;
         usize::try_from(next_random(seed) % n).unwrap_or(0)
     };
+    let page_bytes = usize::try_from(crate::segment::PAGE_BYTES).expect("a page fits in memory");
     let len = versions.get(pick()).map_or(0, Vec::len);
     let mut image = vec![0u8; len];
-    for (page, out) in image.chunks_mut(PAGE_BYTES).enumerate() {
+    for (page, out) in image.chunks_mut(page_bytes).enumerate() {
         let version = versions.get(pick()).map_or(&[][..], Vec::as_slice);
-        let start = page * PAGE_BYTES;
+        let start = page * page_bytes;
         let from = version.get(start..).unwrap_or_default();
         let n = from.len().min(out.len());
         out.get_mut(..n)

@@ -193,11 +193,7 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
             ),
         });
     }
-    let quarantine = dir.join("quarantine");
-    disk.create_dir_all(&quarantine)
-        .map_err(|e| Error::io("create directory", &quarantine, e))?;
-    disk.sync_dir(dir)
-        .map_err(|e| Error::io("sync directory", dir, e))?;
+    let quarantine = quarantine_dir(disk, dir)?;
     let mut moved = Vec::new();
     for segment in &report.segments {
         let problems: Vec<&Problem> = report
@@ -221,15 +217,26 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
     Ok(moved)
 }
 
-/// Copies each problem's bytes into its own durable file in `quarantine/`.
+/// `<dir>/quarantine`, created if missing, with its entry in `dir` made durable.
+pub(crate) fn quarantine_dir(disk: &dyn Disk, dir: &Path) -> Result<PathBuf> {
+    let quarantine = dir.join("quarantine");
+    disk.create_dir_all(&quarantine)
+        .map_err(|e| Error::io("create directory", &quarantine, e))?;
+    disk.sync_dir(dir)
+        .map_err(|e| Error::io("sync directory", dir, e))?;
+    Ok(quarantine)
+}
+
+/// Copies each problem's bytes (of the segment `file` at `path`) into its own durable file in
+/// `quarantine/`.
 pub(crate) fn quarantine_bytes(
     disk: &dyn Disk,
     file: &dyn crate::io::DiskFile,
     path: &Path,
-    name: &str,
     quarantine: &Path,
     problems: &[&Problem],
 ) -> Result<Vec<Quarantined>> {
+    let name = segment_file_name(path);
     let existing = disk
         .list_dir(quarantine)
         .map_err(|e| Error::io("list directory", quarantine, e))?;
@@ -285,11 +292,8 @@ fn repair_segment(
     let file = disk
         .open(path, false)
         .map_err(|e| Error::io("open segment", path, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let moved = quarantine_bytes(disk, file.as_ref(), path, &name, quarantine, problems)?;
+    let name = segment_file_name(path);
+    let moved = quarantine_bytes(disk, file.as_ref(), path, quarantine, problems)?;
 
     // Rebuild the segment: valid frames byte for byte, placeholders for lost offsets.
     let mut out = Vec::new();
@@ -343,4 +347,10 @@ fn repair_segment(
     disk.sync_dir(log_dir)
         .map_err(|e| Error::io("sync directory", log_dir, e))?;
     Ok(moved)
+}
+
+fn segment_file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
