@@ -213,6 +213,13 @@ impl SimDisk {
         self.lock().fail_write = Some(kind);
     }
 
+    /// Whether a failure set by [`SimDisk::fail_sync`] or [`SimDisk::fail_write`] still waits
+    /// for the operation it will fail.
+    pub fn failure_pending(&self) -> bool {
+        let state = self.lock();
+        state.fail_sync.is_some() || state.fail_write.is_some()
+    }
+
     /// Power failure: every file becomes its durable image plus what `mode` keeps of its
     /// pending writes (chosen from `seed`); directories keep only their synced entries. The
     /// power comes back on and the counters reset. Open handles must not be used afterwards.

@@ -6,6 +6,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::Arc;
 
+use courier_storage::io::Disk;
 use courier_storage::sim::{SimDisk, TearMode};
 use courier_storage::{Error, FsyncPolicy, Log, LogOptions, Offset};
 use tempfile::TempDir;
@@ -23,6 +24,16 @@ fn open_sim(fsync: FsyncPolicy, segment_bytes: u64) -> (SimDisk, TempDir, LogOpt
 
 const DIR: &str = "/sim/data";
 
+/// Waits until the preallocator has filled and synced `log/.next.seg`: after that it does no
+/// I/O until the next roll, so an injected failure can only hit the log's own writes.
+fn wait_for_prepared_segment(sim: &SimDisk, segment_bytes: u64) {
+    let prepared = Path::new(DIR).join("log").join(".next.seg");
+    wait_until(10, "the prepared segment", || {
+        let len = sim.open(&prepared, false).and_then(|f| f.len());
+        len.is_ok_and(|len| len == segment_bytes) && sim.unsynced_writes() == 0
+    });
+}
+
 fn check_fail_stop(inject: impl Fn(&SimDisk)) {
     let (sim, _index, opts, log) = open_sim(FsyncPolicy::Always, 1 << 20);
     let dir = Path::new(DIR);
@@ -30,6 +41,7 @@ fn check_fail_stop(inject: impl Fn(&SimDisk)) {
         log.append(n, vec![message(&format!("before{n}"), "a", 4, b"{}")])
             .unwrap();
     }
+    wait_for_prepared_segment(&sim, 1 << 20);
     inject(&sim);
     let log = Arc::new(log);
     let results: Vec<_> = (0..8)
@@ -107,10 +119,71 @@ fn write_error_enospc_fails_waiters_and_stops_all_writes() {
     check_fail_stop(|sim| sim.fail_write(ErrorKind::StorageFull));
 }
 
+/// The preallocator's I/O is not the log's: when it fails, the log logs it, stops preparing
+/// segments, and keeps appending and rolling into segments created plain.
+#[test]
+fn failed_preallocation_is_not_fatal() {
+    for inject in [
+        (|sim: &SimDisk| sim.fail_write(ErrorKind::StorageFull)) as fn(&SimDisk),
+        |sim: &SimDisk| sim.fail_sync(ErrorKind::Other),
+    ] {
+        let sim = SimDisk::new();
+        let index = index_tempdir();
+        let opts = options(
+            Arc::new(sim.clone()),
+            FsyncPolicy::Always,
+            600,
+            index.path(),
+        );
+        // Reopening a log writes and syncs nothing, so the first write or fsync after the
+        // injection is the preallocator's.
+        drop(Log::open(Path::new(DIR), opts.clone()).unwrap());
+        inject(&sim);
+        let (log, _) = Log::open(Path::new(DIR), opts.clone()).unwrap();
+        wait_until(10, "the preallocator to meet the failure", || {
+            !sim.failure_pending()
+        });
+        let prepared = Path::new(DIR).join("log").join(".next.seg");
+        wait_until(10, "the failed prepared segment to be removed", || {
+            sim.open(&prepared, false).is_err()
+        });
+        let records: Vec<_> = (0..12)
+            .map(|n| message(&format!("m{n}"), "a", 4, &crate::support::body(n, 150)))
+            .collect();
+        for (n, r) in records.iter().enumerate() {
+            log.append(n as u64, vec![r.clone()]).unwrap();
+        }
+        assert!(!log.is_poisoned());
+        assert!(
+            log.segments().len() > 2,
+            "the appends rolled into new segments"
+        );
+        drop(log);
+        let (log, report) = Log::open(Path::new(DIR), opts).unwrap();
+        assert_eq!(report.truncated, None);
+        for (n, r) in records.iter().enumerate() {
+            assert_eq!(&log.read(Offset(n as u64)).unwrap().record, r);
+        }
+    }
+}
+
 #[test]
 fn write_error_during_a_roll_still_answers_every_request() {
-    // Tiny segments: every batch of these requests rolls at least once.
-    let (sim, _index, _, log) = open_sim(FsyncPolicy::Always, 300);
+    // Tiny segments: every batch of these requests rolls at least once. Without preallocation:
+    // each roll wakes the preallocator, whose zero-fill would race the writer for the injected
+    // failure (`failed_preallocation_is_not_fatal` covers that side).
+    let sim = SimDisk::new();
+    let index = index_tempdir();
+    let opts = LogOptions {
+        preallocate: false,
+        ..options(
+            Arc::new(sim.clone()),
+            FsyncPolicy::Always,
+            300,
+            index.path(),
+        )
+    };
+    let (log, _) = Log::open(Path::new(DIR), opts).unwrap();
     log.append(
         0,
         vec![message("first", "a", 4, &crate::support::body(0, 200))],

@@ -139,27 +139,48 @@ pub fn wait_until(seconds: u64, what: &str, mut done: impl FnMut() -> bool) {
 
 /// Runs `f` with this thread's `tracing` output captured, and returns what `f` returned and
 /// the captured text (no colours).
+///
+/// One global subscriber serves the whole test binary and writes each thread's events to that
+/// thread's capture buffer, or nowhere. A scoped subscriber (`with_default`) would be flaky:
+/// `tracing` caches each callsite's interest once per process, computed against the default of
+/// whichever thread reaches the callsite first, so a test without a subscriber that recovers a
+/// log at the same moment caches "never" for the warning this test waits for
+/// (tokio-rs/tracing#3611, #2874). With one global subscriber every thread computes the same
+/// interest.
 pub fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Buffer {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static CAPTURED: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+    }
+    /// Writes to the calling thread's capture buffer while it captures, else drops the bytes.
+    struct ThisThread;
+    impl std::io::Write for ThisThread {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
+            CAPTURED.with(|c| {
+                if let Some(buffer) = c.borrow_mut().as_mut() {
+                    buffer.extend_from_slice(bytes);
+                }
+            });
             Ok(bytes.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
     }
-    let buffer = Buffer::default();
-    let writer = buffer.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let result = tracing::subscriber::with_default(subscriber, f);
-    let text = String::from_utf8_lossy(&buffer.0.lock().unwrap()).into_owned();
-    (result, text)
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(|| ThisThread)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("no other global subscriber in the storage tests");
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let result = f();
+    let bytes = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (result, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Appends from `threads` threads at once, `per_thread` records each, record `n` of thread `t`
