@@ -322,10 +322,14 @@ impl Index {
 
     /// Where the record at `offset` is, if it is indexed: the run with the greatest first
     /// offset at or below `offset`, from the layers or from sled, whichever is newer.
+    ///
+    /// Runs are inserted once each, in offset order, and only the oldest are ever removed, so
+    /// a run that the layers hold is newer than every run in sled: then sled is not asked.
+    /// Reads of recent records (every delivery) thus never wait for a checkpoint, whose
+    /// `apply_batch` holds sled's process-wide write lock against every reader.
     pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
         let key = positions_key(offset);
         let bounds = (Bound::Included(vec![P]), Bound::Included(key));
-        let from_sled = self.tree.range(bounds.clone()).next_back().transpose()?;
         let layers = self.layers();
         let newest_in = |layer: &Layer| {
             layer
@@ -338,11 +342,21 @@ impl Index {
         let frozen = layers.frozen.as_deref().and_then(newest_in);
         drop(layers);
         // The candidate with the greatest key wins; on a tie the newer layer does.
-        let mut best: Option<(Vec<u8>, Option<Vec<u8>>)> =
-            from_sled.map(|(k, v)| (k.to_vec(), Some(v.to_vec())));
+        let mut best: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
         for candidate in [frozen, active].into_iter().flatten() {
             if best.as_ref().is_none_or(|(k, _)| candidate.0 >= *k) {
                 best = Some(candidate);
+            }
+        }
+        if !matches!(best, Some((_, Some(_)))) {
+            // No run in the layers, or the newest one there was removed: sled decides.
+            if let Some((k, v)) = self.tree.range(bounds).next_back().transpose()? {
+                if best
+                    .as_ref()
+                    .is_none_or(|(key, _)| k.as_ref() > key.as_slice())
+                {
+                    best = Some((k.to_vec(), Some(v.to_vec())));
+                }
             }
         }
         // A deleted run was truncated by retention, and so is every offset it held.
@@ -526,5 +540,70 @@ impl Index {
             }
         }
         Ok(snap)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(first: u64, positions: &[u32]) -> PositionRun {
+        PositionRun {
+            segment: Offset(0),
+            first: Offset(first),
+            positions: positions.to_vec(),
+        }
+    }
+
+    /// A checkpoint's `apply_batch` holds sled's process-wide write lock; a read of a record
+    /// that is not checkpointed yet must not wait for it. A sled transaction holds the same
+    /// lock while its closure runs, which here waits until the read has answered.
+    #[test]
+    fn recent_locations_are_read_without_waiting_for_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(dir.path(), 1 << 20).unwrap());
+        index.apply(&[], &[run(0, &[0, 100, 200])]).unwrap();
+        index.checkpoint().unwrap();
+        index.apply(&[], &[run(2, &[200, 260, 400])]).unwrap();
+
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let tree = index.tree.clone();
+        let holder = std::thread::spawn(move || {
+            tree.transaction(|_| {
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .unwrap();
+        });
+        locked_rx.recv().unwrap();
+        let (read_tx, read_rx) = std::sync::mpsc::channel();
+        let reader = index.clone();
+        let read = std::thread::spawn(move || {
+            read_tx
+                .send([2, 3].map(|o| reader.location(Offset(o)).unwrap()))
+                .unwrap();
+        });
+        // A guard against a hang, not a timing: with sled's lock held, a read that asks sled
+        // never answers.
+        let answered = read_rx.recv_timeout(std::time::Duration::from_secs(30));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        read.join().unwrap();
+        let location = |position, len| {
+            Some(Location {
+                segment: Offset(0),
+                position,
+                len,
+            })
+        };
+        assert_eq!(
+            answered.expect("the read of offsets 2 and 3 waited for sled's lock"),
+            [location(200, 60), location(260, 140)]
+        );
+        // Checkpointed runs come from sled, and an offset past every run is not indexed.
+        assert_eq!(index.location(Offset(1)).unwrap(), location(100, 100));
+        assert_eq!(index.location(Offset(4)).unwrap(), None);
     }
 }
