@@ -4,8 +4,12 @@
 //! ```text
 //! cargo bench --bench load -- fill    URL AGENT COUNT [BATCH] [THREADS]  publish 1 KiB messages in batches
 //! cargo bench --bench load -- drain   URL AGENT COUNT [CONSUMERS]        receive (max 100) + ack until COUNT acked
-//! cargo bench --bench load -- latency URL AGENT RATE SECONDS             publish → delivery at a steady rate
+//! cargo bench --bench load -- latency URL AGENT RATE SECONDS [ACKS]      publish → delivery at a steady rate
 //! ```
+//!
+//! `ACKS` is `pipelined` (the default: a second connection acks while the consumer is back in
+//! its long-poll, as a consumer that cares for latency does) or `sequential` (ack, then
+//! receive again).
 //!
 //! Every loop is bounded by its count or its duration; figures are printed, never asserted.
 #![allow(clippy::disallowed_methods, reason = "a load driver measures time")]
@@ -163,38 +167,84 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
     println!("drain: {n} messages received and acked in {secs:.2} s = {:.0} msg/s ({consumers} consumers, max 100)", n as f64 / secs);
 }
 
-fn latency(url: &str, agent: &str, rate: u64, seconds: u64) {
-    let base = Instant::now();
-    let total = rate * seconds;
-    let consumer = {
-        let (url, agent) = (url.to_owned(), agent.to_owned());
-        std::thread::spawn(move || {
-            let mut conn = Conn::open(&url);
-            let mut latencies_us = Vec::with_capacity(total as usize);
-            let stop = base + Duration::from_secs(seconds + 10);
-            while (latencies_us.len() as u64) < total && Instant::now() < stop {
-                let (_, body) = conn.post(
-                    &format!("/v1/agents/{agent}/receive"),
-                    br#"{"max": 100, "wait_ms": 1000}"#,
-                );
-                let now = base.elapsed().as_micros() as u64;
-                let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
-                let messages = reply["messages"].as_array().expect("messages");
-                let mut receipts = Vec::new();
-                for m in messages {
-                    latencies_us.push(now - m["body"]["t"].as_u64().expect("t"));
-                    receipts.push(m["receipt"].as_str().expect("receipt").to_owned());
-                }
-                if !receipts.is_empty() {
+/// How the latency scenario's consumer acks what it received.
+#[derive(Clone, Copy)]
+enum Acks {
+    /// Ack, then receive again: the next message waits for the ack's fsync.
+    Sequential,
+    /// A second connection acks while the first one is already back in its long-poll.
+    Pipelined,
+}
+
+/// Acks every batch of receipts sent to it on its own connection, joining what queued up.
+fn spawn_acker(
+    url: &str,
+    agent: &str,
+    receipts: std::sync::mpsc::Receiver<Vec<String>>,
+) -> std::thread::JoinHandle<()> {
+    let (url, agent) = (url.to_owned(), agent.to_owned());
+    std::thread::spawn(move || {
+        let mut conn = Conn::open(&url);
+        while let Ok(mut batch) = receipts.recv() {
+            batch.extend(receipts.try_iter().flatten());
+            let ack = serde_json::json!({ "receipts": batch }).to_string();
+            let (status, _) = conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
+            assert_eq!(status, 200, "ack");
+        }
+    })
+}
+
+/// Receives until `total` messages came (or `stop`), returning each one's latency since the
+/// `t` its publisher wrote into it (µs since `base`).
+fn spawn_consumer(
+    url: &str,
+    agent: &str,
+    (base, stop, total): (Instant, Instant, u64),
+    acks: Acks,
+    acker: std::sync::mpsc::Sender<Vec<String>>,
+) -> std::thread::JoinHandle<Vec<u64>> {
+    let (url, agent) = (url.to_owned(), agent.to_owned());
+    std::thread::spawn(move || {
+        let mut conn = Conn::open(&url);
+        let mut latencies_us = Vec::with_capacity(total as usize);
+        while (latencies_us.len() as u64) < total && Instant::now() < stop {
+            let (_, body) = conn.post(
+                &format!("/v1/agents/{agent}/receive"),
+                br#"{"max": 100, "wait_ms": 1000}"#,
+            );
+            let now = base.elapsed().as_micros() as u64;
+            let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            let messages = reply["messages"].as_array().expect("messages");
+            let mut receipts = Vec::new();
+            for m in messages {
+                latencies_us.push(now - m["body"]["t"].as_u64().expect("t"));
+                receipts.push(m["receipt"].as_str().expect("receipt").to_owned());
+            }
+            if receipts.is_empty() {
+                continue;
+            }
+            match acks {
+                Acks::Sequential => {
                     let ack = serde_json::json!({ "receipts": receipts }).to_string();
                     conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
                 }
+                Acks::Pipelined => acker.send(receipts).expect("acker"),
             }
-            latencies_us
-        })
-    };
+        }
+        latencies_us
+    })
+}
+
+fn latency(url: &str, agent: &str, rate: u64, seconds: u64, acks: Acks) {
+    let base = Instant::now();
+    let total = rate * seconds;
+    let (receipts_tx, receipts_rx) = std::sync::mpsc::channel();
+    let acker = spawn_acker(url, agent, receipts_rx);
+    let stop = base + Duration::from_secs(seconds + 10);
+    let consumer = spawn_consumer(url, agent, (base, stop, total), acks, receipts_tx);
     let mut conn = Conn::open(url);
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let mut acks_us = Vec::with_capacity(total as usize);
     for i in 0..total {
         let due = base + interval * i as u32;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -207,17 +257,25 @@ fn latency(url: &str, agent: &str, rate: u64, seconds: u64) {
         );
         let (status, reply) = conn.post("/v1/messages", body.as_bytes());
         assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+        acks_us.push(base.elapsed().as_micros() as u64 - t);
     }
-    let mut latencies = consumer.join().expect("consumer");
-    latencies.sort_unstable();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    println!(
-        "latency publish→delivery at {rate} msg/s for {seconds} s ({} messages): p50 {} µs, p99 {} µs, max {} µs",
-        latencies.len(),
-        pct(0.50),
-        pct(0.99),
-        latencies.last().copied().unwrap_or(0)
-    );
+    let latencies = consumer.join().expect("consumer");
+    acker.join().expect("acker");
+    let mode = match acks {
+        Acks::Sequential => "sequential acks",
+        Acks::Pipelined => "pipelined acks",
+    };
+    for (what, mut figures) in [("publish→delivery", latencies), ("publish→201", acks_us)] {
+        figures.sort_unstable();
+        let pct = |p: f64| figures[((figures.len() as f64 * p) as usize).min(figures.len() - 1)];
+        println!(
+            "latency {what} at {rate} msg/s for {seconds} s, {mode} ({} messages): p50 {} µs, p99 {} µs, max {} µs",
+            figures.len(),
+            pct(0.50),
+            pct(0.99),
+            figures.last().copied().unwrap_or(0)
+        );
+    }
 }
 
 fn main() {
@@ -245,6 +303,11 @@ fn main() {
             &agent,
             arg(&args, 3, Some(1000)),
             arg(&args, 4, Some(10)),
+            match arg::<String>(&args, 5, Some("pipelined".to_owned())).as_str() {
+                "sequential" => Acks::Sequential,
+                "pipelined" => Acks::Pipelined,
+                other => panic!("ACKS is sequential or pipelined, not {other:?}"),
+            },
         ),
         other => eprintln!("unknown scenario {other:?}; see benches/load.rs"),
     }

@@ -44,10 +44,12 @@ start_server
 "$LOAD" drain $URL bench 200000 8
 stop_server
 
-echo "== courier: publish -> delivery latency at a steady 1,000 msg/s for 10 s"
-start_server
-"$LOAD" latency $URL bench 1000 10
-stop_server
+for acks in pipelined sequential; do
+  echo "== courier: publish -> delivery latency at a steady 1,000 msg/s for 10 s, $acks acks"
+  start_server
+  "$LOAD" latency $URL bench 1000 10 $acks
+  stop_server
+done
 
 echo "== reference: axum hello-world POST, 1 KiB, 64 connections"
 target/release/examples/hello 127.0.0.1:7180 >/dev/null &
