@@ -211,15 +211,6 @@ fn prepare_segment(shared: &Shared) -> Result<Option<Box<dyn crate::io::DiskFile
     }
 }
 
-/// Lowers the calling thread's CPU priority (nice 10) for work nobody waits on: the
-/// checkpointer's sled batches and the preallocator's zero-filling then yield the two cores to
-/// the writer and the request threads instead of delaying deliveries by milliseconds. Best
-/// effort: without permission the thread keeps its priority.
-fn in_background() {
-    // On Linux, who = 0 names the calling thread, not the whole process.
-    let _ = rustix::process::setpriority_process(None, 10);
-}
-
 /// The log's background threads, in pipeline order.
 pub(crate) struct Threads {
     writer: JoinHandle<()>,
@@ -245,26 +236,14 @@ impl Threads {
         writer.outlet = Some(outlet);
         let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
         let preallocator = if shared.options.preallocate {
-            Some(spawn(
-                "prealloc",
-                Box::new(move || {
-                    in_background();
-                    run_preallocator(&s3);
-                }),
-            )?)
+            Some(spawn("prealloc", Box::new(move || run_preallocator(&s3)))?)
         } else {
             None
         };
         Ok(Self {
             preallocator,
             indexer: spawn("indexer", Box::new(move || run_indexer(&s1, &jobs)))?,
-            checkpointer: spawn(
-                "checkpointer",
-                Box::new(move || {
-                    in_background();
-                    run_checkpointer(&s2);
-                }),
-            )?,
+            checkpointer: spawn("checkpointer", Box::new(move || run_checkpointer(&s2)))?,
             writer: spawn("writer", Box::new(move || writer.run()))?,
         })
     }
