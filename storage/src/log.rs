@@ -10,8 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -275,6 +275,48 @@ pub(crate) struct Shared {
     /// preallocator when the writer took it, and on close.
     pub(crate) prepared: Mutex<Prepared>,
     pub(crate) prepared_taken: Condvar,
+    /// Blocking appends ([`Log::append`]) wait on `unblocked` for their result, and the writer
+    /// wakes them all with one notify after each commit while `blocking_waiters` is not zero.
+    /// One wake per append would cost the writer a syscall each, and each woken appender may
+    /// preempt it.
+    pub(crate) blocking: Mutex<()>,
+    pub(crate) unblocked: Condvar,
+    pub(crate) blocking_waiters: AtomicUsize,
+}
+
+/// Where the writer puts the result of one blocking append ([`Log::append`]); the writer's
+/// single notify after the commit wakes the appender. Dropped unanswered (the writer thread
+/// died), it answers `Closed` and wakes the appender itself, which must not wait forever.
+struct Answer {
+    slot: Arc<Mutex<Option<Result<Appended>>>>,
+    shared: Arc<Shared>,
+    answered: bool,
+}
+
+impl Answer {
+    fn set(mut self, result: Result<Appended>) {
+        *self.slot.lock().expect("append slot lock") = Some(result);
+        self.answered = true;
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        *self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Err(Error::Closed));
+        drop(
+            self.shared
+                .blocking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        self.shared.unblocked.notify_all();
+    }
 }
 
 /// The preallocator's hand-over.
@@ -371,6 +413,9 @@ impl Log {
             counters: Counters::default(),
             prepared: Mutex::new(Prepared::default()),
             prepared_taken: Condvar::new(),
+            blocking: Mutex::new(()),
+            unblocked: Condvar::new(),
+            blocking_waiters: AtomicUsize::new(0),
         });
         let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
         let threads = Threads::spawn(&shared, writer)?;
@@ -414,11 +459,26 @@ impl Log {
 
     /// Appends `records` and blocks until they are durable under the fsync policy.
     pub fn append(&self, timestamp_ms: u64, records: Vec<Record>) -> Result<Appended> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.submit(timestamp_ms, records, move |result| {
-            let _ = tx.send(result);
-        });
-        rx.recv().unwrap_or(Err(Error::Closed))
+        let shared = &self.shared;
+        let slot: Arc<Mutex<Option<Result<Appended>>>> = Arc::default();
+        shared.blocking_waiters.fetch_add(1, Ordering::SeqCst);
+        let answer = Answer {
+            slot: slot.clone(),
+            shared: shared.clone(),
+            answered: false,
+        };
+        self.submit(timestamp_ms, records, move |result| answer.set(result));
+        // The writer fills the slot, then takes `blocking` before it notifies: a check made
+        // under `blocking` either sees the result or waits in time for the notify.
+        let mut blocking = shared.blocking.lock().expect("blocking lock");
+        let result = loop {
+            if let Some(result) = slot.lock().expect("append slot lock").take() {
+                break result;
+            }
+            blocking = shared.unblocked.wait(blocking).expect("blocking lock");
+        };
+        shared.blocking_waiters.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     /// Reads the record at `offset` through the index (never a scan).

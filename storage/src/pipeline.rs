@@ -437,6 +437,7 @@ impl Writer {
                 continue;
             }
             self.commit(requests);
+            self.wake_blocking();
         }
         if self.unsynced && !self.shared.poisoned.load(Ordering::Acquire) {
             let _ = self.sync().map_err(|e| poison(&self.shared, &e));
@@ -476,6 +477,15 @@ impl Writer {
                 None => self.shared.wake_writer.wait(queue).expect("queue lock"),
             };
             queue.writer_waiting = false;
+        }
+    }
+
+    /// Wakes the blocking appends ([`crate::Log::append`]) whose results the last commit set:
+    /// one notify for all of them.
+    fn wake_blocking(&self) {
+        if self.shared.blocking_waiters.load(Ordering::SeqCst) > 0 {
+            drop(self.shared.blocking.lock().expect("blocking lock"));
+            self.shared.unblocked.notify_all();
         }
     }
 
