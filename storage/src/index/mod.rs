@@ -588,7 +588,7 @@ mod tests {
         // A guard against a hang, not a timing: with sled's lock held, a read that asks sled
         // never answers.
         let answered = read_rx.recv_timeout(std::time::Duration::from_secs(30));
-        release_tx.send(()).unwrap();
+        drop(release_tx); // also ends a retried closure's wait
         holder.join().unwrap();
         read.join().unwrap();
         let location = |position, len| {
