@@ -251,15 +251,7 @@ impl<'a> Reader<'a> {
     }
 
     fn zero_from(&mut self, from: u64) -> io::Result<bool> {
-        let mut position = from;
-        while position < self.len {
-            let chunk = self.bytes(position, CHUNK_BYTES)?;
-            if chunk.iter().any(|b| *b != 0) {
-                return Ok(false);
-            }
-            position += chunk.len() as u64;
-        }
-        Ok(true)
+        self.zero_range(from, self.len)
     }
 }
 

@@ -30,8 +30,9 @@ pub enum TearMode {
     Garbage,
     /// Writeback in any order, a page ([`crate::segment::PAGE_BYTES`]) at a time: every page
     /// holds its contents as of a random point among the pending writes (before all of them,
-    /// after some, or after all), and so does the file's length. A later page can survive where an earlier one did not,
-    /// leaving a hole of zeros before records that were written after it.
+    /// after some, or after all), and so does the file's length. A later page can survive
+    /// where an earlier one did not, leaving a hole of zeros before records that were written
+    /// after it.
     Pages,
 }
 
