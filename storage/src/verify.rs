@@ -113,10 +113,11 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
         for damage in &scan.damage {
             report.problems.push(problem(path, damage, false));
         }
+        // The newest segment's zero tail is preallocated space, not damage.
+        let preallocated = newest && matches!(scan.tail, Tail::Zeroed { .. });
         let tail = match &scan.tail {
             Tail::Clean => None,
-            // The newest segment's preallocated space.
-            Tail::Zeroed { .. } if newest => None,
+            Tail::Zeroed { .. } if preallocated => None,
             Tail::Zeroed { bytes } => Some((*bytes, Corruption::Zeroed)),
             Tail::Torn { bytes, reason } => Some((*bytes, reason.clone())),
         };
@@ -136,9 +137,10 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
             path: path.clone(),
             base: *base,
             records: scan.records,
-            bytes: match scan.tail {
-                Tail::Zeroed { .. } if newest => scan.valid_end,
-                _ => scan.file_bytes,
+            bytes: if preallocated {
+                scan.valid_end
+            } else {
+                scan.file_bytes
             },
             time_range_ms: scan.time_range_ms,
             next_offset: scan.next_offset,
