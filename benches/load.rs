@@ -150,10 +150,7 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
                     if receipts.is_empty() {
                         continue;
                     }
-                    let ack = serde_json::json!({ "receipts": receipts }).to_string();
-                    let (status, body) =
-                        conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
-                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                    ack(&mut conn, &agent, &receipts);
                     acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
                 }
             })
@@ -187,11 +184,16 @@ fn spawn_acker(
         let mut conn = Conn::open(&url);
         while let Ok(mut batch) = receipts.recv() {
             batch.extend(receipts.try_iter().flatten());
-            let ack = serde_json::json!({ "receipts": batch }).to_string();
-            let (status, _) = conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
-            assert_eq!(status, 200, "ack");
+            ack(&mut conn, &agent, &batch);
         }
     })
+}
+
+/// Acks `receipts` (strings) and checks the answer.
+fn ack(conn: &mut Conn, agent: &str, receipts: &[impl serde::Serialize]) {
+    let body = serde_json::json!({ "receipts": receipts }).to_string();
+    let (status, reply) = conn.post(&format!("/v1/agents/{agent}/ack"), body.as_bytes());
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
 }
 
 /// Receives until `total` messages came (or `stop`), returning each one's latency since the
@@ -224,10 +226,7 @@ fn spawn_consumer(
                 continue;
             }
             match acks {
-                Acks::Sequential => {
-                    let ack = serde_json::json!({ "receipts": receipts }).to_string();
-                    conn.post(&format!("/v1/agents/{agent}/ack"), ack.as_bytes());
-                }
+                Acks::Sequential => ack(&mut conn, &agent, &receipts),
                 Acks::Pipelined => acker.send(receipts).expect("acker"),
             }
         }
