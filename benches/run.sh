@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the server benchmarks of issue 4 in one go, next to the reference points measured in
-# the same run: axum's hello-world POST and Redis Streams XADD with appendfsync always.
+# the same run: axum's hello-world POST, the floor of a durable publish on the same stack
+# (examples/floor.rs) and Redis Streams XADD with appendfsync always.
 # Needs wrk and redis-server/redis-benchmark (Debian packages). Every step is bounded in time.
 #   benches/run.sh            # about 2 minutes
 #   DURATION=30s benches/run.sh
@@ -9,12 +10,12 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 PORT=${PORT:-7170}
 URL=http://127.0.0.1:$PORT
-cargo build --release --quiet --bin courier --example hello
+cargo build --release --quiet --bin courier --example hello --example floor
 cargo bench --quiet --bench load --no-run 2>/dev/null
 LOAD=$(ls -t target/release/deps/load-* | grep -v '\.d$' | head -1)
 
 DATA=$(mktemp -d /var/tmp/courier-bench.XXXXXX)
-cleanup() { kill "${SERVER:-0}" "${HELLO:-0}" "${REDIS:-0}" 2>/dev/null || true; rm -rf "$DATA"; }
+cleanup() { kill "${SERVER:-0}" "${HELLO:-0}" "${FLOOR:-0}" "${REDIS:-0}" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
 
 start_server() {
@@ -57,6 +58,14 @@ HELLO=$!
 sleep 0.5
 wrk -t2 -c64 -d"$DURATION" -s benches/publish.lua http://127.0.0.1:7180
 kill $HELLO
+
+echo "== reference: the floor of a durable publish on this stack (examples/floor.rs: axum, JSON"
+echo "   parse, group commit with one fdatasync per batch, nothing else), 1 KiB, 64 connections"
+target/release/examples/floor 127.0.0.1:7181 "$DATA/floor.dat" >/dev/null &
+FLOOR=$!
+until curl -s -o /dev/null http://127.0.0.1:7181/; do sleep 0.2; done
+wrk -t2 -c64 -d"$DURATION" -s benches/publish.lua http://127.0.0.1:7181
+kill $FLOOR
 
 echo "== reference: Redis Streams XADD 1 KiB, appendfsync always, 64 clients"
 mkdir -p "$DATA/redis"
