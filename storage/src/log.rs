@@ -89,7 +89,8 @@ pub struct LogOptions {
     /// Zero-fill the next segment ahead of use, on a thread of its own (`log/.next.seg`, made
     /// the new segment by a rename at a roll). Appends then overwrite blocks that exist and
     /// pages that are cached, so an fdatasync writes no metadata and a write allocates
-    /// nothing. Skipped while less than four segments' worth of space is free.
+    /// nothing. Paused while less than four segments' worth of space is free (looked at again
+    /// at every roll).
     pub preallocate: bool,
 }
 
@@ -324,6 +325,8 @@ impl Drop for Answer {
 pub(crate) struct Prepared {
     pub(crate) file: Option<Box<dyn DiskFile>>,
     pub(crate) stop: bool,
+    /// Segment rolls so far: a preallocator that found too little space waits for the next.
+    pub(crate) rolls: u64,
 }
 
 /// The message log. See the module documentation.

@@ -125,13 +125,18 @@ fn run_checkpointer(shared: &Shared) {
 pub(crate) const PREPARED_NAME: &str = ".next.seg";
 
 /// The preallocator thread: keeps one zero-filled, synced segment file ready for the writer's
-/// next roll. It stops for good when space runs low or a preparation fails (the writer then
-/// creates plain segments), and at close, where it removes a file nobody took.
+/// next roll. While space is low it prepares nothing and looks again at each roll (the writer
+/// creates plain segments meanwhile). It stops for good when a preparation fails, and at
+/// close, where it removes a file nobody took.
 fn run_preallocator(shared: &Shared) {
+    // Waiting for a roll when space was low last time (the roll count then).
+    let mut space_low_at: Option<u64> = None;
     loop {
         {
             let mut prepared = shared.prepared.lock().expect("prepared lock");
-            while prepared.file.is_some() && !prepared.stop {
+            while !prepared.stop
+                && (prepared.file.is_some() || space_low_at == Some(prepared.rolls))
+            {
                 prepared = shared.prepared_taken.wait(prepared).expect("prepared lock");
             }
             if prepared.stop {
@@ -142,14 +147,38 @@ fn run_preallocator(shared: &Shared) {
             }
         }
         match prepare_segment(shared) {
-            Ok(Some(file)) => shared.prepared.lock().expect("prepared lock").file = Some(file),
-            Ok(None) => return,
+            Ok(Prepare::Ready(file)) => {
+                if space_low_at.take().is_some() {
+                    tracing::info!("segments are preallocated again: enough space is free");
+                }
+                shared.prepared.lock().expect("prepared lock").file = Some(file);
+            }
+            Ok(Prepare::SpaceLow { free_bytes }) => {
+                if space_low_at.is_none() {
+                    tracing::info!(
+                        free_bytes,
+                        "segments are not preallocated while less than four segments' worth of space is free"
+                    );
+                }
+                space_low_at = Some(shared.prepared.lock().expect("prepared lock").rolls);
+            }
+            Ok(Prepare::Closing) => return,
             Err(error) => {
                 tracing::warn!(%error, "could not preallocate a segment; new segments are not preallocated");
                 return;
             }
         }
     }
+}
+
+/// What [`prepare_segment`] did.
+enum Prepare {
+    /// `log/.next.seg` is zero-filled and synced.
+    Ready(Box<dyn crate::io::DiskFile>),
+    /// Less than four segments' worth of space is free: nothing was written.
+    SpaceLow { free_bytes: u64 },
+    /// The log is closing: nothing is left behind.
+    Closing,
 }
 
 /// Removes a segment prepared by an earlier run (maybe cut short): never part of the log.
@@ -163,9 +192,9 @@ pub(crate) fn remove_prepared(disk: &dyn crate::io::Disk, log_dir: &std::path::P
     }
 }
 
-/// Zero-fills and syncs `log/.next.seg` at the segment size. `None` when space is low or the
-/// log is closing. The fsync is of a file with no record in it (fsyncgate does not apply).
-fn prepare_segment(shared: &Shared) -> Result<Option<Box<dyn crate::io::DiskFile>>> {
+/// Zero-fills and syncs `log/.next.seg` at the segment size, unless space is low or the log
+/// is closing. The fsync is of a file with no record in it (fsyncgate does not apply).
+fn prepare_segment(shared: &Shared) -> Result<Prepare> {
     const CHUNK: u64 = 1 << 20;
     let disk = shared.disk.as_ref();
     let size = shared.options.segment_bytes;
@@ -173,12 +202,8 @@ fn prepare_segment(shared: &Shared) -> Result<Option<Box<dyn crate::io::DiskFile
     let free = disk
         .available_bytes(&shared.log_dir)
         .map_err(|e| Error::io("stat file system", &shared.log_dir, e))?;
-    if let Some(free) = free.filter(|free| *free < size.saturating_mul(4)) {
-        tracing::info!(
-            free_bytes = free,
-            "segments are not preallocated: less than four segments' worth of space is free"
-        );
-        return Ok(None);
+    if let Some(free_bytes) = free.filter(|free| *free < size.saturating_mul(4)) {
+        return Ok(Prepare::SpaceLow { free_bytes });
     }
     let file = disk
         .create(&path)
@@ -199,10 +224,10 @@ fn prepare_segment(shared: &Shared) -> Result<Option<Box<dyn crate::io::DiskFile
         at += n as u64;
     };
     match filled {
-        Ok(true) => Ok(Some(file)),
+        Ok(true) => Ok(Prepare::Ready(file)),
         Ok(false) => {
             let _ = disk.remove_file(&path);
-            Ok(None)
+            Ok(Prepare::Closing)
         }
         Err(e) => {
             let _ = disk.remove_file(&path);
@@ -711,15 +736,15 @@ impl Writer {
         let shared = &self.shared;
         let prepared = shared.prepared.lock().expect("prepared lock").file.take();
         let disk = shared.disk.as_ref();
-        let segment = Arc::new(match prepared {
-            Some(file) => {
-                let adopted = Segment::adopt(disk, &shared.log_dir, base, file);
-                // Only now is the name free for the next one.
-                shared.prepared_taken.notify_all();
-                adopted?
-            }
-            None => Segment::create(disk, &shared.log_dir, base)?,
-        });
+        let segment = match prepared {
+            Some(file) => Segment::adopt(disk, &shared.log_dir, base, file),
+            None => Segment::create(disk, &shared.log_dir, base),
+        };
+        // Only now is the name free for the next one; a preallocator that found too little
+        // space looks again.
+        shared.prepared.lock().expect("prepared lock").rolls += 1;
+        shared.prepared_taken.notify_all();
+        let segment = Arc::new(segment?);
         tracing::info!(segment = %segment.path.display(), base = base.0, "rolled to a new segment");
         self.shared
             .segments

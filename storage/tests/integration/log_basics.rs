@@ -340,3 +340,104 @@ fn segments_are_preallocated_and_cut_to_their_records_when_sealed() {
         assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
     }
 }
+
+/// The real file system, reporting as free space whatever the test sets.
+#[derive(Debug)]
+struct ReportedSpace(Arc<std::sync::atomic::AtomicU64>);
+
+impl courier_storage::io::Disk for ReportedSpace {
+    fn create_dir_all(&self, path: &std::path::Path) -> std::io::Result<()> {
+        courier_storage::io::FileDisk.create_dir_all(path)
+    }
+    fn list_dir(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        courier_storage::io::FileDisk.list_dir(dir)
+    }
+    fn create(
+        &self,
+        path: &std::path::Path,
+    ) -> std::io::Result<Box<dyn courier_storage::io::DiskFile>> {
+        courier_storage::io::FileDisk.create(path)
+    }
+    fn open(
+        &self,
+        path: &std::path::Path,
+        writable: bool,
+    ) -> std::io::Result<Box<dyn courier_storage::io::DiskFile>> {
+        courier_storage::io::FileDisk.open(path, writable)
+    }
+    fn remove_file(&self, path: &std::path::Path) -> std::io::Result<()> {
+        courier_storage::io::FileDisk.remove_file(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        courier_storage::io::FileDisk.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        courier_storage::io::FileDisk.sync_dir(dir)
+    }
+    fn lock(&self, path: &std::path::Path) -> std::io::Result<courier_storage::io::DirLock> {
+        courier_storage::io::FileDisk.lock(path)
+    }
+    fn available_bytes(&self, _dir: &std::path::Path) -> std::io::Result<Option<u64>> {
+        Ok(Some(self.0.load(std::sync::atomic::Ordering::SeqCst)))
+    }
+}
+
+/// While less than four segments' worth of space is free, segments are plain files (cut to
+/// their records, no `.next.seg`); once space is free again, the preallocator prepares the
+/// next segment after the following roll, and the log stays whole throughout.
+#[test]
+fn preallocation_pauses_while_space_is_low_and_resumes_after_a_roll() {
+    const SEGMENT: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let prepared = dir.path().join("log").join(".next.seg");
+    let free = Arc::new(std::sync::atomic::AtomicU64::new(SEGMENT));
+    let options = LogOptions {
+        disk: Arc::new(ReportedSpace(free.clone())),
+        segment_bytes: SEGMENT,
+        index_cache_bytes: 4 << 20,
+        ..LogOptions::default()
+    };
+    let log = Log::open(dir.path(), options).unwrap().0;
+    let mut records = Vec::new();
+    let roll = |log: &Log, records: &mut Vec<Record>| {
+        let before = log.segments().len();
+        while log.segments().len() == before {
+            let n = records.len() as u64;
+            let record = message(&format!("m{n}"), "a", 4, &body(n, 900));
+            log.append(1_000, vec![record.clone()]).unwrap();
+            records.push(record);
+        }
+    };
+    for _ in 0..3 {
+        roll(&log, &mut records);
+    }
+    assert!(!prepared.exists(), "nothing is prepared while space is low");
+    let active = log.segments().last().unwrap().clone();
+    assert_eq!(
+        std::fs::metadata(&active.path).unwrap().len(),
+        active.bytes,
+        "a plain segment is only its records"
+    );
+
+    free.store(SEGMENT * 100, std::sync::atomic::Ordering::SeqCst);
+    roll(&log, &mut records);
+    crate::support::wait_until(10, "a prepared segment after the roll", || {
+        prepared.exists()
+    });
+    roll(&log, &mut records);
+    let active = log.segments().last().unwrap().clone();
+    assert_eq!(
+        std::fs::metadata(&active.path).unwrap().len(),
+        SEGMENT,
+        "the segment after space came back is preallocated"
+    );
+    drop(log);
+    let report =
+        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    let (log, report) = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_eq!(report.truncated, None);
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
+    }
+}
