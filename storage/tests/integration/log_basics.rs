@@ -302,13 +302,7 @@ fn segments_are_preallocated_and_cut_to_their_records_when_sealed() {
     let mut records = Vec::new();
     while log.segments().len() < 4 {
         crate::support::wait_until(10, "a prepared segment", || prepared.exists());
-        let before = log.segments().len();
-        while log.segments().len() == before {
-            let n = records.len() as u64;
-            let record = message(&format!("m{n}"), "a", 4, &body(n, 900));
-            log.append(1_000, vec![record.clone()]).unwrap();
-            records.push(record);
-        }
+        append_until_roll(&log, &mut records);
     }
     let segments = log.segments();
     for (i, s) in segments.iter().enumerate() {
@@ -325,16 +319,36 @@ fn segments_are_preallocated_and_cut_to_their_records_when_sealed() {
             assert!(s.bytes < SEGMENT && s.bytes > 0);
         }
     }
-    let report =
-        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
-    assert_eq!(report.records(), records.len() as u64);
+    assert_verify_clean(dir.path(), &records);
     drop(log);
     assert!(
         !prepared.exists(),
         "a prepared file nobody took is removed at close"
     );
-    let (log, report) = Log::open(dir.path(), LogOptions::default()).unwrap();
+    assert_reopens_with(dir.path(), &records);
+}
+
+/// Appends 900-byte messages, each also pushed to `records`, until the log rolls.
+fn append_until_roll(log: &Log, records: &mut Vec<Record>) {
+    let before = log.segments().len();
+    while log.segments().len() == before {
+        let n = records.len() as u64;
+        let record = message(&format!("m{n}"), "a", 4, &body(n, 900));
+        log.append(1_000, vec![record.clone()]).unwrap();
+        records.push(record);
+    }
+}
+
+/// `verify` finds the log in `dir` clean and holding exactly `records`' count.
+fn assert_verify_clean(dir: &std::path::Path, records: &[Record]) {
+    let report = courier_storage::verify::verify(&courier_storage::io::FileDisk, dir).unwrap();
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.records(), records.len() as u64);
+}
+
+/// The log in `dir` reopens with no torn tail, and reads back `records` from offset 0.
+fn assert_reopens_with(dir: &std::path::Path, records: &[Record]) {
+    let (log, report) = Log::open(dir, LogOptions::default()).unwrap();
     assert_eq!(report.truncated, None);
     for (i, r) in records.iter().enumerate() {
         assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
@@ -399,17 +413,8 @@ fn preallocation_pauses_while_space_is_low_and_resumes_after_a_roll() {
     };
     let log = Log::open(dir.path(), options).unwrap().0;
     let mut records = Vec::new();
-    let roll = |log: &Log, records: &mut Vec<Record>| {
-        let before = log.segments().len();
-        while log.segments().len() == before {
-            let n = records.len() as u64;
-            let record = message(&format!("m{n}"), "a", 4, &body(n, 900));
-            log.append(1_000, vec![record.clone()]).unwrap();
-            records.push(record);
-        }
-    };
     for _ in 0..3 {
-        roll(&log, &mut records);
+        append_until_roll(&log, &mut records);
     }
     assert!(!prepared.exists(), "nothing is prepared while space is low");
     let active = log.segments().last().unwrap().clone();
@@ -420,11 +425,11 @@ fn preallocation_pauses_while_space_is_low_and_resumes_after_a_roll() {
     );
 
     free.store(SEGMENT * 100, std::sync::atomic::Ordering::SeqCst);
-    roll(&log, &mut records);
+    append_until_roll(&log, &mut records);
     crate::support::wait_until(10, "a prepared segment after the roll", || {
         prepared.exists()
     });
-    roll(&log, &mut records);
+    append_until_roll(&log, &mut records);
     let active = log.segments().last().unwrap().clone();
     assert_eq!(
         std::fs::metadata(&active.path).unwrap().len(),
@@ -432,12 +437,6 @@ fn preallocation_pauses_while_space_is_low_and_resumes_after_a_roll() {
         "the segment after space came back is preallocated"
     );
     drop(log);
-    let report =
-        courier_storage::verify::verify(&courier_storage::io::FileDisk, dir.path()).unwrap();
-    assert!(report.is_clean(), "{:?}", report.problems);
-    let (log, report) = Log::open(dir.path(), LogOptions::default()).unwrap();
-    assert_eq!(report.truncated, None);
-    for (i, r) in records.iter().enumerate() {
-        assert_eq!(&log.read(Offset(i as u64)).unwrap().record, r, "record {i}");
-    }
+    assert_verify_clean(dir.path(), &records);
+    assert_reopens_with(dir.path(), &records);
 }
