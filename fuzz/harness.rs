@@ -114,15 +114,27 @@ pub fn segment_scan(data: &[u8]) {
     }
 }
 
-/// Publish validation: the API's parse and checks of one message. What they accept has a
-/// valid address and a body that is valid JSON, stored as given.
+/// Publish validation: the API's parse and checks of one message, with the default limits.
+/// What they accept has a valid address and a body that is valid JSON, stored as given, and
+/// nested no deeper than `limits.max_json_depth`.
 pub fn publish_validation(data: &[u8]) {
+    static LIMITS: std::sync::OnceLock<courier::config::Limits> = std::sync::OnceLock::new();
+    let limits = LIMITS.get_or_init(|| {
+        let config = courier::config::RawConfig::defaults().validate();
+        config.expect("the defaults are valid").limits
+    });
     let checked = courier::api::error::parse_json::<courier::api::wire::PublishBody>(data)
-        .and_then(|body| body.into_outgoing(None));
+        .and_then(|body| body.into_outgoing(None, limits));
     if let Ok(outgoing) = checked {
         let message = &outgoing.message;
         serde_json::from_slice::<serde::de::IgnoredAny>(&message.body)
             .expect("an accepted body is valid JSON");
+        let text = std::str::from_utf8(&message.body).expect("JSON is UTF-8");
+        let depth = courier::api::wire::json_depth(text, usize::MAX);
+        assert!(
+            depth <= limits.max_json_depth as usize,
+            "accepted {depth} deep"
+        );
         assert!(message.priority <= 9);
         assert!(!message.destinations.is_empty(), "no destination");
     }

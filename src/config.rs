@@ -138,6 +138,11 @@ pub const KEYS: &[Key] = &[
         "long-polls open at once per agent; past it receive gets 429",
     ),
     key(
+        "limits.max_json_depth",
+        Some("64"),
+        "nesting of arrays and objects in a body or metadata; deeper gets 400",
+    ),
+    key(
         "auth.mode",
         Some("none"),
         "none (token auth is not in this build yet)",
@@ -373,6 +378,7 @@ impl RawConfig {
                 max_inbox_depth: self.required("limits.max_inbox_depth", |s| parse_bytes(s, 1))?,
                 publish_rate: self.required("limits.publish_rate", |s| parse_count(s, 0))?,
                 max_receivers: self.required("limits.max_receivers", |s| parse_count(s, 1))?,
+                max_json_depth: self.required("limits.max_json_depth", |s| parse_count(s, 1))?,
             },
             log_format: self.required("log_format", |s| match s {
                 "text" => Ok(LogFormat::Text),
@@ -496,6 +502,8 @@ pub struct Limits {
     pub publish_rate: u32,
     /// Long-polls open at once per agent.
     pub max_receivers: u32,
+    /// Deepest nesting of arrays and objects in a message body or agent metadata.
+    pub max_json_depth: u32,
 }
 
 /// Log output format.

@@ -4,12 +4,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, value::RawValue};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::error::{parse_json, ApiError, JsonBody};
 use super::messages::MAX_LEASE_MS;
-use super::wire::{in_range, AgentBody};
+use super::wire::{check_json_depth, in_range, AgentBody};
 use super::{agent_id, AppState};
 use crate::broker::{AgentView, Refusal};
 use crate::clock::rfc3339;
@@ -22,29 +22,62 @@ pub const MAX_CAPABILITY_BYTES: usize = 128;
 /// Largest metadata object, bytes.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
-fn view_json(view: &AgentView) -> serde_json::Value {
+/// An agent as clients see it.
+#[derive(Debug, Serialize)]
+struct AgentJson<'a> {
+    id: &'a str,
+    capabilities: &'a [String],
+    metadata: &'a RawValue,
+    lease_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    max_in_flight: Option<u32>,
+    last_seen: Option<String>,
+    online: bool,
+    receivers: u32,
+    throttled: bool,
+    inbox: InboxJson,
+}
+
+/// An inbox's counts.
+#[derive(Debug, Serialize)]
+struct InboxJson {
+    ready: u64,
+    in_flight: u64,
+    dead_letters: u64,
+}
+
+/// `{"agents": [...]}`.
+#[derive(Debug, Serialize)]
+struct AgentList<'a> {
+    agents: Vec<AgentJson<'a>>,
+}
+
+const EMPTY_OBJECT: &str = "{}";
+
+fn view_json(view: &AgentView) -> AgentJson<'_> {
     let a = &view.agent;
-    let metadata = serde_json::from_slice::<&RawValue>(&a.metadata)
-        .ok()
-        .and_then(|raw| serde_json::to_value(raw).ok())
-        .unwrap_or_else(|| json!({}));
-    json!({
-        "id": a.id,
-        "capabilities": a.capabilities,
-        "metadata": metadata,
-        "lease_ms": a.lease_ms,
-        "max_attempts": a.max_attempts,
-        "max_in_flight": a.max_in_flight,
-        "last_seen": view.last_seen_ms.map(rfc3339),
-        "online": view.online,
-        "receivers": view.receivers,
-        "throttled": view.throttled,
-        "inbox": {
-            "ready": view.depth.ready,
-            "in_flight": view.depth.in_flight,
-            "dead_letters": view.depth.dead_letters,
+    let metadata = serde_json::from_slice::<&RawValue>(&a.metadata).unwrap_or_else(|error| {
+        // Registration checks the metadata, so only damage that the CRC missed gets here.
+        tracing::error!(agent = %a.id, %error, "stored agent metadata is not JSON; shown as {{}}");
+        serde_json::from_str(EMPTY_OBJECT).expect("`{}` is JSON")
+    });
+    AgentJson {
+        id: &a.id,
+        capabilities: &a.capabilities,
+        metadata,
+        lease_ms: a.lease_ms,
+        max_attempts: a.max_attempts,
+        max_in_flight: a.max_in_flight,
+        last_seen: view.last_seen_ms.map(rfc3339),
+        online: view.online,
+        receivers: view.receivers,
+        throttled: view.throttled,
+        inbox: InboxJson {
+            ready: view.depth.ready,
+            in_flight: view.depth.in_flight,
+            dead_letters: view.depth.dead_letters,
         },
-    })
+    }
 }
 
 /// `PUT /v1/agents/{agent}` → 201 created / 200 updated.
@@ -72,6 +105,13 @@ pub async fn upsert(
                 format!("capability {capability:?} must be 1-{MAX_CAPABILITY_BYTES} bytes without control characters"),
             ));
         }
+    }
+    if let Some(metadata) = &body.metadata {
+        check_json_depth(
+            "metadata",
+            metadata.get(),
+            state.config.limits.max_json_depth,
+        )?;
     }
     let metadata = match body.metadata {
         None => b"{}".to_vec(),
@@ -169,6 +209,6 @@ pub async fn list(
     let Query(query) =
         query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
     let views = state.broker.agents(query.capability.as_deref());
-    let agents: Vec<serde_json::Value> = views.iter().map(view_json).collect();
-    Ok(Json(json!({"agents": agents})).into_response())
+    let agents = views.iter().map(view_json).collect();
+    Ok(Json(AgentList { agents }).into_response())
 }

@@ -7,15 +7,15 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::error::{parse_json, too_large, ApiError, JsonBody};
 use super::wire::{
-    check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeliveredView, ExtendBody,
-    NackBody, PublishBody, ReceiveBody, RedriveBody,
+    check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeadLetters, DeliveredView,
+    Deliveries, ExtendBody, NackBody, PublishBody, PublishedView, ReceiveBody, RedriveBody,
+    Redriven, Results, SettledView,
 };
 use super::{agent_id, AppState};
-use crate::broker::{Published, ReceiveRequest};
+use crate::broker::ReceiveRequest;
 use crate::delivery::{Outcome, Settle};
 
 /// Most messages one receive returns.
@@ -38,10 +38,6 @@ fn traceparent(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty() && v.len() <= 256)
 }
 
-fn published_json(p: &Published) -> serde_json::Value {
-    json!({"id": p.id, "offset": p.offset, "duplicate": p.duplicate})
-}
-
 /// `POST /v1/messages`.
 pub async fn publish(
     State(state): State<AppState>,
@@ -50,7 +46,7 @@ pub async fn publish(
 ) -> Result<Response, ApiError> {
     check_message_size(bytes.len(), &state.config.limits)?;
     let body: PublishBody = parse_json(&bytes)?;
-    let outgoing = body.into_outgoing(traceparent(&headers))?;
+    let outgoing = body.into_outgoing(traceparent(&headers), &state.config.limits)?;
     let results = state.broker.publish(vec![outgoing]).await?;
     let result = results.first().expect("one result per message");
     let status = if result.duplicate {
@@ -58,7 +54,7 @@ pub async fn publish(
     } else {
         StatusCode::CREATED
     };
-    Ok((status, Json(published_json(result))).into_response())
+    Ok((status, Json(PublishedView::of(result))).into_response())
 }
 
 /// `POST /v1/messages/batch`: all-or-nothing.
@@ -86,7 +82,7 @@ pub async fn publish_batch(
     for (i, raw) in batch.messages.iter().enumerate() {
         let checked = check_message_size(raw.get().len(), &limits)
             .and_then(|()| parse_json::<PublishBody>(raw.get().as_bytes()))
-            .and_then(|body| body.into_outgoing(traceparent(&headers)));
+            .and_then(|body| body.into_outgoing(traceparent(&headers), &limits));
         match checked {
             Ok(o) => outgoing.push(o),
             Err(mut error) => {
@@ -96,8 +92,8 @@ pub async fn publish_batch(
         }
     }
     let results = state.broker.publish(outgoing).await?;
-    let out: Vec<serde_json::Value> = results.iter().map(published_json).collect();
-    Ok((StatusCode::CREATED, Json(json!({"results": out}))).into_response())
+    let results = results.iter().map(PublishedView::of).collect();
+    Ok((StatusCode::CREATED, Json(Results { results })).into_response())
 }
 
 /// `POST /v1/agents/{agent}/receive`: long-poll.
@@ -116,8 +112,9 @@ pub async fn receive(
         lease_ms: in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)?,
     };
     let delivered = state.broker.receive(agent.as_str(), request).await?;
-    let views: Vec<DeliveredView<'_>> = delivered.iter().filter_map(DeliveredView::of).collect();
-    Ok(Json(json!({"messages": views})).into_response())
+    courier_storage::failpoint::panic("api.receive");
+    let messages = delivered.iter().filter_map(DeliveredView::of).collect();
+    Ok(Json(Deliveries { messages }).into_response())
 }
 
 fn receipts(receipts: &[String]) -> Result<(), ApiError> {
@@ -142,12 +139,15 @@ async fn settle(
     receipts(list)?;
     let agent = agent_id(agent)?;
     let outcomes: Vec<Outcome> = state.broker.settle(agent.as_str(), list, how).await?;
-    let results: Vec<serde_json::Value> = list
+    let results = list
         .iter()
         .zip(outcomes)
-        .map(|(receipt, outcome)| json!({"receipt": receipt, "status": outcome.as_str()}))
+        .map(|(receipt, outcome)| SettledView {
+            receipt,
+            status: outcome.as_str(),
+        })
         .collect();
-    Ok(Json(json!({"results": results})).into_response())
+    Ok(Json(Results { results }).into_response())
 }
 
 /// `POST /v1/agents/{agent}/ack`.
@@ -209,8 +209,8 @@ pub async fn dead_letters(
     let dead = state
         .broker
         .dead_letters(agent.as_str(), query.after, limit)?;
-    let views: Vec<DeadLetterView<'_>> = dead.iter().filter_map(DeadLetterView::of).collect();
-    Ok(Json(json!({"dead_letters": views})).into_response())
+    let dead_letters = dead.iter().filter_map(DeadLetterView::of).collect();
+    Ok(Json(DeadLetters { dead_letters }).into_response())
 }
 
 /// `POST /v1/agents/{agent}/dead-letters/redrive`: `{"offsets": [...]}` or `{"all": true}`.
@@ -237,5 +237,5 @@ pub async fn redrive(
         .broker
         .redrive(agent.as_str(), offsets.as_deref())
         .await?;
-    Ok(Json(json!({"redriven": count})).into_response())
+    Ok(Json(Redriven { redriven: count }).into_response())
 }

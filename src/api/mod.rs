@@ -9,12 +9,16 @@ pub mod messages;
 pub mod ops;
 pub mod wire;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
+use futures_util::FutureExt;
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -64,7 +68,33 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(error::BODY_LIMIT_BYTES))
+        .layer(middleware::from_fn(catch_panic))
         .with_state(state)
+}
+
+/// Answers a handler that panics with 500 in the error shape, and logs the panic with the
+/// request's method and route, instead of dropping the connection without an answer.
+async fn catch_panic(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    match AssertUnwindSafe(next.run(request)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            let route = route.as_ref().map_or("(no route)", MatchedPath::as_str);
+            tracing::error!(%method, route, panic = what, "a request handler panicked");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                format!("the server failed while answering {method} {route} (a bug; it is logged); retry, and report it if it happens again"),
+            )
+            .into_response()
+        }
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -4,20 +4,26 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
 
+/// `{"status": ...}`.
+#[derive(Debug, Serialize)]
+struct Status {
+    status: &'static str,
+}
+
 /// `GET /healthz`: the process is alive.
 pub async fn healthz() -> Response {
-    Json(json!({"status": "ok"})).into_response()
+    Json(Status { status: "ok" }).into_response()
 }
 
 /// `GET /readyz`: recovery is done and the log takes writes; else 503.
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
     if state.broker.is_ready() {
-        Ok(Json(json!({"status": "ready"})).into_response())
+        Ok(Json(Status { status: "ready" }).into_response())
     } else {
         Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -28,39 +34,76 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
     }
 }
 
+/// The answer of `GET /v1/stats`.
+#[derive(Debug, Serialize)]
+struct StatsJson {
+    log: LogJson,
+    segments: Vec<SegmentJson>,
+    agents: Vec<AgentCounts>,
+    ready: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct LogJson {
+    next_offset: u64,
+    segments: usize,
+    bytes: u64,
+    records_written: u64,
+    commits: u64,
+    fsyncs: u64,
+    bytes_written: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct SegmentJson {
+    base_offset: u64,
+    bytes: u64,
+    path: String,
+}
+
+#[derive(Debug, Serialize)]
+struct AgentCounts {
+    id: String,
+    ready: u64,
+    in_flight: u64,
+    dead_letters: u64,
+}
+
 /// `GET /v1/stats`.
 pub async fn stats(State(state): State<AppState>) -> Response {
     let stats = state.broker.stats();
-    let segments: Vec<serde_json::Value> = stats
+    let segments = stats
         .segments
         .iter()
-        .map(|s| json!({"base_offset": s.base.0, "bytes": s.bytes, "path": s.path.display().to_string()}))
-        .collect();
-    let agents: Vec<serde_json::Value> = stats
-        .agents
-        .iter()
-        .map(|a| {
-            json!({
-                "id": a.agent.id,
-                "ready": a.depth.ready,
-                "in_flight": a.depth.in_flight,
-                "dead_letters": a.depth.dead_letters,
-            })
+        .map(|s| SegmentJson {
+            base_offset: s.base.0,
+            bytes: s.bytes,
+            path: s.path.display().to_string(),
         })
         .collect();
-    Json(json!({
-        "log": {
-            "next_offset": stats.durable_end,
-            "segments": stats.segments.len(),
-            "bytes": stats.segments.iter().map(|s| s.bytes).sum::<u64>(),
-            "records_written": stats.log.records,
-            "commits": stats.log.commits,
-            "fsyncs": stats.log.fsyncs,
-            "bytes_written": stats.log.bytes_written,
+    let agents = stats
+        .agents
+        .into_iter()
+        .map(|a| AgentCounts {
+            id: a.agent.id,
+            ready: a.depth.ready,
+            in_flight: a.depth.in_flight,
+            dead_letters: a.depth.dead_letters,
+        })
+        .collect();
+    Json(StatsJson {
+        log: LogJson {
+            next_offset: stats.durable_end,
+            segments: stats.segments.len(),
+            bytes: stats.segments.iter().map(|s| s.bytes).sum(),
+            records_written: stats.log.records,
+            commits: stats.log.commits,
+            fsyncs: stats.log.fsyncs,
+            bytes_written: stats.log.bytes_written,
         },
-        "segments": segments,
-        "agents": agents,
-        "ready": state.broker.is_ready(),
-    }))
+        segments,
+        agents,
+        ready: state.broker.is_ready(),
+    })
     .into_response()
 }

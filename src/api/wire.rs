@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use crate::broker::{DeadView, Delivered, Outgoing};
+use crate::broker::{DeadView, Delivered, Outgoing, Published};
 use crate::clock::rfc3339;
 use crate::config::Limits;
 use crate::ids::{check_message_id, Address, AgentId};
@@ -76,7 +76,12 @@ fn check_ms(field: &str, value: Option<i64>) -> Result<u64, ApiError> {
 impl PublishBody {
     /// Checks every field (SPEC §3) and builds the message. `traceparent` is the request's
     /// W3C trace header, stored unless the message has its own.
-    pub fn into_outgoing(self, traceparent: Option<&str>) -> Result<Outgoing, ApiError> {
+    pub fn into_outgoing(
+        self,
+        traceparent: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Outgoing, ApiError> {
+        check_json_depth("body", self.body.get(), limits.max_json_depth)?;
         let address =
             Address::parse(&self.to).map_err(|e| ApiError::bad_request("invalid_address", e))?;
         let destination = match address {
@@ -173,6 +178,50 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The deepest nesting of arrays and objects in `json`, which must be valid JSON text (a
+/// scalar is 0 deep, `[]` 1, `{"a": [1]}` 2). Counts without recursing, so any depth is
+/// safe to measure; stops counting once past `stop_above`.
+pub fn json_depth(json: &str, stop_above: usize) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in json.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                if deepest > stop_above {
+                    return deepest;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// Refuses JSON nested deeper than `limits.max_json_depth` (400 `invalid_request`): every
+/// stored body must stay deliverable and listable by any JSON reader.
+pub fn check_json_depth(field: &str, json: &str, max_depth: u32) -> Result<(), ApiError> {
+    let max = max_depth as usize;
+    if json_depth(json, max) > max {
+        return Err(invalid(format!(
+            "`{field}` nests arrays and objects more than {max} deep (limits.max_json_depth); flatten it or raise the limit"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a publish body's size against the message limit.
 pub fn check_message_size(bytes: usize, limits: &Limits) -> Result<(), ApiError> {
     if bytes as u64 > limits.max_message_bytes {
@@ -211,7 +260,14 @@ impl<'a> MessageView<'a> {
         let Record::Message(m) = &frame.record else {
             return None;
         };
-        let body = serde_json::from_slice::<&RawValue>(&m.body).ok()?;
+        let body = match serde_json::from_slice::<&RawValue>(&m.body) {
+            Ok(body) => body,
+            Err(error) => {
+                // Publish checks every body, so only damage that the CRC missed gets here.
+                tracing::error!(offset = frame.offset.0, %error, "a stored message body is not JSON; it is left out of the answer");
+                return None;
+            }
+        };
         Some(Self {
             id: &m.id,
             from: &m.from,
@@ -275,6 +331,62 @@ impl<'a> DeadLetterView<'a> {
             dead_lettered_at: rfc3339(dead.dead.dead_lettered_at_ms),
         })
     }
+}
+
+/// The answer for one published message.
+#[derive(Debug, Serialize)]
+pub struct PublishedView<'a> {
+    id: &'a str,
+    offset: u64,
+    duplicate: bool,
+}
+
+impl<'a> PublishedView<'a> {
+    /// The view of a publish result.
+    pub fn of(published: &'a Published) -> Self {
+        Self {
+            id: &published.id,
+            offset: published.offset,
+            duplicate: published.duplicate,
+        }
+    }
+}
+
+/// `{"results": [...]}`: one entry per message or receipt, in request order.
+#[derive(Debug, Serialize)]
+pub struct Results<T> {
+    /// The entries.
+    pub results: Vec<T>,
+}
+
+/// The answer for one receipt of an ack, nack or extend.
+#[derive(Debug, Serialize)]
+pub struct SettledView<'a> {
+    /// The receipt as sent.
+    pub receipt: &'a str,
+    /// `acked`, `nacked`, `extended`, `dead_lettered`, `stale` or `unknown`.
+    pub status: &'static str,
+}
+
+/// `{"messages": [...]}`: the answer of a receive.
+#[derive(Debug, Serialize)]
+pub struct Deliveries<'a> {
+    /// The delivered messages, in delivery order.
+    pub messages: Vec<DeliveredView<'a>>,
+}
+
+/// `{"dead_letters": [...]}`: a page of dead letters.
+#[derive(Debug, Serialize)]
+pub struct DeadLetters<'a> {
+    /// Dead letters, oldest first.
+    pub dead_letters: Vec<DeadLetterView<'a>>,
+}
+
+/// `{"redriven": n}`.
+#[derive(Debug, Serialize)]
+pub struct Redriven {
+    /// How many dead letters went back to the inbox.
+    pub redriven: usize,
 }
 
 /// `POST /v1/agents/{agent}/receive`.

@@ -40,6 +40,16 @@ pub fn crash(name: &str) {
     let _ = name;
 }
 
+/// A panic point: panics here when `name` is armed with `return`, as a bug would (tests of
+/// what a panic in a handler or a pipeline thread leads to).
+#[inline(always)]
+pub fn panic(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::eval(name, |_| panic!("panicking at fail point {name}"));
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
 /// An error point: the I/O error to fail with here when `name` is armed with `return(EIO)`,
 /// `return(ENOSPC)` or `return`.
 #[inline(always)]

@@ -156,3 +156,38 @@ fn fsync_eio_fails_publishes_with_503_and_a_restart_recovers() {
 fn write_enospc_fails_publishes_with_503_and_a_restart_recovers() {
     disk_error_stops_writes_and_a_restart_recovers("io.write=30*off->return(ENOSPC)");
 }
+
+/// A handler that panics (here after its receive leased a message, at the panic point
+/// `api.receive`) answers 500 in the error shape and logs the panic with its route; the
+/// connection is not dropped, and the server keeps serving the same inbox: the message
+/// comes back after its lease.
+#[test]
+fn a_panicking_handler_answers_500_and_the_server_keeps_serving() {
+    let mut server = TestServer::unstarted(&["--lease", "1s"]);
+    server.set_env("FAILPOINTS", Some("api.receive=1*return"));
+    server.restart();
+    server.register("planner", json!({}));
+    let offset = server.publish("planner", json!("task"));
+
+    let failed = server.post(
+        "/v1/agents/planner/receive",
+        json!({"max": 1, "wait_ms": 0}),
+    );
+    assert_eq!(failed.status, 500, "{failed:?}");
+    assert_eq!(failed.code(), "internal_error");
+    let message = failed.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("/v1/agents/{agent}/receive"), "{message}");
+    let logs = server.logs();
+    assert!(
+        logs.contains("a request handler panicked") && logs.contains("fail point api.receive"),
+        "{logs}"
+    );
+
+    assert_eq!(server.get("/readyz").status, 200);
+    let again = server.receive("planner", json!({"max": 1, "wait_ms": 5000}));
+    assert_eq!(crate::support::offsets(&again), [offset]);
+    assert_eq!(
+        again[0]["attempt"], 2,
+        "the lease of the failed answer ran out"
+    );
+}

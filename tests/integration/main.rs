@@ -13,6 +13,8 @@
 //!   crash point of the write paths, and T9, injected write and fsync errors.
 //! - `disk_errors`: T9 on a real full disk (a small tmpfs): 503, not ready, recovery.
 //! - `fuzz_corpus`: T11, the saved fuzz corpus replayed through the fuzz targets' bodies.
+//! - `hostile`: JSON nested past `limits.max_json_depth` is refused at publish; bodies far
+//!   deeper than serde_json's tree reader takes are delivered, listed and redriven intact.
 //! - `limits`: `max_in_flight`, inbox depth, open long-polls, body sizes.
 //! - `power_loss`: T4, power cuts on a FUSE file system that drops what was not fsynced
 //!   (`powerfs`); `fsync=never` as the negative control.
@@ -26,6 +28,7 @@ mod durability;
 #[cfg(feature = "failpoints")]
 mod failpoints;
 mod fuzz_corpus;
+mod hostile;
 mod limits;
 mod model;
 mod power_loss;

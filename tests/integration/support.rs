@@ -275,12 +275,14 @@ impl Drop for TestServer {
     }
 }
 
-/// A response: status, headers (lowercase names) and the body's JSON (Null if not JSON).
+/// A response: status, headers (lowercase names), the body's JSON (Null if not JSON, or
+/// nested deeper than serde_json's tree reader takes) and its text.
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub json: Value,
+    pub text: String,
 }
 
 impl Response {
@@ -359,6 +361,7 @@ fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
         status,
         headers,
         json,
+        text: body,
     })
 }
 

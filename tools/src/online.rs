@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::output::{self, failed, usage, Outcome};
@@ -61,6 +62,29 @@ impl Client {
         path: &str,
         body: String,
     ) -> Result<Value, output::Failure> {
+        let text = self.send(method, path, body)?;
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// [`Client::call`] read into `T`, so that parts of the answer the caller does not need
+    /// (message bodies of any depth) are skipped rather than built into a tree.
+    pub fn call_typed<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<T, output::Failure> {
+        let text = self.send(method, path, "{}".to_owned())?;
+        serde_json::from_str(&text).map_err(|e| {
+            failed(anyhow::anyhow!(
+                "{method} {}{path}: the answer does not have the expected shape: {e}",
+                self.base
+            ))
+        })
+    }
+
+    /// Sends one request and returns the text of a 2xx answer; anything else fails with
+    /// the server's error message.
+    fn send(&self, method: &str, path: &str, body: String) -> Result<String, output::Failure> {
         let url = format!("{}{path}", self.base);
         let sent = match method {
             "GET" => self.agent.get(&url).call(),
@@ -81,18 +105,24 @@ impl Client {
             .body_mut()
             .read_to_string()
             .map_err(|e| failed(anyhow::anyhow!("{method} {url}: reading the answer: {e}")))?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let message = value["error"]["message"].as_str().unwrap_or(&text);
             return Err(failed(anyhow::anyhow!(
                 "{method} {url}: {status}: {message}"
             )));
         }
-        Ok(value)
+        Ok(text)
     }
 }
 
-#[derive(Serialize)]
+/// A page of `GET /v1/agents/{agent}/dead-letters`, without the message bodies.
+#[derive(Deserialize)]
+struct DeadPage {
+    dead_letters: Vec<DeadRow>,
+}
+
+#[derive(Serialize, Deserialize)]
 struct DeadRow {
     offset: u64,
     id: String,
@@ -110,19 +140,11 @@ pub fn dlq_list(client: &Client, agent: &str, json: bool) -> Outcome {
         if let Some(after) = after {
             path.push_str(&format!("&after={after}"));
         }
-        let page = client.call("GET", &path, None)?;
-        let letters = page["dead_letters"].as_array().cloned().unwrap_or_default();
-        for d in &letters {
-            rows.push(DeadRow {
-                offset: d["offset"].as_u64().unwrap_or(0),
-                id: d["id"].as_str().unwrap_or("").to_owned(),
-                reason: d["reason"].as_str().unwrap_or("").to_owned(),
-                attempts: d["attempts"].as_u64().unwrap_or(0),
-                dead_lettered_at: d["dead_lettered_at"].as_str().unwrap_or("").to_owned(),
-            });
-        }
+        let page: DeadPage = client.call_typed("GET", &path)?;
+        let count = page.dead_letters.len();
+        rows.extend(page.dead_letters);
         match rows.last() {
-            Some(last) if letters.len() == 1000 => after = Some(last.offset),
+            Some(last) if count == 1000 => after = Some(last.offset),
             _ => break,
         }
     }

@@ -12,6 +12,7 @@
     reason = "the replay paces itself with the monotonic clock"
 )]
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use courier_storage::io::{Disk, FileDisk};
 use courier_storage::record::Frame;
 use courier_storage::{segment, Message, Record};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::value::RawValue;
 
 use crate::offline::Selection;
 use crate::online::Client;
@@ -55,36 +56,49 @@ struct ReplayReport {
     stopped: Option<Stopped>,
 }
 
-/// The publish request that replays `m`, read at `offset`.
-fn republish(offset: u64, m: &Message, to_address: Option<&str>) -> anyhow::Result<Value> {
-    let mut headers: serde_json::Map<String, Value> = m
+/// The publish request that replays a message: its body is passed through as the stored
+/// JSON text, never parsed into a tree, so any body the server once accepted replays.
+#[derive(Serialize)]
+struct Republish<'a> {
+    id: String,
+    to: &'a str,
+    from: &'a str,
+    priority: u8,
+    headers: BTreeMap<&'a str, &'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_reply_to: Option<&'a str>,
+    body: &'a RawValue,
+}
+
+/// The publish request that replays `m`, read at `offset`, as JSON text.
+fn republish(offset: u64, m: &Message, to_address: Option<&str>) -> anyhow::Result<String> {
+    let original_offset = offset.to_string();
+    let mut headers: BTreeMap<&str, &str> = m
         .headers
         .iter()
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    headers.insert("courier-original-id".into(), m.id.clone().into());
-    headers.insert("courier-original-offset".into(), offset.to_string().into());
+    headers.insert("courier-original-id", &m.id);
+    headers.insert("courier-original-offset", &original_offset);
     let mut id = format!("replay:{offset}:{}", m.id);
     id.truncate(128);
-    let body: Value = serde_json::from_slice(&m.body).context("a stored body is not JSON")?;
-    let mut publish = json!({
-        "id": id,
-        "to": to_address.unwrap_or(&m.to),
-        "from": m.from,
-        "priority": m.priority,
-        "headers": headers,
-        "body": body,
-    });
-    for (field, value) in [
-        ("type", &m.kind),
-        ("correlation_id", &m.correlation_id),
-        ("in_reply_to", &m.in_reply_to),
-    ] {
-        if let Some(value) = value {
-            publish[field] = value.clone().into();
-        }
-    }
-    Ok(publish)
+    let body: &RawValue = serde_json::from_slice(&m.body).context("a stored body is not JSON")?;
+    let publish = Republish {
+        id,
+        to: to_address.unwrap_or(&m.to),
+        from: &m.from,
+        priority: m.priority,
+        headers,
+        kind: m.kind.as_deref(),
+        correlation_id: m.correlation_id.as_deref(),
+        in_reply_to: m.in_reply_to.as_deref(),
+        body,
+    };
+    Ok(serde_json::to_string(&publish)?)
 }
 
 /// Whether the server's segments live in `dir`: then it is the directory's owner.
@@ -181,7 +195,7 @@ pub fn replay(dir: &Path, client: &Client, options: &ReplayOptions) -> Outcome {
             pacer.wait();
             let sent = republish(offset, &message, options.to_address.as_deref())
                 .map_err(failed)
-                .and_then(|body| client.call("POST", "/v1/messages", Some(&body)));
+                .and_then(|body| client.call_raw("POST", "/v1/messages", body));
             match sent {
                 Ok(reply) => {
                     report.replayed += 1;

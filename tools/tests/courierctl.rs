@@ -25,6 +25,11 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Self {
+        Self::start_with(data, &[])
+    }
+
+    /// A server with extra flags.
+    fn start_with(data: &Path, flags: &[&str]) -> Self {
         let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
         assert!(
             exe.exists(),
@@ -40,6 +45,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(data)
+            .args(flags)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -86,10 +92,16 @@ impl Drop for Server {
 
 /// One HTTP/1.1 request; returns the status and the body's JSON (Null if none).
 fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return (0, Value::Null);
-    };
     let body = body.map(Value::to_string).unwrap_or_default();
+    let (status, text) = http_text(addr, method, path, &body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One HTTP/1.1 request with a JSON text body; returns the status and the body's text.
+fn http_text(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -99,11 +111,8 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u1
     let mut raw = String::new();
     stream.read_to_string(&mut raw).expect("receive");
     let status = raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let json = raw
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    let text = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, text.unwrap_or_default())
 }
 
 fn courierctl(args: &[&str], dir: &Path) -> Output {
@@ -532,4 +541,64 @@ fn bench_reports_throughput_and_latency_percentiles() {
         text.contains("publish->delivery") && text.contains("P99_MS"),
         "{text}"
     );
+}
+
+/// A body nested far deeper than serde_json's tree reader takes (128), accepted by a server
+/// whose `limits.max_json_depth` allows it, goes through `dlq list`, `dump` and `replay`
+/// intact.
+#[test]
+fn deeply_nested_bodies_are_listed_dumped_and_replayed_intact() {
+    let depth = ["--limits-max-json-depth", "1000"];
+    let deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("old");
+    let server = Server::start_with(&dir, &depth);
+    server.send("PUT", "/v1/agents/a", json!({}));
+    let publish = format!(r#"{{"to": "agent:a", "from": "w", "body": {deep}}}"#);
+    assert_eq!(
+        http_text(server.addr, "POST", "/v1/messages", &publish).0,
+        201
+    );
+    let (status, received) = http_text(
+        server.addr,
+        "POST",
+        "/v1/agents/a/receive",
+        r#"{"max": 1, "wait_ms": 0}"#,
+    );
+    assert_eq!(status, 200);
+    let at = received.find("\"receipt\":\"").expect("a receipt") + 11;
+    let nack = format!(
+        r#"{{"receipts": ["{}"], "dead_letter": true}}"#,
+        &received[at..at + 25]
+    );
+    assert_eq!(
+        http_text(server.addr, "POST", "/v1/agents/a/nack", &nack).0,
+        200
+    );
+
+    let url = format!("http://{}", server.addr);
+    let list = dlq(&["list", "--server", &url, "--agent", "a", "--json"]);
+    assert_eq!(list.status.code(), Some(0), "{list:?}");
+    assert_eq!(json_of(&list)["dead_letters"][0]["reason"], "rejected");
+    server.stop();
+
+    let dump = courierctl(&["dump"], &dir);
+    assert_eq!(dump.status.code(), Some(0), "{dump:?}");
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains(&format!("\"body\":{deep}")), "{text}");
+
+    let target = Server::start_with(&tmp.path().join("new"), &depth);
+    target.send("PUT", "/v1/agents/a", json!({}));
+    let url = format!("http://{}", target.addr);
+    let old_dir = dir.to_str().expect("utf-8 path");
+    let replayed = run(&["replay", old_dir, "--server", &url, "--json"]);
+    assert_eq!(replayed.status.code(), Some(0), "{replayed:?}");
+    assert_eq!(json_of(&replayed)["replayed"], 1);
+    let (_, received) = http_text(
+        target.addr,
+        "POST",
+        "/v1/agents/a/receive",
+        r#"{"max": 1, "wait_ms": 0}"#,
+    );
+    assert!(received.contains(&format!("\"body\":{deep}")), "{received}");
 }
