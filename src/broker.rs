@@ -12,15 +12,16 @@
 //! completion callback, which runs in commit order; all other records touch only messages that
 //! are already in memory, so applying them at decision time gives the same state.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use courier_storage::failpoint;
 use courier_storage::index::DeadEntry;
+use courier_storage::state::Arrival;
 use courier_storage::{
-    Agent, Appended, Frame, Index, Log, LogStats, Message, Offset, Record, SegmentInfo, Slot,
+    Agent, Appended, Frame, Index, Log, LogStats, Message, Offset, Record, SegmentInfo,
 };
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -115,13 +116,13 @@ pub struct Published {
     pub duplicate: bool,
 }
 
-/// A client id seen by this process.
+/// What a client id's earlier publish is known as.
 #[derive(Debug, Clone)]
 enum Remembered {
     /// Its message is being committed; the receiver yields the offset.
     Pending(watch::Receiver<Option<u64>>),
-    /// Committed at `offset`, remembered until `until_ms`.
-    Done { offset: u64, until_ms: u64 },
+    /// Committed at `offset` and still within its dedupe window.
+    Done { offset: u64 },
 }
 
 /// Per-agent state that is not in the log.
@@ -155,10 +156,9 @@ struct Core {
     delivery: delivery::State,
     /// Registered agents by id.
     agents: HashMap<String, Registered>,
-    /// Client ids published by this process (older ones are in the index).
-    remembered: HashMap<String, Remembered>,
-    /// `remembered` in expiry order, for pruning.
-    remembered_until: BTreeSet<(u64, String)>,
+    /// Client ids whose first publish is being committed (committed ones are remembered
+    /// by the delivery state).
+    committing: HashMap<String, watch::Receiver<Option<u64>>>,
     /// Long-poll wake-ups per inbox.
     waiters: HashMap<String, Arc<Notify>>,
 }
@@ -179,17 +179,13 @@ impl Core {
         }
     }
 
-    fn prune_remembered(&mut self, now_ms: u64) {
-        while let Some((until, id)) = self.remembered_until.first().cloned() {
-            if until > now_ms {
-                break;
-            }
-            self.remembered_until.pop_first();
-            if matches!(self.remembered.get(&id), Some(Remembered::Done { until_ms, .. }) if *until_ms == until)
-            {
-                self.remembered.remove(&id);
-            }
+    /// What the earlier publish of client id `id` is, if it counts at `now_ms`.
+    fn recall(&self, id: &str, now_ms: u64) -> Option<Remembered> {
+        if let Some(rx) = self.committing.get(id) {
+            return Some(Remembered::Pending(rx.clone()));
         }
+        let offset = self.delivery.recall(id, now_ms)?;
+        Some(Remembered::Done { offset: offset.0 })
     }
 }
 
@@ -210,8 +206,6 @@ pub struct Outgoing {
 pub struct Broker {
     /// The log (and through it the index).
     log: Log,
-    /// The index, for client ids older than this process.
-    index: Index,
     /// Monotonic epoch-ms time.
     clock: Clock,
     /// The configuration.
@@ -233,8 +227,7 @@ impl Broker {
         config: Arc<Config>,
         clock: Clock,
     ) -> std::result::Result<Self, courier_storage::Error> {
-        let index = log.index().clone();
-        let (delivery, agents) = recover_state(&index)?;
+        let (delivery, agents) = recover_state(log.index())?;
         let mut core = Core {
             delivery,
             ..Core::default()
@@ -244,7 +237,6 @@ impl Broker {
         }
         Ok(Self {
             log,
-            index,
             clock,
             config,
             core: Mutex::new(core),
@@ -460,7 +452,6 @@ impl Broker {
         let now = self.clock.now_ms();
         let staged = {
             let mut core = self.lock();
-            core.prune_remembered(now);
             self.check_publish(&mut core, &outgoing, now)?;
             self.stage_publish(&mut core, outgoing, now)?
         };
@@ -560,8 +551,8 @@ impl Broker {
         let mut ids: Vec<Option<(String, watch::Sender<Option<u64>>)>> = Vec::new();
         for (i, o) in outgoing.into_iter().enumerate() {
             if let Some(id) = &o.client_id {
-                match self.recall(core, id, now)? {
-                    Some(Remembered::Done { offset, .. }) => {
+                match core.recall(id, now) {
+                    Some(Remembered::Done { offset }) => {
                         staged.results[i] = Some(Published {
                             id: id.clone(),
                             offset,
@@ -583,7 +574,7 @@ impl Broker {
                 message.id.clone_from(&id);
                 message.dedupe_until_ms = Some(now.saturating_add(window));
                 let (tx, rx) = watch::channel(None);
-                core.remembered.insert(id.clone(), Remembered::Pending(rx));
+                core.committing.insert(id.clone(), rx);
                 ids.push(Some((id, tx)));
             } else {
                 message.id = new_id(now).to_string();
@@ -599,75 +590,39 @@ impl Broker {
         let arrivals: Vec<Arrival> = records
             .iter()
             .filter_map(|r| match r {
-                Record::Message(m) => Some(Arrival {
-                    destinations: m.destinations.clone(),
-                    priority: m.priority,
-                    not_before_ms: m.not_before_ms,
-                    expires_at_ms: m.expires_at_ms,
-                }),
+                Record::Message(m) => Some(Arrival::of(m)),
                 _ => None,
             })
             .collect();
         let rx = self.submit(PUBLISH, now, records, move |broker, appended| {
-            broker.messages_durable(&arrivals, ids, appended, now, window);
+            broker.messages_durable(&arrivals, ids, appended, now);
         });
         staged.append = Some((written, rx));
         Ok(staged)
     }
 
     /// Applies durable `Message` records to memory (in commit order, from the log's
-    /// writer thread), remembers their client ids, and wakes the long-polls.
+    /// writer thread), which remembers their client ids, and wakes the long-polls and any
+    /// duplicate publish waiting for the offset.
     fn messages_durable(
         &self,
         arrivals: &[Arrival],
         ids: Vec<Option<(String, watch::Sender<Option<u64>>)>>,
         appended: Appended,
         now: u64,
-        window: u64,
     ) {
         let mut core = self.lock();
         let mut woken = Vec::new();
         for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
-            let slot = Slot {
-                offset: Offset(appended.first.0 + n as u64),
-                priority: arrival.priority,
-            };
-            let offset = slot.offset;
-            woken.extend(core.delivery.arrive(
-                &arrival.destinations,
-                slot,
-                arrival.not_before_ms,
-                arrival.expires_at_ms,
-            ));
+            let offset = Offset(appended.first.0 + n as u64);
+            woken.extend(core.delivery.arrive(arrival, offset, now));
             if let Some((id, tx)) = id {
-                let until_ms = now.saturating_add(window);
-                let done = Remembered::Done {
-                    offset: offset.0,
-                    until_ms,
-                };
-                core.remembered.insert(id.clone(), done);
-                core.remembered_until.insert((until_ms, id));
+                core.committing.remove(&id);
                 tx.send_replace(Some(offset.0));
             }
         }
         core.wake(&woken);
         self.poke_sweeper(&core);
-    }
-
-    fn recall(&self, core: &Core, id: &str, now: u64) -> Result<Option<Remembered>> {
-        if let Some(r) = core.remembered.get(id) {
-            return Ok(Some(r.clone()));
-        }
-        match self.index.dedupe(id, now) {
-            Ok(Some(offset)) => Ok(Some(Remembered::Done {
-                offset: offset.0,
-                until_ms: now,
-            })),
-            Ok(None) => Ok(None),
-            Err(error) => Err(Refusal::Unavailable(format!(
-                "reading the dedupe index failed: {error}"
-            ))),
-        }
     }
 }
 
@@ -688,6 +643,10 @@ pub fn recover_state(
             state.load_dead(&agent.id, dead);
         }
     }
+    for (id, offset, until_ms) in index.remembered()? {
+        state.load_remembered(&id, offset, until_ms);
+    }
+    state.load_clock(index.clock()?);
     Ok((state, agents))
 }
 
@@ -1125,14 +1084,6 @@ fn log_dead_letters(record: &Record) {
             );
         }
     }
-}
-
-/// What the in-memory state needs of a published message.
-struct Arrival {
-    destinations: Vec<String>,
-    priority: u8,
-    not_before_ms: Option<u64>,
-    expires_at_ms: Option<u64>,
 }
 
 /// A publish decided under the lock, waiting for its append.

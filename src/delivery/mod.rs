@@ -5,9 +5,10 @@
 //!
 //! - **Decisions** (`lease`, `settle`, `tick`, `redrive`) read the state and return the
 //!   [`Record`]s that would carry them out, without changing anything.
-//! - **[`State::apply`]** changes the state by one record, with exactly the effect that the
-//!   storage index gives the same record. Replaying the log through `apply` and reading the
-//!   index give the same inboxes.
+//! - **[`State::apply`]** changes the state by one record. What a record changes is
+//!   [`courier_storage::state::apply`], the one state machine that the storage index applies
+//!   too; `State` is only a [`Store`] of it: maps in memory, with a ready set and a timer set
+//!   kept in step so that decisions are cheap.
 //!
 //! **Invariant:** every change to delivery state is a record. The in-memory state is the
 //! result of applying records in log order (the broker applies and submits under one lock),
@@ -16,10 +17,13 @@
 pub mod backoff;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
 use std::sync::Arc;
 
-use courier_storage::index::{DeadEntry, EntryState, EntryValue};
-use courier_storage::{DeadLetter, DeadReason, Lease, Offset, Record, Release, Slot};
+use courier_storage::state::{
+    self as machine, Arrival, DeadEntry, EntryState, EntryValue, Store, TimerKind, Was,
+};
+use courier_storage::{Agent, DeadLetter, DeadReason, Lease, Offset, Record, Release, Slot};
 
 use crate::config::Backoff;
 
@@ -37,26 +41,18 @@ fn slot(key: Key) -> Slot {
     }
 }
 
-/// A redriven message: ready now, attempts reset, no ttl (as the index has it).
-const REDRIVEN: EntryValue = EntryValue {
-    attempts: 0,
-    state: EntryState::Ready {
-        not_before_ms: None,
-    },
-    expires_at_ms: None,
-};
-
-/// What a timer marks; ordered so that expiry wins over a due lease at the same instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum TimerKind {
-    /// The `ttl_ms` of the message ran out.
-    Expiry,
-    /// A lease deadline, or the end of a delay or backoff.
-    Due,
-}
-
 /// A deadline: (due ms, kind, inbox, message).
 type Timer = (u64, TimerKind, Arc<str>, Key);
+
+/// The first timer that is not due at `now_ms`: every timer before it is.
+fn first_not_due(now_ms: u64) -> Timer {
+    (
+        now_ms.saturating_add(1),
+        TimerKind::Due,
+        Arc::from(""),
+        (0, 0),
+    )
+}
 
 /// The delivery settings that apply to one inbox (the agent's, else the server's).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -179,12 +175,19 @@ struct Inbox {
     dead: BTreeMap<u64, DeadEntry>,
 }
 
-/// The delivery state of every inbox, and the timers that drive the sweeper.
+/// The delivery state of every inbox, the timers that drive the sweeper, and the client ids
+/// remembered for dedupe.
 #[derive(Debug, Default)]
 pub struct State {
     inboxes: HashMap<Arc<str>, Inbox>,
     /// Every deadline, earliest first: the sweeper reads only the due ones.
     timers: BTreeSet<Timer>,
+    /// Remembered client ids: the offset first published with each, and until when.
+    remembered: HashMap<String, (Offset, u64)>,
+    /// Expiries of `remembered`, earliest first (an id may be listed again after a repeat).
+    expiries: BTreeSet<(u64, String)>,
+    /// The latest record timestamp applied: remembered ids are forgotten by it.
+    clock_ms: u64,
 }
 
 /// What a sweeper tick decided.
@@ -219,10 +222,17 @@ impl State {
 
     /// Loads a dead letter as the index holds it (start-up).
     pub fn load_dead(&mut self, inbox: &str, dead: DeadEntry) {
-        self.inbox_mut(inbox)
-            .1
-            .dead
-            .insert(dead.slot.offset.0, dead);
+        let Ok(()) = self.put_dead(inbox, &dead);
+    }
+
+    /// Loads a remembered client id and the record clock as the index holds them (start-up).
+    pub fn load_remembered(&mut self, id: &str, offset: Offset, until_ms: u64) {
+        let Ok(()) = self.remember(id, offset, until_ms);
+    }
+
+    /// Sets the record clock as the index holds it (start-up).
+    pub fn load_clock(&mut self, clock_ms: u64) {
+        self.clock_ms = clock_ms;
     }
 
     /// Makes sure an (empty) inbox exists, for a registered agent.
@@ -231,15 +241,10 @@ impl State {
     }
 
     fn timers_of(name: &Arc<str>, k: Key, value: &EntryValue) -> impl Iterator<Item = Timer> {
-        let due = match value.state {
-            EntryState::Ready { not_before_ms } => not_before_ms,
-            EntryState::Leased { deadline_ms } => Some(deadline_ms),
-        };
-        let due = due.map(|ms| (ms, TimerKind::Due, name.clone(), k));
-        let expiry = value
-            .expires_at_ms
-            .map(|ms| (ms, TimerKind::Expiry, name.clone(), k));
-        due.into_iter().chain(expiry)
+        let name = name.clone();
+        value
+            .timers()
+            .map(move |(due, kind)| (due, kind, name.clone(), k))
     }
 
     /// Inserts or replaces an entry, keeping `ready`, `in_flight` and the timers in step.
@@ -264,7 +269,7 @@ impl State {
         let (name, state_inbox) = self.inbox_mut(inbox);
         let old = state_inbox.entries.remove(&k)?;
         state_inbox.ready.remove(&k);
-        if matches!(old.state, EntryState::Leased { .. }) {
+        if old.is_leased() {
             state_inbox.in_flight -= 1;
         }
         for timer in Self::timers_of(&name, k, &old) {
@@ -277,149 +282,46 @@ impl State {
         self.inboxes.get(inbox)?.entries.get(&k)
     }
 
-    /// Applies one record at `offset`, written at `timestamp_ms`: the same effect the index
-    /// gives it. Returns the inboxes that may have messages ready now.
+    /// Applies one record at `offset`, written at `timestamp_ms`
+    /// ([`courier_storage::state::apply`]), then forgets the client ids whose window ended by
+    /// the latest record time. Returns the inboxes that may have messages ready now.
     pub fn apply(&mut self, record: &Record, offset: Offset, timestamp_ms: u64) -> Vec<Arc<str>> {
-        let mut woken = Vec::new();
-        match record {
-            Record::Message(m) => {
-                let slot = Slot {
-                    offset,
-                    priority: m.priority,
-                };
-                woken = self.arrive(&m.destinations, slot, m.not_before_ms, m.expires_at_ms);
-            }
-            Record::Leased { .. }
-            | Record::Acked { .. }
-            | Record::Released { .. }
-            | Record::DeadLettered { .. }
-            | Record::Redriven { .. } => woken.extend(self.apply_delivery(record, timestamp_ms)),
-            Record::AgentUpserted(agent) => self.open_inbox(&agent.id),
-            Record::AgentDeleted { agent } => {
-                if let Some(inbox) = self.inboxes.remove(agent.as_str()) {
-                    let name: Arc<str> = Arc::from(agent.as_str());
-                    for (k, value) in &inbox.entries {
-                        for timer in Self::timers_of(&name, *k, value) {
-                            self.timers.remove(&timer);
-                        }
-                    }
-                }
-            }
-            Record::Truncated { below } => self.truncate(*below),
-            Record::Subscribed { .. }
-            | Record::Unsubscribed { .. }
-            | Record::Quarantined { .. } => {}
-        }
+        let Ok(touched) = machine::apply(self, record, offset, timestamp_ms);
+        let woken = touched.iter().map(|inbox| self.name(inbox)).collect();
+        self.advance_clock(timestamp_ms);
         woken
     }
 
-    /// The records that change messages already in an inbox.
-    fn apply_delivery(&mut self, record: &Record, timestamp_ms: u64) -> Option<Arc<str>> {
-        match record {
-            Record::Leased { inbox, leases } => {
-                for lease in leases {
-                    let k = key(lease.slot);
-                    if let Some(old) = self.entry(inbox, k).copied() {
-                        let state = EntryState::Leased {
-                            deadline_ms: lease.deadline_ms,
-                        };
-                        let attempts = lease.attempt;
-                        self.put(
-                            inbox,
-                            k,
-                            EntryValue {
-                                attempts,
-                                state,
-                                ..old
-                            },
-                        );
-                    }
-                }
-                None
-            }
-            Record::Acked { inbox, slots } => {
-                for s in slots {
-                    self.remove(inbox, key(*s));
-                }
-                Some(self.name(inbox))
-            }
-            Record::Released { inbox, releases } => {
-                for release in releases {
-                    let k = key(release.slot);
-                    if let Some(old) = self.entry(inbox, k).copied() {
-                        let state = EntryState::Ready {
-                            not_before_ms: Some(release.not_before_ms),
-                        };
-                        self.put(inbox, k, EntryValue { state, ..old });
-                    }
-                }
-                Some(self.name(inbox))
-            }
-            Record::DeadLettered { inbox, letters } => {
-                for letter in letters {
-                    if self.remove(inbox, key(letter.slot)).is_some() {
-                        let dead = DeadEntry {
-                            slot: letter.slot,
-                            reason: letter.reason,
-                            attempts: letter.attempts,
-                            dead_lettered_at_ms: timestamp_ms,
-                        };
-                        self.load_dead(inbox, dead);
-                    }
-                }
-                Some(self.name(inbox))
-            }
-            Record::Redriven { inbox, slots } => {
-                for s in slots {
-                    if self.inbox_mut(inbox).1.dead.remove(&s.offset.0).is_some() {
-                        self.put(inbox, key(*s), REDRIVEN);
-                    }
-                }
-                Some(self.name(inbox))
-            }
-            _ => None,
-        }
-    }
-
-    /// Applies a published message given only what delivery needs of it (its slot, inboxes,
-    /// delay and expiry): the effect of [`State::apply`] on its `Message` record, without the
-    /// body. Returns the inboxes that may have messages ready now.
+    /// Applies a published message given only what delivery needs of it
+    /// ([`courier_storage::state::arrive`]): the effect of [`State::apply`] on its `Message`
+    /// record, without the body. Returns the inboxes that may have messages ready now.
     pub fn arrive(
         &mut self,
-        destinations: &[String],
-        slot: Slot,
-        not_before_ms: Option<u64>,
-        expires_at_ms: Option<u64>,
+        arrival: &Arrival,
+        offset: Offset,
+        timestamp_ms: u64,
     ) -> Vec<Arc<str>> {
-        let value = EntryValue {
-            attempts: 0,
-            state: EntryState::Ready { not_before_ms },
-            expires_at_ms,
-        };
-        destinations
-            .iter()
-            .map(|inbox| {
-                self.put(inbox, key(slot), value);
-                self.name(inbox)
-            })
-            .collect()
+        let Ok(touched) = machine::arrive(self, arrival, offset);
+        let woken = touched.iter().map(|inbox| self.name(inbox)).collect();
+        self.advance_clock(timestamp_ms);
+        woken
     }
 
-    fn truncate(&mut self, below: Offset) {
-        let names: Vec<Arc<str>> = self.inboxes.keys().cloned().collect();
-        for name in names {
-            let doomed: Vec<Key> = self.inboxes[&name]
-                .entries
-                .keys()
-                .filter(|k| k.1 < below.0)
-                .copied()
-                .collect();
-            for k in doomed {
-                self.remove(&name, k);
-            }
-            let inbox = self.inbox_mut(&name).1;
-            inbox.dead = inbox.dead.split_off(&below.0);
+    fn advance_clock(&mut self, timestamp_ms: u64) {
+        self.clock_ms = self.clock_ms.max(timestamp_ms);
+        if self
+            .expiries
+            .first()
+            .is_some_and(|(until, _)| *until <= self.clock_ms)
+        {
+            let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
         }
+    }
+
+    /// The offset first published with client id `id`, if it is remembered at `now_ms`.
+    pub fn recall(&self, id: &str, now_ms: u64) -> Option<Offset> {
+        let (offset, until_ms) = self.remembered.get(id)?;
+        machine::still_remembered(*until_ms, now_ms).then_some(*offset)
     }
 
     /// Makes delayed and backed-off messages whose time has come deliverable. Returns the
@@ -428,14 +330,7 @@ impl State {
         let mut woken: Vec<Arc<str>> = Vec::new();
         let due: Vec<Timer> = self
             .timers
-            .range(
-                ..(
-                    now_ms.saturating_add(1),
-                    TimerKind::Expiry,
-                    Arc::from(""),
-                    (0, 0),
-                ),
-            )
+            .range(..first_not_due(now_ms))
             .filter(|t| t.1 == TimerKind::Due)
             .cloned()
             .collect();
@@ -587,13 +482,7 @@ impl State {
     pub fn tick(&self, now_ms: u64, policy_of: impl Fn(&str) -> Policy) -> Tick {
         let mut per_inbox: BTreeMap<Arc<str>, (Vec<Release>, Vec<DeadLetter>)> = BTreeMap::new();
         let mut decided = BTreeSet::new();
-        let bound = (
-            now_ms.saturating_add(1),
-            TimerKind::Expiry,
-            Arc::from(""),
-            (0, 0),
-        );
-        for (_, kind, name, k) in self.timers.range(..bound) {
+        for (_, kind, name, k) in self.timers.range(..first_not_due(now_ms)) {
             let Some(entry) = self.entry(name, *k) else {
                 continue;
             };
@@ -687,6 +576,127 @@ impl State {
     /// The state of one pending message (tests and the model check).
     pub fn entry_of(&self, inbox: &str, s: Slot) -> Option<EntryValue> {
         self.entry(inbox, key(s)).copied()
+    }
+}
+
+impl Store for State {
+    type Error = Infallible;
+
+    fn entry(&mut self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>, Infallible> {
+        Ok(State::entry(self, inbox, key(slot)).copied())
+    }
+
+    fn put_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        value: &EntryValue,
+        _was: Was<'_>,
+    ) -> Result<(), Infallible> {
+        self.put(inbox, key(slot), *value);
+        Ok(())
+    }
+
+    fn remove_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        _old: &EntryValue,
+    ) -> Result<(), Infallible> {
+        self.remove(inbox, key(slot));
+        Ok(())
+    }
+
+    fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<(), Infallible> {
+        self.inbox_mut(inbox)
+            .1
+            .dead
+            .insert(dead.slot.offset.0, *dead);
+        Ok(())
+    }
+
+    fn take_dead(&mut self, inbox: &str, offset: Offset) -> Result<bool, Infallible> {
+        Ok(self.inbox_mut(inbox).1.dead.remove(&offset.0).is_some())
+    }
+
+    fn remember(&mut self, id: &str, offset: Offset, until_ms: u64) -> Result<(), Infallible> {
+        self.remembered.insert(id.to_owned(), (offset, until_ms));
+        self.expiries.insert((until_ms, id.to_owned()));
+        Ok(())
+    }
+
+    fn remembered_until(&mut self, id: &str) -> Result<Option<u64>, Infallible> {
+        Ok(self.remembered.get(id).map(|(_, until)| *until))
+    }
+
+    fn expired_ids(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
+        let end = (clock_ms.saturating_add(1), String::new());
+        Ok(self.expiries.range(..end).cloned().collect())
+    }
+
+    fn unlist_expiry(
+        &mut self,
+        until_ms: u64,
+        id: &str,
+        forget_id: bool,
+    ) -> Result<(), Infallible> {
+        if forget_id {
+            self.remembered.remove(id);
+        }
+        self.expiries.remove(&(until_ms, id.to_owned()));
+        Ok(())
+    }
+
+    fn upsert_agent(&mut self, agent: &Agent) -> Result<(), Infallible> {
+        self.open_inbox(&agent.id);
+        Ok(())
+    }
+
+    fn delete_agent(&mut self, agent: &str) -> Result<(), Infallible> {
+        if let Some(inbox) = self.inboxes.remove(agent) {
+            let name: Arc<str> = Arc::from(agent);
+            for (k, value) in &inbox.entries {
+                for timer in Self::timers_of(&name, *k, value) {
+                    self.timers.remove(&timer);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscriptions are not routed by this build: the index keeps them, memory does not.
+    fn subscribe(&mut self, _agent: &str, _topic: &str, _start: Offset) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, _agent: &str, _topic: &str) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn forget_below(&mut self, below: Offset) -> Result<(), Infallible> {
+        let names: Vec<Arc<str>> = self.inboxes.keys().cloned().collect();
+        for name in names {
+            let doomed: Vec<Key> = self.inboxes[&name]
+                .entries
+                .keys()
+                .filter(|k| k.1 < below.0)
+                .copied()
+                .collect();
+            for k in doomed {
+                self.remove(&name, k);
+            }
+            let inbox = self.inbox_mut(&name).1;
+            inbox.dead = inbox.dead.split_off(&below.0);
+        }
+        let expiries = &mut self.expiries;
+        self.remembered.retain(|id, (offset, until_ms)| {
+            let keep = *offset >= below;
+            if !keep {
+                expiries.remove(&(*until_ms, id.clone()));
+            }
+            keep
+        });
+        Ok(())
     }
 }
 

@@ -35,6 +35,7 @@ pub mod record;
 mod recovery;
 pub mod segment;
 pub mod sim;
+pub mod state;
 pub mod verify;
 
 pub use error::{Corruption, Error, Result};

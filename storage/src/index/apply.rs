@@ -1,23 +1,24 @@
-//! What each record does to the index: a pure function of the record and the current index
-//! state (read through the same transaction), so that replaying the log rebuilds the index.
+//! The index as a [`Store`] of delivery state: how each primitive change of
+//! [`crate::state`] is laid out in keys, through the same transaction that reads them. What
+//! a record changes is decided there, once, for the index and the server alike.
 
 use std::ops::Bound;
 
 use super::keys::{
     be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix, parse_slot_key,
-    positions_key, slot_key, subscription_key, trailing_offset, u64_le, with_prefix, A, CLOCK_KEY,
-    D, I, P, U, X,
+    positions_key, slot_key, subscription_key, timer_key, trailing_offset, u64_le, with_prefix, A,
+    CLOCK_KEY, D, I, P, S, U, X,
 };
 use super::overlay::Txn;
-use super::{
-    decode_value, encode_value, DeadEntry, DedupeValue, EntryState, EntryValue, TimerKind,
-};
-use crate::error::Result;
+use super::{decode_value, encode_value, DedupeValue};
+use crate::error::{Error, Result};
 use crate::pipeline::PositionRun;
-use crate::record::{Frame, Record, Slot};
+use crate::record::{Agent, Frame, Slot};
+use crate::state::{self, DeadEntry, EntryValue, Store, Was};
 use crate::Offset;
 
-/// Applies `frames` (consecutive, in log order) and their positions `runs`.
+/// Applies `frames` (consecutive, in log order) and their positions `runs`, then forgets the
+/// client ids whose window ended by the latest record time.
 pub(super) fn apply(txn: &mut Txn<'_>, frames: &[Frame], runs: &[PositionRun]) -> Result<()> {
     for run in runs {
         let p = &run.positions;
@@ -31,282 +32,196 @@ pub(super) fn apply(txn: &mut Txn<'_>, frames: &[Frame], runs: &[PositionRun]) -
     }
     let mut clock = txn.get(CLOCK_KEY)?.map_or(0, |v| u64_le(&v));
     for frame in frames {
-        apply_record(txn, frame)?;
+        state::apply(txn, &frame.record, frame.offset, frame.timestamp_ms)?;
         clock = clock.max(frame.timestamp_ms);
     }
     if let Some(last) = frames.last() {
-        prune_dedupe(txn, clock)?;
+        state::prune_dedupe(txn, clock)?;
         txn.insert(CLOCK_KEY.to_vec(), clock.to_le_bytes().to_vec());
         txn.layers.active.applied = Some(last.offset);
     }
     Ok(())
 }
 
-/// Forgets client ids whose window ended by `clock`, the latest record timestamp seen. A
-/// function of the log alone, so a rebuilt index forgets the same ids.
-fn prune_dedupe(txn: &mut Txn<'_>, clock: u64) -> Result<()> {
-    let end = Bound::Excluded(with_prefix(X, &be64(clock.saturating_add(1))));
-    let expired = txn
-        .range(Bound::Included(vec![X]), end)
-        .collect::<Result<Vec<_>>>()?;
-    for (key, _) in expired {
-        let until_ms = from_be64(key.get(1..9).unwrap_or_default());
-        let id = key.get(9..).unwrap_or_default();
-        let dedupe_key = with_prefix(U, id);
-        if let Some(value) = txn.get(&dedupe_key)? {
-            if decode_value::<DedupeValue>(&value)?.until_ms == until_ms {
-                txn.remove(dedupe_key);
+impl Txn<'_> {
+    fn put_timers(&mut self, inbox: &str, slot: Slot, value: &EntryValue, fresh: bool) {
+        for (due, kind) in value.timers() {
+            let key = timer_key(due, kind, inbox, slot);
+            if fresh {
+                self.insert_new(key, Vec::new());
+            } else {
+                self.insert(key, Vec::new());
             }
         }
-        txn.remove(key);
     }
-    Ok(())
-}
 
-fn remove_timers(txn: &mut Txn<'_>, inbox: &str, slot: Slot, value: &EntryValue) {
-    match value.state {
-        EntryState::Ready {
-            not_before_ms: Some(due),
+    fn remove_timers(&mut self, inbox: &str, slot: Slot, value: &EntryValue) {
+        for (due, kind) in value.timers() {
+            self.remove(timer_key(due, kind, inbox, slot));
         }
-        | EntryState::Leased { deadline_ms: due } => {
-            txn.remove(super::keys::timer_key(due, TimerKind::Due, inbox, slot));
-        }
-        EntryState::Ready {
-            not_before_ms: None,
-        } => {}
     }
-    if let Some(due) = value.expires_at_ms {
-        txn.remove(super::keys::timer_key(due, TimerKind::Expiry, inbox, slot));
+
+    /// Removes every key under `prefix`.
+    fn remove_prefix(&mut self, prefix: &[u8]) -> Result<()> {
+        for (key, _) in self.scan_prefix(prefix)? {
+            self.remove(key);
+        }
+        Ok(())
     }
 }
 
-/// Writes an entry and its timers; `fresh` when the message was just published, so that no
-/// lower layer can hold its keys.
-fn put_entry(txn: &mut Txn<'_>, inbox: &str, slot: Slot, value: &EntryValue, fresh: bool) {
-    let put = |txn: &mut Txn<'_>, key: Vec<u8>, v: Vec<u8>| {
+impl Store for Txn<'_> {
+    type Error = Error;
+
+    fn entry(&mut self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>> {
+        self.get(&slot_key(&[I], inbox, slot))?
+            .map(|v| decode_value(&v))
+            .transpose()
+    }
+
+    fn put_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        value: &EntryValue,
+        was: Was<'_>,
+    ) -> Result<()> {
+        // A new message's keys exist in no lower layer: inserted as new, a removal in the same
+        // layer leaves nothing behind for sled.
+        let fresh = was == Was::New;
+        if let Was::Pending(old) = was {
+            self.remove_timers(inbox, slot, old);
+        }
+        self.put_timers(inbox, slot, value, fresh);
+        let key = slot_key(&[I], inbox, slot);
         if fresh {
-            txn.insert_new(key, v);
+            self.insert_new(key, encode_value(value));
         } else {
-            txn.insert(key, v);
+            self.insert(key, encode_value(value));
         }
-    };
-    match value.state {
-        EntryState::Ready {
-            not_before_ms: Some(due),
-        }
-        | EntryState::Leased { deadline_ms: due } => {
-            put(
-                txn,
-                super::keys::timer_key(due, TimerKind::Due, inbox, slot),
-                Vec::new(),
-            );
-        }
-        EntryState::Ready {
-            not_before_ms: None,
-        } => {}
+        Ok(())
     }
-    if let Some(due) = value.expires_at_ms {
-        put(
-            txn,
-            super::keys::timer_key(due, TimerKind::Expiry, inbox, slot),
-            Vec::new(),
-        );
-    }
-    put(txn, slot_key(&[I], inbox, slot), encode_value(value));
-}
 
-/// Replaces the entry of `slot` by `update(old)`, or removes it if that returns `None`.
-/// Does nothing if the message is not pending in the inbox (acked, dead or forgotten).
-fn update_entry(
-    txn: &mut Txn<'_>,
-    inbox: &str,
-    slot: Slot,
-    update: impl FnOnce(EntryValue) -> Option<EntryValue>,
-) -> Result<Option<EntryValue>> {
-    let key = slot_key(&[I], inbox, slot);
-    let Some(old) = txn.get(&key)? else {
-        return Ok(None);
-    };
-    let old: EntryValue = decode_value(&old)?;
-    remove_timers(txn, inbox, slot, &old);
-    match update(old) {
-        Some(new) => put_entry(txn, inbox, slot, &new, false),
-        None => txn.remove(key),
+    fn remove_entry(&mut self, inbox: &str, slot: Slot, old: &EntryValue) -> Result<()> {
+        self.remove_timers(inbox, slot, old);
+        self.remove(slot_key(&[I], inbox, slot));
+        Ok(())
     }
-    Ok(Some(old))
-}
 
-fn apply_record(txn: &mut Txn<'_>, frame: &Frame) -> Result<()> {
-    match &frame.record {
-        Record::Message(m) => {
-            let slot = Slot {
-                offset: frame.offset,
-                priority: m.priority,
-            };
-            let value = EntryValue {
-                attempts: 0,
-                state: EntryState::Ready {
-                    not_before_ms: m.not_before_ms,
-                },
-                expires_at_ms: m.expires_at_ms,
-            };
-            for inbox in &m.destinations {
-                put_entry(txn, inbox, slot, &value, true);
-            }
-            if let Some(until_ms) = m.dedupe_until_ms {
-                let value = DedupeValue {
-                    offset: frame.offset.0,
-                    until_ms,
-                };
-                txn.insert(with_prefix(U, m.id.as_bytes()), encode_value(&value));
-                txn.insert(dedupe_expiry_key(until_ms, &m.id), Vec::new());
-            }
-        }
-        Record::Leased { .. }
-        | Record::Acked { .. }
-        | Record::Released { .. }
-        | Record::DeadLettered { .. }
-        | Record::Redriven { .. } => apply_delivery(txn, frame)?,
-        Record::AgentUpserted(agent) => {
-            txn.insert(with_prefix(A, agent.id.as_bytes()), encode_value(agent));
-        }
-        Record::AgentDeleted { agent } => delete_agent(txn, agent)?,
-        Record::Subscribed {
-            agent,
-            topic,
-            start,
-        } => {
-            txn.insert(
-                subscription_key(agent, topic),
-                start.0.to_le_bytes().to_vec(),
-            );
-        }
-        Record::Unsubscribed { agent, topic } => txn.remove(subscription_key(agent, topic)),
-        Record::Quarantined { .. } => {}
-        Record::Truncated { below } => truncate(txn, *below)?,
+    fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<()> {
+        self.insert(dead_key(inbox, dead.slot.offset), encode_value(dead));
+        Ok(())
     }
-    Ok(())
-}
 
-/// Records that change the delivery state of messages already in an inbox.
-fn apply_delivery(txn: &mut Txn<'_>, frame: &Frame) -> Result<()> {
-    match &frame.record {
-        Record::Leased { inbox, leases } => {
-            for lease in leases {
-                update_entry(txn, inbox, lease.slot, |old| {
-                    Some(EntryValue {
-                        attempts: lease.attempt,
-                        state: EntryState::Leased {
-                            deadline_ms: lease.deadline_ms,
-                        },
-                        ..old
-                    })
-                })?;
-            }
+    fn take_dead(&mut self, inbox: &str, offset: Offset) -> Result<bool> {
+        let key = dead_key(inbox, offset);
+        let was = self.get(&key)?.is_some();
+        if was {
+            self.remove(key);
         }
-        Record::Acked { inbox, slots } => {
-            for slot in slots {
-                update_entry(txn, inbox, *slot, |_| None)?;
-            }
-        }
-        Record::Released { inbox, releases } => {
-            for release in releases {
-                update_entry(txn, inbox, release.slot, |old| {
-                    let state = EntryState::Ready {
-                        not_before_ms: Some(release.not_before_ms),
-                    };
-                    Some(EntryValue { state, ..old })
-                })?;
-            }
-        }
-        Record::DeadLettered { inbox, letters } => {
-            for letter in letters {
-                if update_entry(txn, inbox, letter.slot, |_| None)?.is_some() {
-                    let dead = DeadEntry {
-                        slot: letter.slot,
-                        reason: letter.reason,
-                        attempts: letter.attempts,
-                        dead_lettered_at_ms: frame.timestamp_ms,
-                    };
-                    txn.insert(dead_key(inbox, letter.slot.offset), encode_value(&dead));
-                }
-            }
-        }
-        Record::Redriven { inbox, slots } => {
-            for slot in slots {
-                let key = dead_key(inbox, slot.offset);
-                if txn.get(&key)?.is_some() {
-                    txn.remove(key);
-                    let value = EntryValue {
-                        attempts: 0,
-                        state: EntryState::Ready {
-                            not_before_ms: None,
-                        },
-                        expires_at_ms: None,
-                    };
-                    put_entry(txn, inbox, *slot, &value, false);
-                }
-            }
-        }
-        _ => {}
+        Ok(was)
     }
-    Ok(())
-}
 
-fn delete_agent(txn: &mut Txn<'_>, agent: &str) -> Result<()> {
-    txn.remove(with_prefix(A, agent.as_bytes()));
-    for (key, value) in txn.scan_prefix(&inbox_prefix(I, agent))? {
-        if let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) {
-            remove_timers(txn, &inbox, slot, &decode_value(&value)?);
-        }
-        txn.remove(key);
-    }
-    for prefix in [inbox_prefix(D, agent), inbox_prefix(super::keys::S, agent)] {
-        for (key, _) in txn.scan_prefix(&prefix)? {
-            txn.remove(key);
-        }
-    }
-    Ok(())
-}
-
-/// Retention removed the messages below `below`: forget their delivery state and locations.
-fn truncate(txn: &mut Txn<'_>, below: Offset) -> Result<()> {
-    for (key, value) in txn.scan_prefix(&[I])? {
-        let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) else {
-            continue;
+    fn remember(&mut self, id: &str, offset: Offset, until_ms: u64) -> Result<()> {
+        let value = DedupeValue {
+            offset: offset.0,
+            until_ms,
         };
-        if slot.offset < below {
-            remove_timers(txn, &inbox, slot, &decode_value(&value)?);
-            txn.remove(key);
-        }
+        self.insert(with_prefix(U, id.as_bytes()), encode_value(&value));
+        self.insert(dedupe_expiry_key(until_ms, id), Vec::new());
+        Ok(())
     }
-    for (key, _) in txn.scan_prefix(&[D])? {
-        if trailing_offset(&key) < below.0 {
-            txn.remove(key);
-        }
+
+    fn remembered_until(&mut self, id: &str) -> Result<Option<u64>> {
+        let value = self.get(&with_prefix(U, id.as_bytes()))?;
+        Ok(value
+            .map(|v| decode_value::<DedupeValue>(&v))
+            .transpose()?
+            .map(|v| v.until_ms))
     }
-    for (key, value) in txn.scan_prefix(&[U])? {
-        let dedupe: DedupeValue = decode_value(&value)?;
-        if dedupe.offset < below.0 {
-            txn.remove(dedupe_expiry_key(
-                dedupe.until_ms,
-                key.get(1..)
-                    .and_then(|id| std::str::from_utf8(id).ok())
-                    .unwrap_or_default(),
-            ));
-            txn.remove(key);
-        }
+
+    fn expired_ids(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>> {
+        let end = Bound::Excluded(with_prefix(X, &be64(clock_ms.saturating_add(1))));
+        self.range(Bound::Included(vec![X]), end)
+            .map(|item| {
+                let (key, _) = item?;
+                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
+                let id = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
+                Ok((until_ms, id))
+            })
+            .collect()
     }
-    let end = Bound::Excluded(positions_key(below));
-    let runs = txn
-        .range(Bound::Included(vec![P]), end)
-        .collect::<Result<Vec<_>>>()?;
-    for (key, value) in runs {
-        let first = from_be64(key.get(1..).unwrap_or_default());
-        // A run that straddles `below` stays: its upper part is still in the log.
-        if decode_location(first, &value, below).is_none() {
-            txn.remove(key);
+
+    fn unlist_expiry(&mut self, until_ms: u64, id: &str, forget_id: bool) -> Result<()> {
+        if forget_id {
+            self.remove(with_prefix(U, id.as_bytes()));
         }
+        self.remove(dedupe_expiry_key(until_ms, id));
+        Ok(())
     }
-    Ok(())
+
+    fn upsert_agent(&mut self, agent: &Agent) -> Result<()> {
+        self.insert(with_prefix(A, agent.id.as_bytes()), encode_value(agent));
+        Ok(())
+    }
+
+    fn delete_agent(&mut self, agent: &str) -> Result<()> {
+        self.remove(with_prefix(A, agent.as_bytes()));
+        for (key, value) in self.scan_prefix(&inbox_prefix(I, agent))? {
+            if let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) {
+                self.remove_timers(&inbox, slot, &decode_value(&value)?);
+            }
+            self.remove(key);
+        }
+        self.remove_prefix(&inbox_prefix(D, agent))?;
+        self.remove_prefix(&inbox_prefix(S, agent))
+    }
+
+    fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<()> {
+        let key = subscription_key(agent, topic);
+        self.insert(key, start.0.to_le_bytes().to_vec());
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<()> {
+        self.remove(subscription_key(agent, topic));
+        Ok(())
+    }
+
+    fn forget_below(&mut self, below: Offset) -> Result<()> {
+        for (key, value) in self.scan_prefix(&[I])? {
+            let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) else {
+                continue;
+            };
+            if slot.offset < below {
+                self.remove_timers(&inbox, slot, &decode_value(&value)?);
+                self.remove(key);
+            }
+        }
+        for (key, _) in self.scan_prefix(&[D])? {
+            if trailing_offset(&key) < below.0 {
+                self.remove(key);
+            }
+        }
+        for (key, value) in self.scan_prefix(&[U])? {
+            let dedupe: DedupeValue = decode_value(&value)?;
+            if dedupe.offset < below.0 {
+                let id = key.get(1..).and_then(|id| std::str::from_utf8(id).ok());
+                self.remove(dedupe_expiry_key(dedupe.until_ms, id.unwrap_or_default()));
+                self.remove(key);
+            }
+        }
+        let end = Bound::Excluded(positions_key(below));
+        let runs = self
+            .range(Bound::Included(vec![P]), end)
+            .collect::<Result<Vec<_>>>()?;
+        for (key, value) in runs {
+            let first = from_be64(key.get(1..).unwrap_or_default());
+            // A run that straddles `below` stays: its upper part is still in the log.
+            if decode_location(first, &value, below).is_none() {
+                self.remove(key);
+            }
+        }
+        Ok(())
+    }
 }

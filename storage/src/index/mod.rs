@@ -35,25 +35,17 @@ use bincode::{Decode, Encode};
 
 use crate::error::{Error, Result};
 use crate::pipeline::PositionRun;
-use crate::record::{Agent, DeadReason, Frame, Slot};
+use crate::record::{Agent, Frame, Slot};
+pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind};
 use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
-    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, D, I, P, S, T, U,
+    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, CLOCK_KEY, D, I, P,
+    S, T, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
-
-/// What kind of deadline a timer marks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum TimerKind {
-    /// The lease deadline of a leased message, or the `not_before` time of a delayed or
-    /// backed-off ready message.
-    Due,
-    /// The `ttl_ms` expiry of a message.
-    Expiry,
-}
 
 /// A deadline the sweeper must act on; timers are ordered by `due_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -68,32 +60,6 @@ pub struct Timer {
     pub slot: Slot,
 }
 
-/// Whether a pending message may be delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
-pub enum EntryState {
-    /// Ready for delivery, but not before `not_before_ms` if set.
-    Ready {
-        /// Earliest delivery time, wall-clock ms.
-        not_before_ms: Option<u64>,
-    },
-    /// Handed out under a lease that ends at `deadline_ms`.
-    Leased {
-        /// End of the lease, wall-clock ms.
-        deadline_ms: u64,
-    },
-}
-
-/// The delivery state of one message in one inbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
-pub struct EntryValue {
-    /// Deliveries so far.
-    pub attempts: u32,
-    /// Ready or leased.
-    pub state: EntryState,
-    /// When the message's ttl runs out, if it has one.
-    pub expires_at_ms: Option<u64>,
-}
-
 /// A pending message of an inbox with its delivery state.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InboxEntry {
@@ -101,19 +67,6 @@ pub struct InboxEntry {
     pub slot: Slot,
     /// Its state.
     pub value: EntryValue,
-}
-
-/// A dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
-pub struct DeadEntry {
-    /// The message.
-    pub slot: Slot,
-    /// Why it was dead-lettered.
-    pub reason: DeadReason,
-    /// Deliveries made.
-    pub attempts: u32,
-    /// When, wall-clock ms (the timestamp of the dead-lettering record).
-    pub dead_lettered_at_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -447,7 +400,27 @@ impl Index {
             return Ok(None);
         };
         let value: DedupeValue = decode_value(&value)?;
-        Ok((value.until_ms > now_ms).then_some(Offset(value.offset)))
+        let current = crate::state::still_remembered(value.until_ms, now_ms);
+        Ok(current.then_some(Offset(value.offset)))
+    }
+
+    /// Every remembered client id: (id, offset, until ms), in id order. Reads them all: for
+    /// loading the server's memory at start.
+    pub fn remembered(&self) -> Result<Vec<(String, Offset, u64)>> {
+        self.scan_prefix(&[U])
+            .map(|item| {
+                let (key, value) = item?;
+                let value: DedupeValue = decode_value(&value)?;
+                let id = String::from_utf8_lossy(key.get(1..).unwrap_or_default()).into_owned();
+                Ok((id, Offset(value.offset), value.until_ms))
+            })
+            .collect()
+    }
+
+    /// The latest record timestamp applied (0 for an empty index): the clock by which
+    /// remembered ids are forgotten ([`crate::state::prune_dedupe`]).
+    pub fn clock(&self) -> Result<u64> {
+        Ok(self.get(CLOCK_KEY)?.map_or(0, |v| u64_le(&v)))
     }
 
     /// Every registered agent, by id.

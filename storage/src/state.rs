@@ -1,0 +1,383 @@
+//! Delivery state and what each record does to it: the one state machine of Courier.
+//!
+//! Delivery state is, per inbox, the pending messages (ready, delayed or leased, with their
+//! attempts and deadlines) and the dead letters; besides it, the remembered client ids
+//! (dedupe), the registered agents and their subscriptions. [`apply`] is the effect of one
+//! record on that state, and [`prune_dedupe`] the forgetting of client ids whose window has
+//! ended. They are written once, here, and both holders of the state use them:
+//!
+//! - the index ([`crate::index`]), the durable image in sled, for every committed record;
+//! - the server's in-memory state, from which it decides leases and redeliveries.
+//!
+//! So "replay the log through [`apply`]" defines the state, whoever holds it; a consensus log
+//! that delivers the same records in the same order gives every replica the same state.
+//!
+//! The functions are pure: no I/O, no clock (times come from the records), no locks. Where the
+//! state lives and how it is laid out is a [`Store`]'s business; what changes is decided here.
+
+use bincode::{Decode, Encode};
+
+use crate::record::{Agent, DeadReason, Message, Record, Slot};
+use crate::Offset;
+
+/// What kind of deadline a timer marks. The order is the index's key order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TimerKind {
+    /// The lease deadline of a leased message, or the `not_before` time of a delayed or
+    /// backed-off ready message.
+    Due,
+    /// The `ttl_ms` expiry of a message.
+    Expiry,
+}
+
+/// Whether a pending message may be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum EntryState {
+    /// Ready for delivery, but not before `not_before_ms` if set.
+    Ready {
+        /// Earliest delivery time, wall-clock ms.
+        not_before_ms: Option<u64>,
+    },
+    /// Handed out under a lease that ends at `deadline_ms`.
+    Leased {
+        /// End of the lease, wall-clock ms.
+        deadline_ms: u64,
+    },
+}
+
+/// The delivery state of one message in one inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct EntryValue {
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// Ready or leased.
+    pub state: EntryState,
+    /// When the message's ttl runs out, if it has one.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl EntryValue {
+    /// A redriven dead letter: ready now, attempts reset, no ttl.
+    pub const REDRIVEN: Self = Self {
+        attempts: 0,
+        state: EntryState::Ready {
+            not_before_ms: None,
+        },
+        expires_at_ms: None,
+    };
+
+    /// The timers this entry sets: when its delay, backoff or lease ends (`Due`), and when
+    /// its ttl runs out (`Expiry`). A store keeps exactly these for each entry it holds.
+    pub fn timers(&self) -> impl Iterator<Item = (u64, TimerKind)> {
+        let due = match self.state {
+            EntryState::Ready { not_before_ms } => not_before_ms,
+            EntryState::Leased { deadline_ms } => Some(deadline_ms),
+        };
+        due.map(|ms| (ms, TimerKind::Due))
+            .into_iter()
+            .chain(self.expires_at_ms.map(|ms| (ms, TimerKind::Expiry)))
+    }
+
+    /// Whether the entry is leased.
+    pub fn is_leased(&self) -> bool {
+        matches!(self.state, EntryState::Leased { .. })
+    }
+}
+
+/// A dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub struct DeadEntry {
+    /// The message.
+    pub slot: Slot,
+    /// Why it was dead-lettered.
+    pub reason: DeadReason,
+    /// Deliveries made.
+    pub attempts: u32,
+    /// When, wall-clock ms (the timestamp of the dead-lettering record).
+    pub dead_lettered_at_ms: u64,
+}
+
+/// What delivery needs of a published message: everything but its body and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arrival {
+    /// The inboxes it goes to.
+    pub destinations: Vec<String>,
+    /// Its priority, 0–9.
+    pub priority: u8,
+    /// Not deliverable before this time, if delayed.
+    pub not_before_ms: Option<u64>,
+    /// Dead-lettered as expired at this time, if it has a ttl.
+    pub expires_at_ms: Option<u64>,
+    /// Its client id and until when the id is remembered, if the client gave one.
+    pub dedupe: Option<(String, u64)>,
+}
+
+impl Arrival {
+    /// The arrival of `message`.
+    pub fn of(message: &Message) -> Self {
+        Self {
+            destinations: message.destinations.clone(),
+            priority: message.priority,
+            not_before_ms: message.not_before_ms,
+            expires_at_ms: message.expires_at_ms,
+            dedupe: message
+                .dedupe_until_ms
+                .map(|until_ms| (message.id.clone(), until_ms)),
+        }
+    }
+}
+
+/// Whether an entry that [`Store::put_entry`] writes may already exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Was<'a> {
+    /// The message was just published: no entry of it exists anywhere, in any layer.
+    New,
+    /// The message is not pending in this inbox now (a redriven dead letter).
+    Absent,
+    /// The entry is pending with this value, which the new one replaces.
+    Pending(&'a EntryValue),
+}
+
+/// Where delivery state is held. Each method is one primitive change, which the store makes
+/// together with whatever it keeps in step (timers from [`EntryValue::timers`], counts, key
+/// orders). What changes, and when, is decided by [`apply`] and [`prune_dedupe`] only.
+pub trait Store {
+    /// What reading or writing the store can fail with (`Infallible` in memory).
+    type Error;
+
+    /// The entry of `slot` in `inbox`, if the message is pending there.
+    fn entry(&mut self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>, Self::Error>;
+    /// Writes the entry of `slot` in `inbox` and its timers (replacing `was`'s).
+    fn put_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        value: &EntryValue,
+        was: Was<'_>,
+    ) -> Result<(), Self::Error>;
+    /// Removes the pending entry `old` of `slot` in `inbox` and its timers.
+    fn remove_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        old: &EntryValue,
+    ) -> Result<(), Self::Error>;
+    /// Adds a dead letter to `inbox`.
+    fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<(), Self::Error>;
+    /// Removes the dead letter at `offset` from `inbox`; whether there was one.
+    fn take_dead(&mut self, inbox: &str, offset: Offset) -> Result<bool, Self::Error>;
+
+    /// Remembers client id `id` as published at `offset`, until `until_ms` (replacing an
+    /// older memory of the same id; the older expiry stays listed until pruned).
+    fn remember(&mut self, id: &str, offset: Offset, until_ms: u64) -> Result<(), Self::Error>;
+    /// Until when `id` is remembered, if it is.
+    fn remembered_until(&mut self, id: &str) -> Result<Option<u64>, Self::Error>;
+    /// The listed expiries `(until_ms, id)` with `until_ms <= clock_ms`.
+    fn expired_ids(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Self::Error>;
+    /// Unlists the expiry `(until_ms, id)`, and forgets `id` itself if `forget_id`.
+    fn unlist_expiry(
+        &mut self,
+        until_ms: u64,
+        id: &str,
+        forget_id: bool,
+    ) -> Result<(), Self::Error>;
+
+    /// Registers or updates an agent; its inbox exists from now on.
+    fn upsert_agent(&mut self, agent: &Agent) -> Result<(), Self::Error>;
+    /// Removes an agent with its inbox, dead letters and subscriptions.
+    fn delete_agent(&mut self, agent: &str) -> Result<(), Self::Error>;
+    /// Adds (or moves the start of) a subscription.
+    fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<(), Self::Error>;
+    /// Removes a subscription.
+    fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Self::Error>;
+    /// Retention removed the records below `below`: forgets the pending entries, dead
+    /// letters and remembered ids of messages there (and any location of those records).
+    fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
+}
+
+/// Applies one record, committed at `offset` and written at `timestamp_ms`, to `store`.
+/// Returns the inboxes that may have a message to deliver now, or room to deliver one (the
+/// ones to wake).
+pub fn apply<'r, S: Store + ?Sized>(
+    store: &mut S,
+    record: &'r Record,
+    offset: Offset,
+    timestamp_ms: u64,
+) -> Result<&'r [String], S::Error> {
+    match record {
+        Record::Message(m) => {
+            let slot = Slot {
+                offset,
+                priority: m.priority,
+            };
+            let value = published(m.not_before_ms, m.expires_at_ms);
+            let dedupe = m.dedupe_until_ms.map(|until_ms| (m.id.as_str(), until_ms));
+            publish(store, slot, &m.destinations, &value, dedupe)?;
+            Ok(&m.destinations)
+        }
+        Record::Leased { .. }
+        | Record::Acked { .. }
+        | Record::Released { .. }
+        | Record::DeadLettered { .. }
+        | Record::Redriven { .. } => apply_delivery(store, record, timestamp_ms),
+        Record::AgentUpserted(agent) => {
+            store.upsert_agent(agent)?;
+            Ok(&[])
+        }
+        Record::AgentDeleted { agent } => {
+            store.delete_agent(agent)?;
+            Ok(&[])
+        }
+        Record::Subscribed {
+            agent,
+            topic,
+            start,
+        } => {
+            store.subscribe(agent, topic, *start)?;
+            Ok(&[])
+        }
+        Record::Unsubscribed { agent, topic } => {
+            store.unsubscribe(agent, topic)?;
+            Ok(&[])
+        }
+        Record::Truncated { below } => {
+            store.forget_below(*below)?;
+            Ok(&[])
+        }
+        Record::Quarantined { .. } => Ok(&[]),
+    }
+}
+
+/// The records that change messages already in an inbox (or among its dead letters).
+fn apply_delivery<'r, S: Store + ?Sized>(
+    store: &mut S,
+    record: &'r Record,
+    timestamp_ms: u64,
+) -> Result<&'r [String], S::Error> {
+    let inbox_of = |inbox: &'r String| std::slice::from_ref(inbox);
+    match record {
+        Record::Leased { inbox, leases } => {
+            for lease in leases {
+                if let Some(old) = store.entry(inbox, lease.slot)? {
+                    let value = EntryValue {
+                        attempts: lease.attempt,
+                        state: EntryState::Leased {
+                            deadline_ms: lease.deadline_ms,
+                        },
+                        ..old
+                    };
+                    store.put_entry(inbox, lease.slot, &value, Was::Pending(&old))?;
+                }
+            }
+            Ok(&[])
+        }
+        Record::Acked { inbox, slots } => {
+            for slot in slots {
+                if let Some(old) = store.entry(inbox, *slot)? {
+                    store.remove_entry(inbox, *slot, &old)?;
+                }
+            }
+            Ok(inbox_of(inbox))
+        }
+        Record::Released { inbox, releases } => {
+            for release in releases {
+                if let Some(old) = store.entry(inbox, release.slot)? {
+                    let value = EntryValue {
+                        state: EntryState::Ready {
+                            not_before_ms: Some(release.not_before_ms),
+                        },
+                        ..old
+                    };
+                    store.put_entry(inbox, release.slot, &value, Was::Pending(&old))?;
+                }
+            }
+            Ok(inbox_of(inbox))
+        }
+        Record::DeadLettered { inbox, letters } => {
+            for letter in letters {
+                if let Some(old) = store.entry(inbox, letter.slot)? {
+                    store.remove_entry(inbox, letter.slot, &old)?;
+                    let dead = DeadEntry {
+                        slot: letter.slot,
+                        reason: letter.reason,
+                        attempts: letter.attempts,
+                        dead_lettered_at_ms: timestamp_ms,
+                    };
+                    store.put_dead(inbox, &dead)?;
+                }
+            }
+            Ok(inbox_of(inbox))
+        }
+        Record::Redriven { inbox, slots } => {
+            for slot in slots {
+                if store.take_dead(inbox, slot.offset)? {
+                    store.put_entry(inbox, *slot, &EntryValue::REDRIVEN, Was::Absent)?;
+                }
+            }
+            Ok(inbox_of(inbox))
+        }
+        _ => Ok(&[]),
+    }
+}
+
+/// [`apply`] of a `Message` record given only its [`Arrival`] (the server keeps that, not
+/// the body, until the message is durable and has its offset). Returns its destinations.
+pub fn arrive<'a, S: Store + ?Sized>(
+    store: &mut S,
+    arrival: &'a Arrival,
+    offset: Offset,
+) -> Result<&'a [String], S::Error> {
+    let slot = Slot {
+        offset,
+        priority: arrival.priority,
+    };
+    let value = published(arrival.not_before_ms, arrival.expires_at_ms);
+    let dedupe = arrival
+        .dedupe
+        .as_ref()
+        .map(|(id, until)| (id.as_str(), *until));
+    publish(store, slot, &arrival.destinations, &value, dedupe)?;
+    Ok(&arrival.destinations)
+}
+
+/// A published message enters each of its inboxes; its client id is remembered.
+fn publish<S: Store + ?Sized>(
+    store: &mut S,
+    slot: Slot,
+    destinations: &[String],
+    value: &EntryValue,
+    dedupe: Option<(&str, u64)>,
+) -> Result<(), S::Error> {
+    for inbox in destinations {
+        store.put_entry(inbox, slot, value, Was::New)?;
+    }
+    if let Some((id, until_ms)) = dedupe {
+        store.remember(id, slot.offset, until_ms)?;
+    }
+    Ok(())
+}
+
+/// The entry of a message just published.
+fn published(not_before_ms: Option<u64>, expires_at_ms: Option<u64>) -> EntryValue {
+    EntryValue {
+        attempts: 0,
+        state: EntryState::Ready { not_before_ms },
+        expires_at_ms,
+    }
+}
+
+/// Forgets the client ids whose window ended by `clock_ms`, the latest record timestamp
+/// applied: a function of the log alone, so every holder forgets the same ids. An id
+/// published again after its window keeps its newer memory.
+pub fn prune_dedupe<S: Store + ?Sized>(store: &mut S, clock_ms: u64) -> Result<(), S::Error> {
+    for (until_ms, id) in store.expired_ids(clock_ms)? {
+        let current = store.remembered_until(&id)? == Some(until_ms);
+        store.unlist_expiry(until_ms, &id, current)?;
+    }
+    Ok(())
+}
+
+/// Whether a remembered id still counts at `now_ms`: its window has not ended.
+pub fn still_remembered(until_ms: u64, now_ms: u64) -> bool {
+    until_ms > now_ms
+}
