@@ -136,7 +136,11 @@ pub fn publish_validation(data: &[u8]) {
             "accepted {depth} deep"
         );
         assert!(message.priority <= 9);
-        assert!(!message.destinations.is_empty(), "no destination");
+        assert_eq!(
+            courier::ids::Address::parse(&message.to).as_ref(),
+            Ok(&outgoing.to),
+            "the stored address is the one routed"
+        );
     }
 }
 

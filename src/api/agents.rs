@@ -141,7 +141,7 @@ pub async fn upsert(
     let created = state.broker.upsert_agent(agent).await?;
     let view = state
         .broker
-        .agent(id.as_str())
+        .agent(&id)
         .ok_or_else(|| ApiError::not_found("the agent was deleted meanwhile"))?;
     let status = if created {
         StatusCode::CREATED
@@ -163,7 +163,7 @@ pub async fn get(
     let id = agent_id(&agent)?;
     let view = state
         .broker
-        .agent(id.as_str())
+        .agent(&id)
         .ok_or_else(|| unknown(id.as_str()))?;
     Ok(Json(view_json(&view)).into_response())
 }
@@ -174,7 +174,7 @@ pub async fn delete(
     Path(agent): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = agent_id(&agent)?;
-    if state.broker.delete_agent(id.as_str()).await? {
+    if state.broker.delete_agent(&id).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(unknown(id.as_str()))
@@ -189,7 +189,7 @@ pub async fn heartbeat(
     let id = agent_id(&agent)?;
     let view = state
         .broker
-        .heartbeat(id.as_str())
+        .heartbeat(&id)
         .ok_or_else(|| unknown(id.as_str()))?;
     Ok(Json(view_json(&view)).into_response())
 }

@@ -100,6 +100,9 @@ impl From<Refusal> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_receivers", message)
                     .retry_after(1)
             }
+            Refusal::NotRouted(_) => {
+                Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", message)
+            }
             Refusal::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
             }

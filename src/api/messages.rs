@@ -111,7 +111,7 @@ pub async fn receive(
         ),
         lease_ms: in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)?,
     };
-    let delivered = state.broker.receive(agent.as_str(), request).await?;
+    let delivered = state.broker.receive(&agent, request).await?;
     courier_storage::failpoint::panic("api.receive");
     let messages = delivered.iter().filter_map(DeliveredView::of).collect();
     Ok(Json(Deliveries { messages }).into_response())
@@ -138,7 +138,7 @@ async fn settle(
 ) -> Result<Response, ApiError> {
     receipts(list)?;
     let agent = agent_id(agent)?;
-    let outcomes: Vec<Outcome> = state.broker.settle(agent.as_str(), list, how).await?;
+    let outcomes: Vec<Outcome> = state.broker.settle(&agent, list, how).await?;
     let results = list
         .iter()
         .zip(outcomes)
@@ -183,7 +183,7 @@ pub async fn extend(
     let body: ExtendBody = parse_json(&bytes)?;
     let lease_ms = match in_range("lease_ms", body.lease_ms, 1, MAX_LEASE_MS)? {
         Some(ms) => ms,
-        None => state.broker.lease_ms_of(&agent),
+        None => state.broker.lease_ms_of(&agent_id(&agent)?),
     };
     settle(&state, &agent, &body.receipts, Settle::Extend { lease_ms }).await
 }
@@ -206,9 +206,7 @@ pub async fn dead_letters(
     let Query(query) =
         query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
     let limit = in_range("limit", query.limit, 1, MAX_DEAD_LETTERS)?.unwrap_or(100) as usize;
-    let dead = state
-        .broker
-        .dead_letters(agent.as_str(), query.after, limit)?;
+    let dead = state.broker.dead_letters(&agent, query.after, limit)?;
     let dead_letters = dead.iter().filter_map(DeadLetterView::of).collect();
     Ok(Json(DeadLetters { dead_letters }).into_response())
 }
@@ -233,9 +231,6 @@ pub async fn redrive(
             ))
         }
     };
-    let count = state
-        .broker
-        .redrive(agent.as_str(), offsets.as_deref())
-        .await?;
+    let count = state.broker.redrive(&agent, offsets.as_deref()).await?;
     Ok(Json(Redriven { redriven: count }).into_response())
 }

@@ -36,10 +36,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
 
 /// The answer of `GET /v1/stats`.
 #[derive(Debug, Serialize)]
-struct StatsJson {
+struct StatsJson<'a> {
     log: LogJson,
     segments: Vec<SegmentJson>,
-    agents: Vec<AgentCounts>,
+    agents: Vec<AgentCounts<'a>>,
     ready: bool,
 }
 
@@ -62,8 +62,8 @@ struct SegmentJson {
 }
 
 #[derive(Debug, Serialize)]
-struct AgentCounts {
-    id: String,
+struct AgentCounts<'a> {
+    id: &'a str,
     ready: u64,
     in_flight: u64,
     dead_letters: u64,
@@ -83,12 +83,12 @@ pub async fn stats(State(state): State<AppState>) -> Response {
         .collect();
     let agents = stats
         .agents
-        .into_iter()
-        .map(|a| AgentCounts {
-            id: a.agent.id,
-            ready: a.depth.ready,
-            in_flight: a.depth.in_flight,
-            dead_letters: a.depth.dead_letters,
+        .iter()
+        .map(|(id, depth)| AgentCounts {
+            id,
+            ready: depth.ready,
+            in_flight: depth.in_flight,
+            dead_letters: depth.dead_letters,
         })
         .collect();
     Json(StatsJson {

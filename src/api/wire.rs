@@ -82,18 +82,8 @@ impl PublishBody {
         limits: &Limits,
     ) -> Result<Outgoing, ApiError> {
         check_json_depth("body", self.body.get(), limits.max_json_depth)?;
-        let address =
+        let to =
             Address::parse(&self.to).map_err(|e| ApiError::bad_request("invalid_address", e))?;
-        let destination = match address {
-            Address::Agent(agent) => agent,
-            Address::Topic(_) | Address::Capability(_) => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::NOT_IMPLEMENTED,
-                    "not_implemented",
-                    "topic: and capability: addresses are not routed by this build yet; address an agent with agent:<id>",
-                ))
-            }
-        };
         let from = AgentId::parse(&self.from).map_err(|e| invalid(format!("`from`: {e}")))?;
         if let Some(id) = &self.id {
             check_message_id("id", id).map_err(invalid)?;
@@ -128,11 +118,12 @@ impl PublishBody {
         let ttl_ms = check_ms("ttl_ms", self.ttl_ms)?;
         Ok(Outgoing {
             client_id: self.id.clone(),
+            to,
             message: Message {
                 id: self.id.unwrap_or_default(),
                 from: from.to_string(),
                 to: self.to,
-                destinations: vec![destination.to_string()],
+                destinations: Vec::new(),
                 kind: self.kind,
                 priority,
                 headers: headers.into_iter().collect(),

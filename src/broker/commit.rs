@@ -1,0 +1,166 @@
+//! The one way the broker changes state: **decide under the lock → apply → submit → answer
+//! after durable.**
+//!
+//! Every operation takes the broker lock, decides (pure, [`crate::delivery::State`]), and
+//! hands the records to one of two functions, which differ in when the records reach the
+//! in-memory state:
+//!
+//! - [`Broker::commit_now`]: applied at once, before the lock is released. For records that
+//!   touch only messages already in memory (leases, acks, releases, dead letters, redrives):
+//!   applying them now gives the state that applying the log in order gives.
+//! - [`Broker::commit_when_durable`]: applied by the log's completion callback, in commit
+//!   order. For records that need their own offset (messages) or must not be seen before
+//!   they are durable (registrations).
+//!
+//! Both take the lock's contents (`&mut Core`) as an argument, so neither can be called
+//! without holding it: records are submitted in the order they were decided. Both return a
+//! [`Commit`], which the operation awaits (after releasing the lock) before it answers, so
+//! concurrent requests share one group commit and nobody is answered before durable.
+
+use std::sync::Arc;
+
+use courier_storage::{failpoint, Appended, Offset, Record};
+use tokio::sync::oneshot;
+
+use super::{Broker, Core, Refusal, Result};
+
+/// The crash points around one kind of write, for the crash-safety tests (feature
+/// `failpoints`, see [`courier_storage::failpoint`]): once its records are decided and
+/// submitted (in memory, not yet durable), and once they are durable (before any answer).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct CrashPoints {
+    submitted: &'static str,
+    durable: &'static str,
+}
+
+const fn points(submitted: &'static str, durable: &'static str) -> CrashPoints {
+    CrashPoints { submitted, durable }
+}
+
+pub(super) const PUBLISH: CrashPoints = points("publish.submitted", "publish.durable");
+pub(super) const LEASE: CrashPoints = points("lease.submitted", "lease.durable");
+pub(super) const ACK: CrashPoints = points("ack.submitted", "ack.durable");
+pub(super) const NACK: CrashPoints = points("nack.submitted", "nack.durable");
+pub(super) const EXTEND: CrashPoints = points("extend.submitted", "extend.durable");
+pub(super) const EXPIRY: CrashPoints = points("expiry.submitted", "expiry.durable");
+pub(super) const DEAD_LETTER: CrashPoints = points("dead_letter.submitted", "dead_letter.durable");
+pub(super) const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.durable");
+pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
+
+type AppendRx = oneshot::Receiver<std::result::Result<Appended, courier_storage::Error>>;
+
+/// Records submitted under the broker lock, on their way to disk.
+#[must_use = "a change is answered only once durable: await `durable`"]
+pub(super) struct Commit(AppendRx);
+
+impl Commit {
+    /// Waits until the records are durable (per the fsync policy); where they landed.
+    pub(super) async fn durable(self) -> Result<Appended> {
+        match self.0.await {
+            Ok(Ok(appended)) => Ok(appended),
+            Ok(Err(error)) => Err(Refusal::Unavailable(format!(
+                "the write failed and the server stopped accepting writes ({error}); restart it to recover"
+            ))),
+            Err(_) => Err(Refusal::Unavailable(
+                "the log closed before the write completed".into(),
+            )),
+        }
+    }
+
+    /// Nobody waits for these records: the sweeper's own decisions, which the next start
+    /// decides again from the recovered state if a crash loses them.
+    pub(super) fn detach(self) {}
+}
+
+impl Broker {
+    /// Applies `records` to the in-memory state now, wakes the inboxes they free or make
+    /// ready, and submits them. The records must not need their offset (no `Message`,
+    /// no registration: those go through [`Broker::commit_when_durable`]).
+    pub(super) fn commit_now(
+        self: &Arc<Self>,
+        core: &mut Core,
+        points: CrashPoints,
+        now: u64,
+        records: Vec<Record>,
+    ) -> Result<Commit> {
+        self.check_writable()?;
+        let mut woken = Vec::new();
+        for record in &records {
+            debug_assert!(
+                !matches!(
+                    record,
+                    Record::Message(_) | Record::AgentUpserted(_) | Record::AgentDeleted { .. }
+                ),
+                "applied when durable, not now"
+            );
+            // Only a `Message` record's effect depends on its offset.
+            woken.extend(core.delivery.apply(record, Offset(0), now));
+            log_dead_letters(record);
+        }
+        // Releases whose delay is already over are ready at once.
+        woken.extend(core.delivery.promote(now));
+        core.waiters.wake(&woken);
+        self.poke_sweeper(core);
+        Ok(self.submit(points, now, records, None::<fn(&mut Core, Appended) -> _>))
+    }
+
+    /// Submits `records`; once they are durable, `apply` (on the log's writer thread, under
+    /// the broker lock, in commit order) applies them to memory and returns the inboxes to
+    /// wake. `_core` proves the caller holds the lock.
+    pub(super) fn commit_when_durable(
+        self: &Arc<Self>,
+        _core: &mut Core,
+        points: CrashPoints,
+        now: u64,
+        records: Vec<Record>,
+        apply: impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static,
+    ) -> Result<Commit> {
+        self.check_writable()?;
+        Ok(self.submit(points, now, records, Some(apply)))
+    }
+
+    fn submit(
+        self: &Arc<Self>,
+        points: CrashPoints,
+        now: u64,
+        records: Vec<Record>,
+        apply: Option<impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static>,
+    ) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        let broker = self.clone();
+        self.log.submit(now, records, move |result| {
+            match &result {
+                Ok(appended) => {
+                    failpoint::crash(points.durable);
+                    if let Some(apply) = apply {
+                        let mut core = broker.lock();
+                        let woken = apply(&mut core, *appended);
+                        core.waiters.wake(&woken);
+                        broker.poke_sweeper(&core);
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "an append failed; the log refuses further writes");
+                }
+            }
+            let _ = tx.send(result);
+        });
+        failpoint::crash(points.submitted);
+        Commit(rx)
+    }
+}
+
+/// Logs each dead-lettering: the forensics an operator reads first.
+fn log_dead_letters(record: &Record) {
+    if let Record::DeadLettered { inbox, letters } = record {
+        for letter in letters {
+            tracing::info!(
+                agent = %inbox,
+                offset = letter.slot.offset.0,
+                reason = letter.reason.as_str(),
+                attempts = letter.attempts,
+                "dead-lettered a message"
+            );
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! Consuming: long-poll receives under leases, acks, nacks and extends, dead letters and
+//! their redrive. Decisions are [`crate::delivery::State`]'s; every one is committed now
+//! (the records touch only messages already in memory) and answered once durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_storage::index::DeadEntry;
+use courier_storage::{Agent, Frame, Lease, Offset, Record};
+
+use super::commit::{Commit, ACK, DEAD_LETTER, EXTEND, LEASE, NACK, REDRIVE};
+use super::{millis, Broker, Refusal, Result};
+use crate::delivery::{Outcome, Receipt, Settle};
+use crate::ids::AgentId;
+
+/// What a receive asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveRequest {
+    /// Most messages to return.
+    pub max: usize,
+    /// How long to wait for the first one.
+    pub wait: Duration,
+    /// Lease length; `None`: the agent's, else the server's.
+    pub lease_ms: Option<u64>,
+}
+
+/// A message handed out under a lease.
+#[derive(Debug)]
+pub struct Delivered {
+    /// The message record and its offset and time.
+    pub frame: Frame,
+    /// Delivery number (1 for the first).
+    pub attempt: u32,
+    /// The receipt to ack, nack or extend with.
+    pub receipt: String,
+    /// When the lease ends, epoch ms.
+    pub lease_deadline_ms: u64,
+}
+
+/// A dead letter with its message.
+#[derive(Debug)]
+pub struct DeadView {
+    /// The message record.
+    pub frame: Frame,
+    /// Why and when it died.
+    pub dead: DeadEntry,
+}
+
+/// Counts an open receive call while it lives.
+struct OpenReceive<'a> {
+    broker: &'a Broker,
+    agent: &'a AgentId,
+}
+
+impl Drop for OpenReceive<'_> {
+    fn drop(&mut self) {
+        self.broker
+            .lock()
+            .registry
+            .close_receive(self.agent.as_str());
+    }
+}
+
+impl Broker {
+    /// Long-poll: leases up to `max` ready messages of `agent`, waiting up to `wait` for the
+    /// first. Wakes on the commit that makes a message ready, never by polling.
+    pub async fn receive(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        request: ReceiveRequest,
+    ) -> Result<Vec<Delivered>> {
+        let notify = {
+            let mut core = self.lock();
+            let now = self.clock.now_ms();
+            let max = self.config.limits.max_receivers;
+            core.registry.open_receive(agent.as_str(), max, now)?;
+            core.waiters.of(agent.as_str())
+        };
+        let _open = OpenReceive {
+            broker: self,
+            agent,
+        };
+        let mut closing = self.closing.subscribe();
+        let deadline = tokio::time::Instant::now() + request.wait;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(leased) = self.try_lease(agent, request)? {
+                return self.deliver(leased).await;
+            }
+            if *closing.borrow_and_update() {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                _ = closing.changed() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Leases what is ready now, if anything: decided, applied and submitted under the lock.
+    fn try_lease(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        request: ReceiveRequest,
+    ) -> Result<Option<(Vec<Lease>, Commit)>> {
+        let now = self.clock.now_ms();
+        let mut core = self.lock();
+        let registered = core.registry.get(agent.as_str())?;
+        let policy = self.policy(Some(&registered.agent));
+        let lease_ms = request
+            .lease_ms
+            .unwrap_or_else(|| self.lease_of(&registered.agent));
+        let leases = core
+            .delivery
+            .lease(agent.as_str(), request.max, now, lease_ms, &policy);
+        if leases.is_empty() {
+            return Ok(None);
+        }
+        let record = Record::Leased {
+            inbox: agent.to_string(),
+            leases: leases.clone(),
+        };
+        let commit = self.commit_now(&mut core, LEASE, now, vec![record])?;
+        Ok(Some((leases, commit)))
+    }
+
+    /// The lease an extend without `lease_ms` gets: the agent's, else the server's.
+    pub fn lease_ms_of(&self, agent: &AgentId) -> u64 {
+        let core = self.lock();
+        core.registry
+            .agent(agent.as_str())
+            .map_or_else(|| millis(self.config.lease), |a| self.lease_of(a))
+    }
+
+    /// The lease of `agent`'s deliveries: its own `lease_ms`, else the server's `lease`.
+    fn lease_of(&self, agent: &Agent) -> u64 {
+        agent.lease_ms.unwrap_or_else(|| millis(self.config.lease))
+    }
+
+    /// Waits for a lease to be durable, then reads its messages.
+    async fn deliver(&self, (leases, commit): (Vec<Lease>, Commit)) -> Result<Vec<Delivered>> {
+        commit.durable().await?;
+        let mut delivered = Vec::with_capacity(leases.len());
+        for lease in leases {
+            // A message that age retention deleted meanwhile is gone: nothing to deliver.
+            let Some(frame) = self.read_message(lease.slot.offset)? else {
+                continue;
+            };
+            delivered.push(Delivered {
+                frame,
+                attempt: lease.attempt,
+                receipt: Receipt {
+                    slot: lease.slot,
+                    attempt: lease.attempt,
+                }
+                .encode(),
+                lease_deadline_ms: lease.deadline_ms,
+            });
+        }
+        Ok(delivered)
+    }
+
+    /// Reads a message; `None` if retention deleted its segment.
+    fn read_message(&self, offset: Offset) -> Result<Option<Frame>> {
+        match self.log.read(offset) {
+            Ok(frame) => Ok(Some(frame)),
+            Err(courier_storage::Error::NotFound(_)) => Ok(None),
+            Err(error) => Err(Refusal::Unavailable(format!(
+                "reading message {offset} failed: {error}"
+            ))),
+        }
+    }
+
+    /// Acks, nacks or extends leases of `agent`; one outcome per receipt, once durable.
+    pub async fn settle(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        receipts: &[String],
+        how: Settle,
+    ) -> Result<Vec<Outcome>> {
+        let now = self.clock.now_ms();
+        let parsed: Vec<Option<Receipt>> = receipts.iter().map(|r| Receipt::parse(r)).collect();
+        let (outcomes, commit) = {
+            let mut core = self.lock();
+            let policy = self.policy(Some(&core.registry.get(agent.as_str())?.agent));
+            let (outcomes, records) =
+                core.delivery
+                    .settle(agent.as_str(), &parsed, how, now, &policy);
+            if records.is_empty() {
+                return Ok(outcomes);
+            }
+            let points = match how {
+                Settle::Ack => ACK,
+                Settle::Nack {
+                    dead_letter: true, ..
+                } => DEAD_LETTER,
+                Settle::Nack { .. } => NACK,
+                Settle::Extend { .. } => EXTEND,
+            };
+            (outcomes, self.commit_now(&mut core, points, now, records)?)
+        };
+        commit.durable().await?;
+        Ok(outcomes)
+    }
+
+    /// Dead letters of `agent` above `after`, oldest first, at most `limit`.
+    pub fn dead_letters(
+        &self,
+        agent: &AgentId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<DeadView>> {
+        let dead = {
+            let core = self.lock();
+            core.registry.get(agent.as_str())?;
+            core.delivery.dead_letters(agent.as_str(), after, limit)
+        };
+        let mut views = Vec::with_capacity(dead.len());
+        for dead in dead {
+            if let Some(frame) = self.read_message(dead.slot.offset)? {
+                views.push(DeadView { frame, dead });
+            }
+        }
+        Ok(views)
+    }
+
+    /// Moves dead letters back into the inbox with attempts reset; `None` redrives all.
+    pub async fn redrive(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        offsets: Option<&[u64]>,
+    ) -> Result<usize> {
+        let now = self.clock.now_ms();
+        let (count, commit) = {
+            let mut core = self.lock();
+            core.registry.get(agent.as_str())?;
+            let Some(record) = core.delivery.redrive(agent.as_str(), offsets) else {
+                return Ok(0);
+            };
+            let count = match &record {
+                Record::Redriven { slots, .. } => slots.len(),
+                _ => 0,
+            };
+            let commit = self.commit_now(&mut core, REDRIVE, now, vec![record])?;
+            tracing::info!(agent = %agent, count, "redrove dead letters");
+            (count, commit)
+        };
+        commit.durable().await?;
+        Ok(count)
+    }
+}

@@ -1,0 +1,258 @@
+//! The imperative shell around the delivery core: owns the log, the in-memory delivery
+//! state, the agent registry, admission and the long-poll waiters, and turns requests into
+//! records. One module per responsibility:
+//!
+//! - [`commit`]: the one way state changes: decide under the lock, apply, submit, answer
+//!   after durable;
+//! - [`registry`]: registered agents and their presence;
+//! - [`admission`]: what a publish must pass (destinations, depth, rate, dedupe);
+//! - [`publish`] and [`consume`]: the operations of producers and of consumers;
+//! - [`waiters`]: long-poll wake-ups; [`sweeper`]: timers; [`retention`]: old segments.
+//!
+//! **Invariant:** the log order equals the order of decisions, because records are submitted
+//! under the same lock that decided them ([`commit`]). Memory equals "apply the log in
+//! order": records that need their own offset or commit order are applied when durable,
+//! all others at decision time, and both go through `courier_storage::state::apply`.
+
+mod admission;
+mod commit;
+mod consume;
+mod publish;
+mod registry;
+mod retention;
+mod sweeper;
+mod waiters;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use courier_storage::{Agent, Index, Log, LogStats, SegmentInfo};
+use tokio::sync::{watch, Notify};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::delivery::{self, Depth, Policy};
+
+pub use consume::{DeadView, Delivered, ReceiveRequest};
+pub use publish::{Outgoing, Published};
+pub use registry::AgentView;
+
+/// Why the broker refused a request; the API turns each into a status and an error code.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The agent is not registered.
+    #[error("agent `{0}` is not registered; register it with PUT /v1/agents/{0}")]
+    UnknownAgent(String),
+    /// The destination inbox is at `limits.max_inbox_depth`.
+    #[error("the inbox of `{agent}` holds {depth} messages, the limit (limits.max_inbox_depth); retry when its consumer has caught up")]
+    InboxFull {
+        /// The full inbox.
+        agent: String,
+        /// Its depth.
+        depth: u64,
+    },
+    /// The sender is over `limits.publish_rate`.
+    #[error("`{agent}` publishes faster than limits.publish_rate ({rate}/s); slow down")]
+    RateLimited {
+        /// The sender.
+        agent: String,
+        /// The configured rate.
+        rate: u32,
+    },
+    /// Too many long-polls open for one agent.
+    #[error("agent `{agent}` already has {open} receive calls open (limits.max_receivers); close some or wait")]
+    TooManyReceivers {
+        /// The agent.
+        agent: String,
+        /// How many are open.
+        open: u32,
+    },
+    /// The address is of a kind this build does not route yet.
+    #[error("{0}: addresses are not routed by this build yet; address an agent with agent:<id>")]
+    NotRouted(&'static str),
+    /// The log cannot take writes (fail-stop after an I/O error, or shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+type Result<T> = std::result::Result<T, Refusal>;
+
+/// Everything behind the broker's lock.
+#[derive(Debug, Default)]
+struct Core {
+    /// Inboxes, leases, timers, dead letters and remembered client ids.
+    delivery: delivery::State,
+    /// Registered agents and their presence.
+    registry: registry::Registry,
+    /// Rate buckets and the client ids being committed.
+    admission: admission::Admission,
+    /// Long-poll wake-ups per inbox.
+    waiters: waiters::Waiters,
+}
+
+/// The broker: one per server. Shared by the HTTP handlers and the sweeper.
+pub struct Broker {
+    /// The log (and through it the index).
+    log: Log,
+    /// Monotonic epoch-ms time.
+    clock: Clock,
+    /// The configuration.
+    config: Arc<Config>,
+    /// The in-memory state; see [`commit`] for the locking rule.
+    core: Mutex<Core>,
+    /// Wakes the sweeper when a timer earlier than the one it sleeps for may exist.
+    sweeper: Notify,
+    /// When the sweeper will look next on its own (epoch ms), written under the core lock.
+    sweeper_wakes_at_ms: AtomicU64,
+    /// Set once when shutdown begins: long-polls return, writes are refused.
+    closing: watch::Sender<bool>,
+}
+
+impl Broker {
+    /// Builds the in-memory state from the recovered index and returns the broker.
+    pub fn new(
+        log: Log,
+        config: Arc<Config>,
+        clock: Clock,
+    ) -> std::result::Result<Self, courier_storage::Error> {
+        let (delivery, agents) = recover_state(log.index())?;
+        let mut core = Core {
+            delivery,
+            ..Core::default()
+        };
+        for agent in agents {
+            core.registry.upsert(agent);
+        }
+        Ok(Self {
+            log,
+            clock,
+            config,
+            core: Mutex::new(core),
+            sweeper: Notify::new(),
+            sweeper_wakes_at_ms: AtomicU64::new(0),
+            closing: watch::Sender::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("broker lock")
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The log (tools and tests: checkpoints, a simulated crash).
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Reads the in-memory delivery state under the broker lock (the model check compares
+    /// it with its reference model).
+    pub fn inspect_delivery<R>(&self, read: impl FnOnce(&delivery::State) -> R) -> R {
+        read(&self.lock().delivery)
+    }
+
+    /// Whether the log takes writes and shutdown has not begun.
+    pub fn is_ready(&self) -> bool {
+        !self.log.is_poisoned() && !*self.closing.borrow()
+    }
+
+    /// Begins shutdown: open long-polls return what they have, new writes are refused.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+        self.sweeper.notify_one();
+    }
+
+    /// Closes the log: waits for queued appends, checkpoints, releases the directory.
+    pub fn shutdown_log(&self) -> std::result::Result<(), courier_storage::Error> {
+        self.log.close()
+    }
+
+    /// The delivery settings of an inbox: its agent's, else the server's.
+    fn policy(&self, agent: Option<&Agent>) -> Policy {
+        Policy {
+            max_attempts: agent
+                .and_then(|a| a.max_attempts)
+                .unwrap_or(self.config.max_attempts),
+            max_in_flight: agent.and_then(|a| a.max_in_flight),
+            backoff: self.config.backoff,
+        }
+    }
+
+    /// Refuses writes once shutdown has begun or the log failed.
+    fn check_writable(&self) -> Result<()> {
+        if *self.closing.borrow() {
+            return Err(Refusal::Unavailable(
+                "the server is shutting down; retry against the next instance".into(),
+            ));
+        }
+        if self.log.is_poisoned() {
+            return Err(Refusal::Unavailable(
+                "the log failed and the server stopped accepting writes (fail-stop); restart it to recover".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Log figures and per-agent counts. The per-agent counts are read in chunks, so the
+    /// lock that the log's completions also take is never held for all agents at once.
+    pub fn stats(&self) -> Stats {
+        let ids = self.lock().registry.ids();
+        let mut agents = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(256) {
+            let core = self.lock();
+            agents.extend(chunk.iter().map(|id| (id.clone(), core.delivery.depth(id))));
+        }
+        Stats {
+            durable_end: self.log.durable_end().0,
+            segments: self.log.segments(),
+            log: self.log.stats(),
+            agents,
+        }
+    }
+}
+
+/// What `GET /v1/stats` shows.
+#[derive(Debug)]
+pub struct Stats {
+    /// The offset after the last durable record.
+    pub durable_end: u64,
+    /// The segments, oldest first.
+    pub segments: Vec<SegmentInfo>,
+    /// Writer counters since start.
+    pub log: LogStats,
+    /// Every agent's inbox counts, by id.
+    pub agents: Vec<(Arc<str>, Depth)>,
+}
+
+/// Rebuilds the in-memory delivery state and the agent registry from a recovered index
+/// (which recovery made current with the log).
+pub fn recover_state(
+    index: &Index,
+) -> std::result::Result<(delivery::State, Vec<Agent>), courier_storage::Error> {
+    let mut state = delivery::State::new();
+    let agents = index.agents()?;
+    for agent in &agents {
+        state.open_inbox(&agent.id);
+        for entry in index.inbox(&agent.id) {
+            let entry = entry?;
+            state.load_entry(&agent.id, entry.slot, entry.value);
+        }
+        for dead in index.dead_letters(&agent.id, None, usize::MAX)? {
+            state.load_dead(&agent.id, dead);
+        }
+    }
+    for (id, offset, until_ms) in index.remembered()? {
+        state.load_remembered(&id, offset, until_ms);
+    }
+    state.load_clock(index.clock()?);
+    Ok((state, agents))
+}
+
+/// A duration in whole milliseconds (saturating), the unit of every time in the core.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,221 @@
+//! Publishing: an address becomes destinations, admission decides, duplicates are answered
+//! from what is remembered, and the rest become `Message` records, applied when durable
+//! (they need their offsets).
+
+use std::sync::Arc;
+
+use courier_storage::state::Arrival;
+use courier_storage::{Message, Offset, Record};
+use tokio::sync::watch;
+
+use super::admission::{Candidate, Remembered};
+use super::commit::{Commit, PUBLISH};
+use super::registry::Registry;
+use super::{millis, Broker, Core, Refusal, Result};
+use crate::ids::Address;
+
+/// One message to publish, validated by the API.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The client's id (idempotency key), if any.
+    pub client_id: Option<String>,
+    /// Where it goes; the broker resolves it to destinations.
+    pub to: Address,
+    /// The message as it will be stored, except for its destinations, times and server id.
+    pub message: Message,
+    /// Delay before delivery, ms.
+    pub delay_ms: u64,
+    /// Time to live, ms (0: none).
+    pub ttl_ms: u64,
+}
+
+/// The result of publishing one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The message id: the client's, or the ULID the server gave it.
+    pub id: String,
+    /// Its offset (the original one for a duplicate).
+    pub offset: u64,
+    /// Whether the id was seen within the dedupe window, so nothing was written.
+    pub duplicate: bool,
+}
+
+/// A publish decided under the lock, waiting for its append.
+struct Staged {
+    /// Per message: known now (duplicates of committed ids), or filled in later.
+    results: Vec<Option<Published>>,
+    /// Duplicates of ids whose first publish is still being committed.
+    waits: Vec<(usize, String, watch::Receiver<Option<u64>>)>,
+    /// The indexes and ids of the messages written, in record order, and their commit.
+    append: Option<(Vec<(usize, String)>, Commit)>,
+}
+
+/// The inboxes an address stands for: where routing is decided, in one place.
+fn resolve(registry: &Registry, to: &Address) -> Result<Vec<String>> {
+    match to {
+        Address::Agent(agent) => {
+            registry.get(agent.as_str())?;
+            Ok(vec![agent.to_string()])
+        }
+        Address::Topic(_) => Err(Refusal::NotRouted("topic:")),
+        Address::Capability(_) => Err(Refusal::NotRouted("capability:")),
+    }
+}
+
+impl Broker {
+    /// Publishes messages all-or-nothing: every destination must exist and have room, or
+    /// nothing is written. Returns one result per message, in order, once durable.
+    pub async fn publish(self: &Arc<Self>, mut outgoing: Vec<Outgoing>) -> Result<Vec<Published>> {
+        self.check_writable()?;
+        let now = self.clock.now_ms();
+        let staged = {
+            let mut core = self.lock();
+            for o in &mut outgoing {
+                o.message.destinations = resolve(&core.registry, &o.to)?;
+            }
+            let candidates: Vec<Candidate<'_>> = outgoing
+                .iter()
+                .map(|o| Candidate {
+                    from: &o.message.from,
+                    destinations: &o.message.destinations,
+                })
+                .collect();
+            let Core {
+                admission,
+                delivery,
+                registry,
+                ..
+            } = &mut *core;
+            admission.check(
+                delivery,
+                |id| registry.contains(id),
+                &self.config.limits,
+                &candidates,
+                now,
+            )?;
+            self.stage_publish(&mut core, outgoing, now)?
+        };
+        let mut results = staged.results;
+        if let Some((written, commit)) = staged.append {
+            let appended = commit.durable().await?;
+            for (n, (i, id)) in written.into_iter().enumerate() {
+                results[i] = Some(Published {
+                    id,
+                    offset: appended.first.0 + n as u64,
+                    duplicate: false,
+                });
+            }
+        }
+        for (i, id, mut wait) in staged.waits {
+            let offset = wait
+                .wait_for(Option::is_some)
+                .await
+                .map_err(|_| {
+                    Refusal::Unavailable("the first publish of this id failed; retry it".into())
+                })?
+                .expect("waited for Some");
+            results[i] = Some(Published {
+                id,
+                offset,
+                duplicate: true,
+            });
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every message has a result"))
+            .collect())
+    }
+
+    /// Decides a publish: duplicates are answered from what is remembered, the rest become
+    /// `Message` records, submitted now and applied to memory when durable.
+    fn stage_publish(
+        self: &Arc<Self>,
+        core: &mut Core,
+        outgoing: Vec<Outgoing>,
+        now: u64,
+    ) -> Result<Staged> {
+        let window = millis(self.config.dedupe_window);
+        let mut staged = Staged {
+            results: vec![None; outgoing.len()],
+            waits: Vec::new(),
+            append: None,
+        };
+        let mut written = Vec::new();
+        let mut records = Vec::new();
+        let mut ids: Vec<Option<(String, watch::Sender<Option<u64>>)>> = Vec::new();
+        for (i, o) in outgoing.into_iter().enumerate() {
+            if let Some(id) = &o.client_id {
+                match core.admission.recall(&core.delivery, id, now) {
+                    Some(Remembered::Done { offset }) => {
+                        staged.results[i] = Some(Published {
+                            id: id.clone(),
+                            offset,
+                            duplicate: true,
+                        });
+                        continue;
+                    }
+                    Some(Remembered::Pending(rx)) => {
+                        staged.waits.push((i, id.clone(), rx));
+                        continue;
+                    }
+                    None => {}
+                }
+            }
+            let mut message = o.message;
+            message.not_before_ms = (o.delay_ms > 0).then(|| now.saturating_add(o.delay_ms));
+            message.expires_at_ms = (o.ttl_ms > 0).then(|| now.saturating_add(o.ttl_ms));
+            if let Some(id) = o.client_id {
+                message.id.clone_from(&id);
+                message.dedupe_until_ms = Some(now.saturating_add(window));
+                let (tx, rx) = watch::channel(None);
+                core.admission.committing(id.clone(), rx);
+                ids.push(Some((id, tx)));
+            } else {
+                message.id = new_id(now).to_string();
+                ids.push(None);
+            }
+            written.push((i, message.id.clone()));
+            records.push(Record::Message(message));
+        }
+        if records.is_empty() {
+            return Ok(staged);
+        }
+        // What delivery needs of each message, without its body.
+        let arrivals: Vec<Arrival> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Message(m) => Some(Arrival::of(m)),
+                _ => None,
+            })
+            .collect();
+        let commit =
+            self.commit_when_durable(core, PUBLISH, now, records, move |core, appended| {
+                let mut woken = Vec::new();
+                for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
+                    let offset = Offset(appended.first.0 + n as u64);
+                    woken.extend(core.delivery.arrive(arrival, offset, now));
+                    if let Some((id, tx)) = id {
+                        core.admission.committed(&id);
+                        tx.send_replace(Some(offset.0));
+                    }
+                }
+                woken
+            })?;
+        staged.append = Some((written, commit));
+        Ok(staged)
+    }
+}
+
+/// A server-assigned message id: a ULID whose time part is `now_ms` and whose random part
+/// is a random start (drawn once per process) plus a counter, so ids are unique and sort by
+/// time within a process without a random draw per message.
+fn new_id(now_ms: u64) -> ulid::Ulid {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static START: OnceLock<u128> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let start = *START.get_or_init(|| ulid::Ulid::new().random() >> 16);
+    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let random = start.wrapping_add(u128::from(count)) & ((1u128 << 80) - 1);
+    ulid::Ulid::from_parts(now_ms, random)
+}

@@ -1,0 +1,242 @@
+//! Registered agents and their presence: who exists, when each was last seen, how many
+//! long-polls each has open. Registrations are records (applied when durable); presence is
+//! this process's memory only.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use courier_storage::{Agent, Record};
+
+use super::commit::AGENT;
+use super::{millis, Broker, Core, Refusal, Result};
+use crate::delivery::Depth;
+use crate::ids::AgentId;
+
+/// A registered agent and what the server knows of it beyond the log.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    /// The registration, as in the log.
+    pub agent: Agent,
+    /// When it last received or sent a heartbeat (this process only), epoch ms.
+    pub last_seen_ms: Option<u64>,
+    /// Whether it was seen within `presence_ttl`.
+    pub online: bool,
+    /// Inbox counts.
+    pub depth: Depth,
+    /// Receive calls open now.
+    pub receivers: u32,
+    /// Whether receives are held back by `max_in_flight` right now.
+    pub throttled: bool,
+}
+
+/// One registered agent.
+#[derive(Debug)]
+pub(super) struct Registered {
+    /// The registration, as in the log.
+    pub(super) agent: Agent,
+    /// The id, shared with listings.
+    id: Arc<str>,
+    /// When it was last seen (this process only), epoch ms.
+    last_seen_ms: Option<u64>,
+    /// Receive calls open now.
+    receivers: u32,
+}
+
+/// Every registered agent, by id.
+#[derive(Debug, Default)]
+pub(super) struct Registry {
+    agents: HashMap<String, Registered>,
+}
+
+impl Registry {
+    /// The registered agent `id`, or the refusal that names it unknown.
+    pub(super) fn get(&self, id: &str) -> Result<&Registered> {
+        self.agents
+            .get(id)
+            .ok_or_else(|| Refusal::UnknownAgent(id.to_owned()))
+    }
+
+    /// Whether `id` is registered.
+    pub(super) fn contains(&self, id: &str) -> bool {
+        self.agents.contains_key(id)
+    }
+
+    /// The registration of `id`, if any.
+    pub(super) fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id).map(|r| &r.agent)
+    }
+
+    /// Registers or updates an agent (presence is kept across updates).
+    pub(super) fn upsert(&mut self, agent: Agent) {
+        match self.agents.get_mut(&agent.id) {
+            Some(registered) => registered.agent = agent,
+            None => {
+                let registered = Registered {
+                    id: Arc::from(agent.id.as_str()),
+                    agent,
+                    last_seen_ms: None,
+                    receivers: 0,
+                };
+                self.agents.insert(registered.agent.id.clone(), registered);
+            }
+        }
+    }
+
+    /// Forgets an agent.
+    pub(super) fn remove(&mut self, id: &str) {
+        self.agents.remove(id);
+    }
+
+    /// Every registered id, sorted.
+    pub(super) fn ids(&self) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self.agents.values().map(|r| r.id.clone()).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Marks `id` as seen at `now_ms`; whether it is registered.
+    pub(super) fn seen(&mut self, id: &str, now_ms: u64) -> bool {
+        self.agents
+            .get_mut(id)
+            .map(|r| r.last_seen_ms = Some(now_ms))
+            .is_some()
+    }
+
+    /// Counts a receive call opening for `id` (which is seen now), unless `max` are open.
+    pub(super) fn open_receive(&mut self, id: &str, max: u32, now_ms: u64) -> Result<()> {
+        let registered = self
+            .agents
+            .get_mut(id)
+            .ok_or_else(|| Refusal::UnknownAgent(id.to_owned()))?;
+        if registered.receivers >= max {
+            return Err(Refusal::TooManyReceivers {
+                agent: id.to_owned(),
+                open: registered.receivers,
+            });
+        }
+        registered.receivers += 1;
+        registered.last_seen_ms = Some(now_ms);
+        Ok(())
+    }
+
+    /// Counts a receive call of `id` closing.
+    pub(super) fn close_receive(&mut self, id: &str) {
+        if let Some(registered) = self.agents.get_mut(id) {
+            registered.receivers = registered.receivers.saturating_sub(1);
+        }
+    }
+}
+
+impl Broker {
+    /// Registers or updates an agent; returns whether it is new.
+    pub async fn upsert_agent(self: &Arc<Self>, agent: Agent) -> Result<bool> {
+        let now = self.clock.now_ms();
+        let (created, commit) = {
+            let mut core = self.lock();
+            let created = !core.registry.contains(&agent.id);
+            let record = Record::AgentUpserted(agent);
+            let commit = self.commit_when_durable(
+                &mut core,
+                AGENT,
+                now,
+                vec![record.clone()],
+                move |core, appended| {
+                    core.delivery.apply(&record, appended.first, now);
+                    if let Record::AgentUpserted(agent) = record {
+                        core.registry.upsert(agent);
+                    }
+                    Vec::new()
+                },
+            )?;
+            (created, commit)
+        };
+        commit.durable().await?;
+        Ok(created)
+    }
+
+    /// Removes an agent with its inbox and dead letters; `false` if it was not registered.
+    pub async fn delete_agent(self: &Arc<Self>, id: &AgentId) -> Result<bool> {
+        let now = self.clock.now_ms();
+        let commit = {
+            let mut core = self.lock();
+            if !core.registry.contains(id.as_str()) {
+                return Ok(false);
+            }
+            let record = Record::AgentDeleted {
+                agent: id.to_string(),
+            };
+            self.commit_when_durable(
+                &mut core,
+                AGENT,
+                now,
+                vec![record.clone()],
+                move |core, appended| {
+                    core.delivery.apply(&record, appended.first, now);
+                    if let Record::AgentDeleted { agent } = &record {
+                        core.registry.remove(agent);
+                        core.admission.forget(agent);
+                        // Its open long-polls return (and find no agent).
+                        core.waiters.remove(agent);
+                    }
+                    Vec::new()
+                },
+            )?
+        };
+        commit.durable().await?;
+        Ok(true)
+    }
+
+    fn view(&self, core: &Core, registered: &Registered, now: u64) -> AgentView {
+        let ttl = millis(self.config.presence_ttl);
+        let policy = self.policy(Some(&registered.agent));
+        AgentView {
+            agent: registered.agent.clone(),
+            last_seen_ms: registered.last_seen_ms,
+            online: registered
+                .last_seen_ms
+                .is_some_and(|seen| now.saturating_sub(seen) <= ttl),
+            depth: core.delivery.depth(&registered.agent.id),
+            receivers: registered.receivers,
+            throttled: core.delivery.at_cap(&registered.agent.id, &policy),
+        }
+    }
+
+    /// One agent, if registered.
+    pub fn agent(&self, id: &AgentId) -> Option<AgentView> {
+        let now = self.clock.now_ms();
+        let core = self.lock();
+        let registered = core.registry.get(id.as_str()).ok()?;
+        Some(self.view(&core, registered, now))
+    }
+
+    /// Every agent (with `capability`, if given), by id. Read in chunks, so the lock that
+    /// the log's completions also take is never held for all agents at once.
+    pub fn agents(&self, capability: Option<&str>) -> Vec<AgentView> {
+        let now = self.clock.now_ms();
+        let ids = self.lock().registry.ids();
+        let mut views = Vec::new();
+        for chunk in ids.chunks(256) {
+            let core = self.lock();
+            let registered = chunk.iter().filter_map(|id| core.registry.get(id).ok());
+            views.extend(
+                registered
+                    .filter(|r| {
+                        capability.is_none_or(|c| r.agent.capabilities.iter().any(|x| x == c))
+                    })
+                    .map(|r| self.view(&core, r, now)),
+            );
+        }
+        views
+    }
+
+    /// Marks an agent as seen now; `None` if it is not registered.
+    pub fn heartbeat(&self, id: &AgentId) -> Option<AgentView> {
+        let now = self.clock.now_ms();
+        let mut core = self.lock();
+        if !core.registry.seen(id.as_str(), now) {
+            return None;
+        }
+        let registered = core.registry.get(id.as_str()).ok()?;
+        Some(self.view(&core, registered, now))
+    }
+}
