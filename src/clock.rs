@@ -6,13 +6,22 @@
 //! system clock is set (RELIABILITY.md rule 6), while the times written into records and
 //! shown to clients stay readable wall-clock times.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// A monotonic clock expressed in epoch milliseconds. Cheap to copy.
-#[derive(Debug, Clone, Copy)]
+/// A monotonic clock expressed in epoch milliseconds. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct Clock {
-    start: Instant,
-    start_ms: u64,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// The wall clock read once, advanced by the monotonic clock.
+    Monotonic { start: Instant, start_ms: u64 },
+    /// Whatever the holder of the cell sets (tests that step time, such as the model check).
+    Manual(Arc<AtomicU64>),
 }
 
 impl Clock {
@@ -23,20 +32,30 @@ impl Clock {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
         Self {
-            start: Instant::now(),
-            start_ms: u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
+            source: Source::Monotonic {
+                start: Instant::now(),
+                start_ms: u64::try_from(wall.as_millis()).unwrap_or(u64::MAX),
+            },
+        }
+    }
+
+    /// A clock that reads `now_ms` from the cell, which its holder advances (tests that step
+    /// time deterministically).
+    pub fn manual(now_ms: Arc<AtomicU64>) -> Self {
+        Self {
+            source: Source::Manual(now_ms),
         }
     }
 
     /// Now, in epoch milliseconds, advancing monotonically.
     pub fn now_ms(&self) -> u64 {
-        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.start_ms.saturating_add(elapsed)
-    }
-
-    /// The monotonic instant at epoch milliseconds `ms` (for timers).
-    pub fn instant_at(&self, ms: u64) -> Instant {
-        self.start + Duration::from_millis(ms.saturating_sub(self.start_ms))
+        match &self.source {
+            Source::Monotonic { start, start_ms } => {
+                let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                start_ms.saturating_add(elapsed)
+            }
+            Source::Manual(now_ms) => now_ms.load(Ordering::Acquire),
+        }
     }
 }
 

@@ -334,6 +334,8 @@ pub struct Log {
     shared: Arc<Shared>,
     /// The background threads; `None` once closed.
     threads: Mutex<Option<Threads>>,
+    /// Close without the closing checkpoint ([`Log::crash_on_close`]).
+    crash_on_close: AtomicBool,
     _lock: DirLock,
 }
 
@@ -425,6 +427,7 @@ impl Log {
         let log = Self {
             shared,
             threads: Mutex::new(Some(threads)),
+            crash_on_close: AtomicBool::new(false),
             _lock: lock,
         };
         Ok((log, recovered.report))
@@ -708,8 +711,18 @@ impl Log {
         if self.is_poisoned() {
             return Err(Error::Poisoned);
         }
+        if self.crash_on_close.load(Ordering::Acquire) {
+            return Ok(());
+        }
         self.shared.index.checkpoint()?;
         Ok(())
+    }
+
+    /// Makes closing (and dropping) the log skip its closing checkpoint, so that the index
+    /// is left as a crash leaves it: at its last checkpoint, with recovery to replay the rest.
+    /// For crash tests on a simulated disk, whose `crash` then decides what the log keeps.
+    pub fn crash_on_close(&self) {
+        self.crash_on_close.store(true, Ordering::Release);
     }
 }
 

@@ -1,48 +1,64 @@
-//! T10: seeded random sequences of publish / receive / ack / nack / extend / time passing /
-//! sweep / redrive / checkpoint / crash, run against the delivery core on the real storage
-//! engine (on `SimDisk`, so a crash is a power loss), and checked after every step against a
-//! small reference model written independently of the core.
+//! T10: seeded random sequences of publish (some with client ids, so with duplicates) /
+//! receive / ack / nack / extend / time passing and sweeps / redrive / checkpoint / power
+//! loss, over several inboxes, driven through the broker's real commit path
+//! (`Broker::publish`, `receive`, `settle`, `sweep`, `redrive`, with a manual clock) on the
+//! real storage engine (on `SimDisk`, so a crash is a power loss), and checked after every
+//! step against a small reference model written independently of the core.
 //!
-//! A crash drops the log without closing it, tears the simulated disk, reopens it and
-//! rebuilds the in-memory state from the recovered index exactly as the server's start-up
-//! does (`broker::recover_state`). Checked: the state equals the model's (so attempt counts
-//! never reset), every `max_attempts` dead letter had exactly `max_attempts` deliveries, and
-//! nothing is both acked and dead-lettered.
+//! A crash drops the broker with its log, skipping the closing checkpoint (as a crash leaves
+//! the index: at its last checkpoint), tears the simulated disk, reopens the log and builds
+//! a new broker, exactly as the server's start-up does. Checked: every answer (offsets and
+//! duplicates, leases and attempts, settle outcomes, redrive counts) equals the model's, and
+//! so does the delivery state of every message in every inbox (so attempt counts never
+//! reset); every `max_attempts` dead letter had exactly `max_attempts` deliveries; nothing
+//! is both acked and dead-lettered.
 //!
 //! CI runs 1,000 seeds; `COURIER_SOAK=1` runs 100,000. A failure prints its seed; replay it
 //! with `COURIER_SEED=<seed>`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::broker::recover_state;
-use courier::config::Backoff;
-use courier::delivery::{backoff, Outcome, Policy, Receipt, Settle, State};
+use courier::broker::{Broker, Outgoing, ReceiveRequest};
+use courier::clock::Clock;
+use courier::config::{Backoff, Config, RawConfig};
+use courier::delivery::{backoff, Outcome, Settle};
+use courier::ids::{Address, AgentId};
 use courier_storage::index::EntryState;
 use courier_storage::sim::{SimDisk, TEAR_MODES};
-use courier_storage::{
-    Agent, DeadReason, FsyncPolicy, Lease, Log, LogOptions, Message, Offset, Record, Slot,
-};
+use courier_storage::{Agent, DeadReason, FsyncPolicy, Log, LogOptions, Message, Offset, Slot};
 
 use crate::support::Rng;
 
-const INBOX: &str = "worker";
+/// The inboxes of the model.
+const AGENTS: [&str; 3] = ["w0", "w1", "w2"];
+/// An agent outside the model: a publish to it after a sweep waits for the sweep's records.
+const FENCE: &str = "fence";
 const MAX_ATTEMPTS: u32 = 3;
 const LEASE_MS: u64 = 100;
+const WINDOW_MS: u64 = 400;
 const STEPS: usize = 60;
 
-fn policy() -> Policy {
-    Policy {
-        max_attempts: MAX_ATTEMPTS,
-        max_in_flight: None,
-        backoff: Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(200),
-            multiplier: 2.0,
-        },
+fn backoff_policy() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        multiplier: 2.0,
     }
+}
+
+fn config() -> Arc<Config> {
+    let mut config = RawConfig::defaults()
+        .validate()
+        .expect("the defaults are valid");
+    config.max_attempts = MAX_ATTEMPTS;
+    config.lease = Duration::from_millis(LEASE_MS);
+    config.backoff = backoff_policy();
+    config.dedupe_window = Duration::from_millis(WINDOW_MS);
+    Arc::new(config)
 }
 
 // ---- the reference model -------------------------------------------------------------------
@@ -65,12 +81,13 @@ struct ModelMessage {
     status: Status,
 }
 
+/// One inbox of the model.
 #[derive(Debug, Default)]
-struct Model {
+struct Inbox {
     messages: BTreeMap<u64, ModelMessage>,
 }
 
-impl Model {
+impl Inbox {
     fn pending(m: &ModelMessage) -> bool {
         matches!(m.status, Status::Ready { .. } | Status::Leased { .. })
     }
@@ -164,7 +181,7 @@ impl Model {
                     m.status = if m.attempts >= MAX_ATTEMPTS {
                         Status::Dead(DeadReason::MaxAttempts)
                     } else {
-                        let delay = backoff::delay_ms(&policy().backoff, m.attempts, *offset);
+                        let delay = backoff::delay_ms(&backoff_policy(), m.attempts, *offset);
                         Status::Ready {
                             not_before: now + delay,
                         }
@@ -189,21 +206,42 @@ impl Model {
     }
 }
 
+/// The whole model: every inbox, and the client ids remembered for dedupe.
+#[derive(Debug, Default)]
+struct Model {
+    inboxes: BTreeMap<&'static str, Inbox>,
+    /// Client id → (offset of its first publish, remembered until).
+    ids: BTreeMap<String, (u64, u64)>,
+}
+
+impl Model {
+    /// The offset a publish with client id `id` at `now` is a duplicate of, if any.
+    fn duplicate_of(&self, id: Option<&str>, now: u64) -> Option<u64> {
+        let (offset, until) = self.ids.get(id?)?;
+        (*until > now).then_some(*offset)
+    }
+}
+
 // ---- the system under test ------------------------------------------------------------------
 
 struct System {
     sim: SimDisk,
     index_dir: tempfile::TempDir,
-    log: Option<Log>,
-    state: State,
+    time: Arc<AtomicU64>,
+    broker: Arc<Broker>,
+    runtime: tokio::runtime::Runtime,
 }
 
 fn data_dir() -> &'static Path {
     Path::new("/sim/model")
 }
 
+fn agent_id(agent: &str) -> AgentId {
+    AgentId::parse(agent).expect("a valid agent id")
+}
+
 impl System {
-    fn open(sim: SimDisk, index_dir: tempfile::TempDir) -> Self {
+    fn open(sim: SimDisk, index_dir: tempfile::TempDir, time: Arc<AtomicU64>) -> Self {
         let options = LogOptions {
             disk: Arc::new(sim.clone()),
             fsync: FsyncPolicy::Always,
@@ -213,132 +251,220 @@ impl System {
             ..LogOptions::default()
         };
         let (log, _) = Log::open(data_dir(), options).expect("open");
-        let (state, _) = recover_state(log.index()).expect("recover state");
+        let broker = Broker::new(log, config(), Clock::manual(time.clone())).expect("broker");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         Self {
             sim,
             index_dir,
-            log: Some(log),
-            state,
+            time,
+            broker: Arc::new(broker),
+            runtime,
         }
     }
 
-    fn log(&self) -> &Log {
-        self.log.as_ref().expect("open")
+    fn now(&self) -> u64 {
+        self.time.load(Ordering::Acquire)
     }
 
-    /// Appends decided records and applies them, as the broker does.
-    fn commit(&mut self, records: Vec<Record>, now: u64) {
-        if records.is_empty() {
-            return;
-        }
-        let appended = self.log().append(now, records.clone()).expect("append");
-        for (n, record) in records.iter().enumerate() {
-            self.state
-                .apply(record, Offset(appended.first.0 + n as u64), now);
-        }
+    fn register(&self, agent: &str) {
+        let agent = Agent {
+            id: agent.into(),
+            capabilities: vec![],
+            metadata: b"{}".to_vec(),
+            lease_ms: None,
+            max_attempts: None,
+            max_in_flight: None,
+            token_hash: None,
+        };
+        self.runtime
+            .block_on(self.broker.upsert_agent(agent))
+            .expect("register");
     }
 
+    /// Publishes one message; (offset, duplicate).
+    fn publish(
+        &self,
+        agent: &str,
+        priority: u8,
+        delay_ms: u64,
+        ttl_ms: u64,
+        id: Option<String>,
+    ) -> (u64, bool) {
+        let outgoing = Outgoing {
+            client_id: id,
+            to: Address::Agent(agent_id(agent)),
+            message: Message {
+                id: String::new(),
+                from: "model".into(),
+                to: format!("agent:{agent}"),
+                destinations: vec![],
+                kind: None,
+                priority,
+                headers: vec![],
+                correlation_id: None,
+                in_reply_to: None,
+                not_before_ms: None,
+                expires_at_ms: None,
+                dedupe_until_ms: None,
+                body: b"{}".to_vec(),
+            },
+            delay_ms,
+            ttl_ms,
+        };
+        let published = self
+            .runtime
+            .block_on(self.broker.publish(vec![outgoing]))
+            .expect("publish");
+        (published[0].offset, published[0].duplicate)
+    }
+
+    /// Receives without waiting: (offset, attempt, receipt) per delivery.
+    fn receive(&self, agent: &str, max: usize) -> Vec<(u64, u32, String)> {
+        let request = ReceiveRequest {
+            max,
+            wait: Duration::ZERO,
+            lease_ms: None,
+        };
+        let delivered = self
+            .runtime
+            .block_on(self.broker.receive(&agent_id(agent), request))
+            .expect("receive");
+        delivered
+            .into_iter()
+            .map(|d| (d.frame.offset.0, d.attempt, d.receipt))
+            .collect()
+    }
+
+    fn settle(&self, agent: &str, receipts: &[String], how: Settle) -> Vec<Outcome> {
+        self.runtime
+            .block_on(self.broker.settle(&agent_id(agent), receipts, how))
+            .expect("settle")
+    }
+
+    /// A sweep at the current time; its records are durable when this returns (the sweeper
+    /// does not wait for them, so a publish queued behind them does).
+    fn sweep(&self) {
+        self.broker.sweep();
+        self.publish(FENCE, 4, 0, 0, None);
+    }
+
+    fn redrive(&self, agent: &str) -> usize {
+        self.runtime
+            .block_on(self.broker.redrive(&agent_id(agent), None))
+            .expect("redrive")
+    }
+
+    /// A power loss: the broker and its log stop without a closing checkpoint, the disk
+    /// keeps what `rng`'s tear mode keeps of what was not synced, and everything reopens.
     fn crash(self, rng: &mut Rng) -> Self {
         let Self {
             sim,
             index_dir,
-            log,
-            ..
+            time,
+            mut broker,
+            runtime,
         } = self;
-        drop(log);
-        let mode = TEAR_MODES[rng.below(TEAR_MODES.len() as u64) as usize];
-        sim.crash(mode, rng.next());
-        Self::open(sim, index_dir)
-    }
-}
-
-fn message(priority: u8, not_before: Option<u64>, expires_at: Option<u64>) -> Record {
-    Record::Message(Message {
-        id: String::new(),
-        from: "model".into(),
-        to: format!("agent:{INBOX}"),
-        destinations: vec![INBOX.into()],
-        kind: None,
-        priority,
-        headers: vec![],
-        correlation_id: None,
-        in_reply_to: None,
-        not_before_ms: not_before,
-        expires_at_ms: expires_at,
-        dedupe_until_ms: None,
-        body: b"{}".to_vec(),
-    })
-}
-
-/// The state equals the model, message by message.
-fn check(system: &System, model: &Model, now: u64, context: &str) {
-    let dead: BTreeMap<u64, _> = system
-        .state
-        .dead_letters(INBOX, None, usize::MAX)
-        .into_iter()
-        .map(|d| (d.slot.offset.0, d))
-        .collect();
-    for (offset, m) in &model.messages {
-        let slot = Slot {
-            offset: Offset(*offset),
-            priority: m.priority,
-        };
-        let entry = system.state.entry_of(INBOX, slot);
-        let what = format!(
-            "{context}: message {offset}: model {m:?}, system {entry:?} / {:?}",
-            dead.get(offset)
-        );
-        match m.status {
-            Status::Acked => assert!(entry.is_none() && !dead.contains_key(offset), "{what}"),
-            Status::Dead(reason) => {
-                assert!(entry.is_none(), "{what}");
-                let d = dead.get(offset).unwrap_or_else(|| panic!("{what}"));
-                assert_eq!((d.reason, d.attempts), (reason, m.attempts), "{what}");
-                if reason == DeadReason::MaxAttempts {
-                    assert_eq!(m.deliveries, MAX_ATTEMPTS, "{what}");
+        broker.log().crash_on_close();
+        drop(runtime);
+        // The writer thread drops its completed callbacks (and their broker handles) just
+        // after answering; wait for the last one, so that the log really closes here.
+        loop {
+            match Arc::try_unwrap(broker) {
+                Ok(only) => break drop(only),
+                Err(shared) => {
+                    broker = shared;
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-            }
-            Status::Ready { not_before } => {
-                let e = entry.unwrap_or_else(|| panic!("{what}"));
-                assert_eq!(
-                    (e.attempts, e.expires_at_ms),
-                    (m.attempts, m.expires_at),
-                    "{what}"
-                );
-                match e.state {
-                    EntryState::Ready {
-                        not_before_ms: None,
-                    } => assert!(not_before <= now, "{what}"),
-                    EntryState::Ready {
-                        not_before_ms: Some(t),
-                    } => {
-                        assert!(t == not_before || (t <= now && not_before <= now), "{what}");
-                    }
-                    EntryState::Leased { .. } => panic!("{what}"),
-                }
-            }
-            Status::Leased { deadline } => {
-                let e = entry.unwrap_or_else(|| panic!("{what}"));
-                assert_eq!(e.attempts, m.attempts, "{what}");
-                assert_eq!(
-                    e.state,
-                    EntryState::Leased {
-                        deadline_ms: deadline
-                    },
-                    "{what}"
-                );
             }
         }
+        let mode = TEAR_MODES[rng.below(TEAR_MODES.len() as u64) as usize];
+        sim.crash(mode, rng.next());
+        Self::open(sim, index_dir, time)
     }
 }
 
-fn pick_receipts(rng: &mut Rng, issued: &[(Slot, u32)]) -> Vec<(Slot, u32)> {
+/// The delivery state of every inbox equals the model, message by message.
+fn check(system: &System, model: &Model, context: &str) {
+    let now = system.now();
+    system.broker.inspect_delivery(|state| {
+        for (agent, inbox) in &model.inboxes {
+            let dead: BTreeMap<u64, _> = state
+                .dead_letters(agent, None, usize::MAX)
+                .into_iter()
+                .map(|d| (d.slot.offset.0, d))
+                .collect();
+            for (offset, m) in &inbox.messages {
+                let slot = Slot {
+                    offset: Offset(*offset),
+                    priority: m.priority,
+                };
+                let entry = state.entry_of(agent, slot);
+                let what = format!(
+                    "{context}: {agent} message {offset}: model {m:?}, system {entry:?} / {:?}",
+                    dead.get(offset)
+                );
+                match m.status {
+                    Status::Acked => {
+                        assert!(entry.is_none() && !dead.contains_key(offset), "{what}");
+                    }
+                    Status::Dead(reason) => {
+                        assert!(entry.is_none(), "{what}");
+                        let d = dead.get(offset).unwrap_or_else(|| panic!("{what}"));
+                        assert_eq!((d.reason, d.attempts), (reason, m.attempts), "{what}");
+                        if reason == DeadReason::MaxAttempts {
+                            assert_eq!(m.deliveries, MAX_ATTEMPTS, "{what}");
+                        }
+                    }
+                    Status::Ready { not_before } => {
+                        let e = entry.unwrap_or_else(|| panic!("{what}"));
+                        assert_eq!(
+                            (e.attempts, e.expires_at_ms),
+                            (m.attempts, m.expires_at),
+                            "{what}"
+                        );
+                        match e.state {
+                            EntryState::Ready {
+                                not_before_ms: None,
+                            } => assert!(not_before <= now, "{what}"),
+                            EntryState::Ready {
+                                not_before_ms: Some(t),
+                            } => {
+                                assert!(
+                                    t == not_before || (t <= now && not_before <= now),
+                                    "{what}"
+                                );
+                            }
+                            EntryState::Leased { .. } => panic!("{what}"),
+                        }
+                    }
+                    Status::Leased { deadline } => {
+                        let e = entry.unwrap_or_else(|| panic!("{what}"));
+                        assert_eq!(e.attempts, m.attempts, "{what}");
+                        assert_eq!(
+                            e.state,
+                            EntryState::Leased {
+                                deadline_ms: deadline
+                            },
+                            "{what}"
+                        );
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Up to three receipts issued to `agent` (repeats allowed: a repeat is stale).
+fn pick_receipts(rng: &mut Rng, issued: &[(u64, u32, String)]) -> Vec<(u64, u32, String)> {
     if issued.is_empty() {
         return Vec::new();
     }
     let n = 1 + rng.below(3) as usize;
     (0..n)
-        .map(|_| issued[rng.below(issued.len() as u64) as usize])
+        .map(|_| issued[rng.below(issued.len() as u64) as usize].clone())
         .collect()
 }
 
@@ -348,64 +474,71 @@ fn pick_receipts(rng: &mut Rng, issued: &[(Slot, u32)]) -> Vec<(Slot, u32)> {
 )]
 fn run_seed(seed: u64) {
     let mut rng = Rng(seed);
-    let mut system = System::open(SimDisk::new(), tempfile::tempdir().expect("index dir"));
+    let time = Arc::new(AtomicU64::new(1_000_000));
+    let mut system = System::open(
+        SimDisk::new(),
+        tempfile::tempdir().expect("index dir"),
+        time.clone(),
+    );
     let mut model = Model::default();
-    let mut now: u64 = 1_000_000;
-    let mut issued: Vec<(Slot, u32)> = Vec::new();
-    let agent = Agent {
-        id: INBOX.into(),
-        capabilities: vec![],
-        metadata: b"{}".to_vec(),
-        lease_ms: None,
-        max_attempts: Some(MAX_ATTEMPTS),
-        max_in_flight: None,
-        token_hash: None,
-    };
-    system.commit(vec![Record::AgentUpserted(agent)], now);
+    let mut issued: BTreeMap<&str, Vec<(u64, u32, String)>> = BTreeMap::new();
+    for agent in AGENTS.into_iter().chain([FENCE]) {
+        system.register(agent);
+    }
+    for agent in AGENTS {
+        model.inboxes.insert(agent, Inbox::default());
+    }
     for step in 0..STEPS {
         let op = rng.below(100);
-        let context = format!("seed {seed} step {step} op {op}");
+        let agent = AGENTS[rng.below(AGENTS.len() as u64) as usize];
+        let now = system.now();
+        let context = format!("seed {seed} step {step} op {op} agent {agent}");
         match op {
             0..=24 => {
                 let priority = rng.below(10) as u8;
-                let delay = (rng.below(4) == 0).then(|| rng.below(300));
-                let ttl = (rng.below(5) == 0).then(|| 1 + rng.below(600));
-                let record = message(priority, delay.map(|d| now + d), ttl.map(|t| now + t));
-                let offset = system.log().durable_end().0;
-                system.commit(vec![record], now);
-                model.messages.insert(
-                    offset,
-                    ModelMessage {
+                let delay = if rng.below(4) == 0 { rng.below(300) } else { 0 };
+                let ttl = if rng.below(5) == 0 {
+                    1 + rng.below(600)
+                } else {
+                    0
+                };
+                let id = (rng.below(3) == 0).then(|| format!("id-{}", rng.below(5)));
+                let expected = model.duplicate_of(id.as_deref(), now);
+                let (offset, duplicate) = system.publish(agent, priority, delay, ttl, id.clone());
+                assert_eq!(duplicate, expected.is_some(), "{context}: publish {id:?}");
+                if let Some(original) = expected {
+                    assert_eq!(offset, original, "{context}: duplicate of {id:?}");
+                } else {
+                    if let Some(id) = id {
+                        model.ids.insert(id, (offset, now + WINDOW_MS));
+                    }
+                    let message = ModelMessage {
                         priority,
                         attempts: 0,
                         deliveries: 0,
-                        expires_at: ttl.map(|t| now + t),
+                        expires_at: (ttl > 0).then(|| now + ttl),
                         status: Status::Ready {
-                            not_before: now + delay.unwrap_or(0),
+                            not_before: now + delay,
                         },
-                    },
-                );
+                    };
+                    let inbox = model.inboxes.get_mut(agent).expect("inbox");
+                    inbox.messages.insert(offset, message);
+                }
             }
             25..=44 => {
                 let max = 1 + rng.below(4) as usize;
-                let leases: Vec<Lease> = system.state.lease(INBOX, max, now, LEASE_MS, &policy());
-                let expected = model.receive(max, now);
-                let got: Vec<(u64, u32)> = leases
-                    .iter()
-                    .map(|l| (l.slot.offset.0, l.attempt))
-                    .collect();
-                assert_eq!(got, expected, "{context}: receive");
-                issued.extend(leases.iter().map(|l| (l.slot, l.attempt)));
-                if !leases.is_empty() {
-                    let record = Record::Leased {
-                        inbox: INBOX.into(),
-                        leases,
-                    };
-                    system.commit(vec![record], now);
-                }
+                let got = system.receive(agent, max);
+                let expected = model
+                    .inboxes
+                    .get_mut(agent)
+                    .expect("inbox")
+                    .receive(max, now);
+                let pairs: Vec<(u64, u32)> = got.iter().map(|(o, a, _)| (*o, *a)).collect();
+                assert_eq!(pairs, expected, "{context}: receive");
+                issued.entry(agent).or_default().extend(got);
             }
             45..=69 => {
-                let chosen = pick_receipts(&mut rng, &issued);
+                let chosen = pick_receipts(&mut rng, issued.get(agent).map_or(&[], Vec::as_slice));
                 let how = match rng.below(4) {
                     0 | 1 => Settle::Ack,
                     2 => Settle::Nack {
@@ -416,53 +549,46 @@ fn run_seed(seed: u64) {
                         lease_ms: 1 + rng.below(300),
                     },
                 };
-                let receipts: Vec<Option<Receipt>> = chosen
-                    .iter()
-                    .map(|(slot, attempt)| {
-                        Some(Receipt {
-                            slot: *slot,
-                            attempt: *attempt,
-                        })
-                    })
-                    .collect();
-                let (outcomes, records) =
-                    system.state.settle(INBOX, &receipts, how, now, &policy());
-                let pairs: Vec<(u64, u32)> = chosen.iter().map(|(s, a)| (s.offset.0, *a)).collect();
-                let expected = model.settle(&pairs, how, now);
+                let receipts: Vec<String> = chosen.iter().map(|(_, _, r)| r.clone()).collect();
+                let outcomes = system.settle(agent, &receipts, how);
+                let pairs: Vec<(u64, u32)> = chosen.iter().map(|(o, a, _)| (*o, *a)).collect();
+                let expected = model
+                    .inboxes
+                    .get_mut(agent)
+                    .expect("inbox")
+                    .settle(&pairs, how, now);
                 assert_eq!(outcomes, expected, "{context}: {how:?} of {pairs:?}");
-                system.commit(records, now);
             }
             70..=84 => {
-                now += rng.below(250);
-                let tick = system.state.tick(now, |_| policy());
-                system.commit(tick.records, now);
-                model.sweep(now);
+                time.fetch_add(rng.below(250), Ordering::AcqRel);
+                let now = system.now();
+                system.sweep();
+                for inbox in model.inboxes.values_mut() {
+                    inbox.sweep(now);
+                }
             }
             85..=89 => {
-                let expected = model.redrive_all(now);
-                let record = system.state.redrive(INBOX, None);
-                let got = match &record {
-                    Some(Record::Redriven { slots, .. }) => slots.len(),
-                    _ => 0,
-                };
-                assert_eq!(got, expected, "{context}: redrive");
-                system.commit(record.into_iter().collect(), now);
+                let expected = model
+                    .inboxes
+                    .get_mut(agent)
+                    .expect("inbox")
+                    .redrive_all(now);
+                assert_eq!(system.redrive(agent), expected, "{context}: redrive");
             }
             90..=93 => {
-                system.log().checkpoint().expect("checkpoint");
+                system.broker.log().checkpoint().expect("checkpoint");
             }
             _ => {
                 system = system.crash(&mut rng);
             }
         }
-        check(&system, &model, now, &context);
+        check(&system, &model, &context);
     }
     // Finally: a crash, and the recovered state still equals the model.
     system = system.crash(&mut rng);
     check(
         &system,
         &model,
-        now,
         &format!("seed {seed} after the final crash"),
     );
 }
