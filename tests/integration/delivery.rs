@@ -1,10 +1,10 @@
 //! Receiving: long-poll, order, delays, leases, settling, dead letters.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{eventually, offsets, receipts, TestServer};
+use crate::support::{eventually, offsets, receipts, rfc3339_ms, TestServer};
 
 #[test]
 fn long_poll_wakes_on_the_publish() {
@@ -88,23 +88,23 @@ fn higher_priority_first_then_oldest_and_max_is_honoured() {
 
 #[test]
 fn delayed_message_is_not_delivered_early() {
-    let server = TestServer::start(&[]);
+    let server = TestServer::start(&["--lease", "10s"]);
     server.register("worker", json!({}));
     let r = server.post(
         "/v1/messages",
         json!({"to": "agent:worker", "from": "a", "body": "later", "delay_ms": 700}),
     );
     assert_eq!(r.status, 201);
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "the test checks the delay was honoured"
-    )]
-    let published = Instant::now();
     let messages = server.receive("worker", json!({"wait_ms": 10000}));
     assert_eq!(messages.len(), 1);
+    // Both times are the server's: when the message was published, and when it was
+    // delivered (its lease, 10 s, began then).
+    let published_at = rfc3339_ms(messages[0]["published_at"].as_str().unwrap());
+    let delivered_at = rfc3339_ms(messages[0]["lease_expires_at"].as_str().unwrap()) - 10_000;
     assert!(
-        published.elapsed() >= Duration::from_millis(650),
-        "delivered early"
+        delivered_at >= published_at + 700,
+        "delivered {} ms after it was published, before its delay of 700 ms",
+        delivered_at - published_at
     );
 }
 

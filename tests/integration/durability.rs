@@ -129,7 +129,8 @@ fn sigterm_wakes_long_polls_and_exits_zero() {
 fn torn_tail_is_truncated_at_startup_and_earlier_messages_survive() {
     let mut server = TestServer::start(&[]);
     server.register("worker", json!({}));
-    server.publish("worker", json!("kept"));
+    let kept = server.publish("worker", json!("kept"));
+    let end = next_offset(&server);
     assert!(
         server.logs().contains("recovered the log"),
         "{}",
@@ -139,12 +140,44 @@ fn torn_tail_is_truncated_at_startup_and_earlier_messages_survive() {
     // A garbage tail is a torn write: truncated and logged, and the message survives.
     let segment = server.data_dir().join("log").join(format!("{:020}.seg", 0));
     let mut bytes = std::fs::read(&segment).unwrap();
+    let records_end = bytes.len();
     bytes.extend_from_slice(&[0xAB; 37]);
     std::fs::write(&segment, &bytes).unwrap();
     server.restart();
-    assert!(server.logs().contains("torn"), "{}", server.logs());
-    let messages = server.receive("worker", json!({"wait_ms": 0}));
+    assert!(
+        server.logs().contains("torn_tail_truncated=true"),
+        "{}",
+        server.logs()
+    );
+    // The cut is exactly the garbage: the log ends where it ended, and the next append
+    // takes the next offset and is read back after the kept message.
+    assert_eq!(std::fs::read(&segment).unwrap().len(), records_end);
+    assert_eq!(next_offset(&server), end);
+    let after = server.publish("worker", json!("after"));
+    assert_eq!(
+        after, end,
+        "the first append after the cut takes the next offset"
+    );
+    assert_eq!(next_offset(&server), end + 1);
+    let messages = server.receive("worker", json!({"max": 10, "wait_ms": 0}));
+    assert_eq!(offsets(&messages), [kept, after]);
     assert_eq!(messages[0]["body"], json!("kept"));
+    assert_eq!(messages[1]["body"], json!("after"));
+    // And it survives another restart: the segment is whole again.
+    let before_restart = next_offset(&server);
+    server.restart();
+    assert!(
+        server.logs().contains("torn_tail_truncated=false"),
+        "{}",
+        server.logs()
+    );
+    assert_eq!(next_offset(&server), before_restart);
+}
+
+fn next_offset(server: &TestServer) -> u64 {
+    server.get("/v1/stats").json["log"]["next_offset"]
+        .as_u64()
+        .expect("next_offset")
 }
 
 #[test]
@@ -178,28 +211,41 @@ fn retention_by_size_never_deletes_pending_messages() {
     let mut server =
         TestServer::start(&["--segment-bytes", "4096", "--retention-max-bytes", "5000"]);
     server.register("worker", json!({}));
-    for n in 0..40 {
+    for n in 0..60 {
         server.publish("worker", json!({"n": n, "pad": "x".repeat(200)}));
     }
-    server.restart();
-    // Nothing was acked: every segment holds pending messages, so none may go.
-    let messages = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
-    assert_eq!(messages.len(), 40);
-    let r = receipts(&messages);
+    let segments = |s: &TestServer| s.get("/v1/stats").json["log"]["segments"].as_u64().unwrap();
+    let before = segments(&server);
+    assert!(before >= 4, "the messages span several segments: {before}");
+    // The oldest half is acked: the segments holding only acked messages may go; the
+    // newer half stays pending, and no segment holding one of them may.
+    let first = server.receive("worker", json!({"max": 20, "wait_ms": 0}));
+    let r = receipts(&first);
     let all: Vec<&str> = r.iter().map(String::as_str).collect();
     assert_eq!(
         server.settle("worker", "ack", json!({}), &all),
-        vec!["acked"; 40]
+        vec!["acked"; 20]
     );
+    // Retention runs at start, in the background: wait until it has deleted something, so
+    // that what follows is checked after a run, not before one.
     server.restart();
-    // Retention runs at start, in the background.
     eventually(
         Duration::from_secs(20),
         "retention to delete the acked segments",
         || {
-            let segments = server.get("/v1/stats").json["log"]["segments"].as_u64()?;
-            (segments <= 2).then_some(())
+            let logged = server.logs().contains("retention deleted old segments");
+            (logged && segments(&server) < before).then_some(())
         },
+    );
+    let rest = server.receive("worker", json!({"max": 100, "wait_ms": 0}));
+    let ns: Vec<u64> = rest
+        .iter()
+        .map(|m| m["body"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ns,
+        (20..60).collect::<Vec<u64>>(),
+        "every pending message survived"
     );
 }
 

@@ -64,20 +64,44 @@ fn open_long_polls_per_agent_are_capped() {
 
 #[test]
 fn publish_rate_is_limited_per_sender() {
-    let server = TestServer::start(&["--limits-publish-rate", "2"]);
+    // One token a second: the bucket starts full (one token) and gains the next one only a
+    // second later, far longer than the next three requests take.
+    let server = TestServer::start(&["--limits-publish-rate", "1"]);
     server.register("worker", json!({}));
     server.register("sender", json!({}));
-    let statuses: Vec<u16> = (0..5)
+    server.register("other", json!({}));
+    let next_offset = || server.get("/v1/stats").json["log"]["next_offset"].as_u64();
+    let before = next_offset();
+    let publish = |from: &str, n: u32| {
+        server.post(
+            "/v1/messages",
+            json!({"to": "agent:worker", "from": from, "body": n}),
+        )
+    };
+    let answers: Vec<(u16, String)> = (0..4)
         .map(|n| {
-            server
-                .post(
-                    "/v1/messages",
-                    json!({"to": "agent:worker", "from": "sender", "body": n}),
-                )
-                .status
+            let r = publish("sender", n);
+            (r.status, r.code().to_owned())
         })
         .collect();
-    assert!(statuses.contains(&429), "{statuses:?}");
+    let limited = (429, "rate_limited".to_owned());
+    assert_eq!(
+        answers,
+        [
+            (201, String::new()),
+            limited.clone(),
+            limited.clone(),
+            limited
+        ],
+        "the first publish takes the one token; the rest are refused"
+    );
+    // Another sender has a bucket of its own.
+    assert_eq!(publish("other", 9).status, 201);
+    // Only the two accepted messages were written, and only they are delivered.
+    assert_eq!(next_offset(), before.map(|b| b + 2));
+    let messages = server.receive("worker", json!({"max": 10, "wait_ms": 0}));
+    let bodies: Vec<&serde_json::Value> = messages.iter().map(|m| &m["body"]).collect();
+    assert_eq!(bodies, [&json!(0), &json!(9)]);
 }
 
 #[test]

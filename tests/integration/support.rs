@@ -449,3 +449,35 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Epoch milliseconds of an RFC 3339 UTC time as the server writes it
+/// (`2026-11-27T16:38:53.123Z`).
+pub fn rfc3339_ms(text: &str) -> u64 {
+    let number = |range: std::ops::Range<usize>| -> i64 {
+        text.get(range)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an RFC 3339 time: {text}"))
+    };
+    assert!(
+        text.len() == 24 && text.ends_with('Z'),
+        "not an RFC 3339 time: {text}"
+    );
+    let (year, month, day) = (number(0..4), number(5..7), number(8..10));
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + number(11..13) * 3600 + number(14..16) * 60 + number(17..19);
+    u64::try_from(seconds * 1000 + number(20..23)).expect("after 1970")
+}
+
+#[test]
+fn rfc3339_ms_reads_the_servers_times() {
+    assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), 0);
+    assert_eq!(rfc3339_ms("2000-02-29T00:00:00.000Z"), 951_782_400_000);
+    assert_eq!(rfc3339_ms("2026-11-18T11:06:40.123Z"), 1_795_000_000_123);
+}
