@@ -105,6 +105,15 @@ pub enum Error {
     /// Restart the process to recover from the files on disk.
     #[error("the log is poisoned by an earlier write or fsync failure; restart to recover")]
     Poisoned,
+    /// A bug: the writer thread or a completion callback panicked. The log is poisoned like
+    /// after a failed write; restart the process to recover from the files on disk.
+    #[error("{what} panicked ({message}); the log refuses further writes, restart to recover")]
+    Panicked {
+        /// What panicked: `the writer thread` or `a completion callback`.
+        what: &'static str,
+        /// The panic's message.
+        message: String,
+    },
     /// The log was closed.
     #[error("the log is closed")]
     Closed,
@@ -142,6 +151,16 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The error for a caught panic of `what`, with the panic's message.
+    pub(crate) fn panicked(what: &'static str, payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Self::Panicked { what, message }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             op,

@@ -22,6 +22,7 @@
 //! **Invariant:** the writer is the only thread that fsyncs segments while the log is open
 //! (fsyncgate: a failed fsync is seen by exactly one caller, which poisons the log).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -396,7 +397,17 @@ impl Outlet {
             }
         }
         for (done, result) in done {
-            done(result);
+            // A callback that panics is a bug in its owner, whose state may now be half
+            // changed: fail-stop, as after a failed write. The other appends of the batch are
+            // durable and still get their answers; the panicking one's waiter sees its
+            // callback dropped.
+            let answered = std::panic::catch_unwind(AssertUnwindSafe(|| done(result)));
+            if let Err(panic) = answered {
+                poison(
+                    &self.shared,
+                    &Error::panicked("a completion callback", &*panic),
+                );
+            }
         }
     }
 }
@@ -453,7 +464,44 @@ impl Writer {
         })
     }
 
+    /// Commits batches until the log closes. A panic (a bug) poisons the log; the thread
+    /// then answers every append still queued, and every later one, with that error instead
+    /// of leaving them waiting.
     fn run(mut self) {
+        let served = std::panic::catch_unwind(AssertUnwindSafe(|| self.serve()));
+        let Err(panic) = served else {
+            return;
+        };
+        let error = Error::panicked("the writer thread", &*panic);
+        poison(&self.shared, &error);
+        let queue = || {
+            self.shared
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        loop {
+            let requests = std::mem::take(&mut queue().requests);
+            for request in requests {
+                (request.done)(Err(Error::Poisoned));
+            }
+            let waiting = queue();
+            if waiting.closed && waiting.requests.is_empty() {
+                break;
+            }
+            if waiting.requests.is_empty() {
+                // `submit` refuses new appends once the log is poisoned; this only catches
+                // those that were queued before, until the log is closed.
+                let _ = self
+                    .shared
+                    .wake_writer
+                    .wait_timeout(waiting, Duration::from_millis(100));
+            }
+        }
+        self.wake_blocking();
+    }
+
+    fn serve(&mut self) {
         while let Some(requests) = self.next_requests() {
             if requests.is_empty() {
                 if let Err(e) = self.sync() {
@@ -527,6 +575,7 @@ impl Writer {
 
     /// Writes one batch, makes it durable per the policy and publishes it.
     fn commit(&mut self, requests: Vec<Request>) {
+        crate::failpoint::panic("writer.commit");
         let outlet = self.outlet.clone().expect("spawned with an outlet");
         if self.shared.poisoned.load(Ordering::Acquire) {
             for request in requests {

@@ -191,3 +191,37 @@ fn a_panicking_handler_answers_500_and_the_server_keeps_serving() {
         "the lease of the failed answer ran out"
     );
 }
+
+/// The log's writer thread panics (at the panic point `writer.commit`, in its third commit):
+/// the publish in that commit and every later write get 503 at once instead of hanging,
+/// `/readyz` says not ready, and a restart recovers everything acknowledged before.
+#[test]
+fn a_panicking_writer_thread_fails_writes_and_a_restart_recovers() {
+    let mut server = TestServer::unstarted(&[]);
+    server.set_env("FAILPOINTS", Some("writer.commit=2*off->return"));
+    server.restart();
+    server.register("planner", json!({}));
+    let kept = server.publish("planner", json!("kept"));
+    let publish = || {
+        server.post(
+            "/v1/messages",
+            json!({"to": "agent:planner", "from": "x", "body": "lost"}),
+        )
+    };
+    for _ in 0..3 {
+        let refused = publish();
+        assert_eq!(
+            (refused.status, refused.code()),
+            (503, "unavailable"),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(server.get("/readyz").status, 503);
+    let logs = server.logs();
+    assert!(logs.contains("the writer thread panicked"), "{logs}");
+
+    server.set_env("FAILPOINTS", None);
+    server.restart();
+    let messages = server.receive("planner", json!({"max": 10, "wait_ms": 0}));
+    assert_eq!(crate::support::offsets(&messages), [kept]);
+}

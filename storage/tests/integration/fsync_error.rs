@@ -208,3 +208,35 @@ fn write_error_during_a_roll_still_answers_every_request() {
     }
     assert!(log.is_poisoned());
 }
+
+/// A completion callback that panics (a bug in the log's user, whose state may now be half
+/// changed) is fail-stop too: the log is poisoned, appends queued meanwhile and every later
+/// one get an error instead of hanging, and a restart recovers every acknowledged append,
+/// including the one whose callback panicked (it was durable).
+#[test]
+fn a_panicking_completion_callback_poisons_the_log() {
+    let (sim, _index, opts, log) = open_sim(FsyncPolicy::Always, 1 << 20);
+    let first = log
+        .append(1, vec![message("before", "a", 4, b"{}")])
+        .unwrap();
+    log.submit(2, vec![message("panics", "a", 4, b"{}")], |result| {
+        assert!(result.is_ok());
+        panic!("a bug in the callback");
+    });
+    wait_until(10, "the log to be poisoned", || log.is_poisoned());
+    let later = log.append(3, vec![message("after", "a", 4, b"{}")]);
+    assert!(matches!(later, Err(Error::Poisoned)), "{later:?}");
+    let (tx, rx) = std::sync::mpsc::channel();
+    log.submit(4, vec![message("after", "a", 4, b"{}")], move |result| {
+        tx.send(result.is_err()).unwrap();
+    });
+    assert!(rx.recv().unwrap(), "a later submit is refused");
+    drop(log);
+    sim.crash(TearMode::DropPending, 1);
+    let (log, _) = Log::open(Path::new(DIR), opts).unwrap();
+    assert_eq!(log.durable_end(), Offset(first.first.0 + 2));
+    assert!(
+        log.read(Offset(first.first.0 + 1)).is_ok(),
+        "the panicking append is durable"
+    );
+}
