@@ -206,7 +206,10 @@ pub async fn dead_letters(
     let Query(query) =
         query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
     let limit = in_range("limit", query.limit, 1, MAX_DEAD_LETTERS)?.unwrap_or(100) as usize;
-    let dead = state.broker.dead_letters(&agent, query.after, limit)?;
+    let dead = state
+        .broker
+        .dead_letters(&agent, query.after, limit)
+        .await?;
     let dead_letters = dead.iter().filter_map(DeadLetterView::of).collect();
     Ok(Json(DeadLetters { dead_letters }).into_response())
 }

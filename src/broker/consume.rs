@@ -141,12 +141,17 @@ impl Broker {
     }
 
     /// Waits for a lease to be durable, then reads its messages.
-    async fn deliver(&self, (leases, commit): (Vec<Lease>, Commit)) -> Result<Vec<Delivered>> {
+    async fn deliver(
+        self: &Arc<Self>,
+        (leases, commit): (Vec<Lease>, Commit),
+    ) -> Result<Vec<Delivered>> {
         commit.durable().await?;
+        let offsets = leases.iter().map(|l| l.slot.offset).collect();
+        let frames = self.read_messages(offsets).await?;
         let mut delivered = Vec::with_capacity(leases.len());
-        for lease in leases {
+        for (lease, frame) in leases.into_iter().zip(frames) {
             // A message that age retention deleted meanwhile is gone: nothing to deliver.
-            let Some(frame) = self.read_message(lease.slot.offset)? else {
+            let Some(frame) = frame else {
                 continue;
             };
             delivered.push(Delivered {
@@ -163,15 +168,37 @@ impl Broker {
         Ok(delivered)
     }
 
-    /// Reads a message; `None` if retention deleted its segment.
-    fn read_message(&self, offset: Offset) -> Result<Option<Frame>> {
-        match self.log.read(offset) {
-            Ok(frame) => Ok(Some(frame)),
-            Err(courier_storage::Error::NotFound(_)) => Ok(None),
-            Err(error) => Err(Refusal::Unavailable(format!(
-                "reading message {offset} failed: {error}"
-            ))),
+    /// Reads messages by offset, `None` for one that retention deleted. Recent records are
+    /// read inline; any whose place only sled knows (which can wait for a checkpoint) are
+    /// read together on a blocking thread, never on the async threads.
+    async fn read_messages(self: &Arc<Self>, offsets: Vec<Offset>) -> Result<Vec<Option<Frame>>> {
+        let mut frames = Vec::with_capacity(offsets.len());
+        let mut older = Vec::new();
+        for (i, offset) in offsets.iter().enumerate() {
+            match self.log.read_recent(*offset) {
+                Some(read) => frames.push(found(*offset, read)?),
+                None => {
+                    frames.push(None);
+                    older.push((i, *offset));
+                }
+            }
         }
+        if older.is_empty() {
+            return Ok(frames);
+        }
+        let broker = self.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            older
+                .into_iter()
+                .map(|(i, offset)| Ok((i, found(offset, broker.log.read(offset))?)))
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .map_err(|e| Refusal::Unavailable(format!("reading messages failed: {e}")))??;
+        for (i, frame) in read {
+            frames[i] = frame;
+        }
+        Ok(frames)
     }
 
     /// Acks, nacks or extends leases of `agent`; one outcome per receipt, once durable.
@@ -207,8 +234,8 @@ impl Broker {
     }
 
     /// Dead letters of `agent` above `after`, oldest first, at most `limit`.
-    pub fn dead_letters(
-        &self,
+    pub async fn dead_letters(
+        self: &Arc<Self>,
         agent: &AgentId,
         after: Option<u64>,
         limit: usize,
@@ -218,13 +245,18 @@ impl Broker {
             core.registry.get(agent.as_str())?;
             core.delivery.dead_letters(agent.as_str(), after, limit)
         };
-        let mut views = Vec::with_capacity(dead.len());
-        for dead in dead {
-            if let Some(frame) = self.read_message(dead.slot.offset)? {
-                views.push(DeadView { frame, dead });
-            }
-        }
-        Ok(views)
+        let offsets = dead.iter().map(|d| d.slot.offset).collect();
+        let frames = self.read_messages(offsets).await?;
+        Ok(dead
+            .into_iter()
+            .zip(frames)
+            .filter_map(|(dead, frame)| {
+                Some(DeadView {
+                    frame: frame?,
+                    dead,
+                })
+            })
+            .collect())
     }
 
     /// Moves dead letters back into the inbox with attempts reset; `None` redrives all.
@@ -250,5 +282,16 @@ impl Broker {
         };
         commit.durable().await?;
         Ok(count)
+    }
+}
+
+/// A read message, `None` if retention deleted its segment, or the refusal for a failed read.
+fn found(offset: Offset, read: courier_storage::Result<Frame>) -> Result<Option<Frame>> {
+    match read {
+        Ok(frame) => Ok(Some(frame)),
+        Err(courier_storage::Error::NotFound(_)) => Ok(None),
+        Err(error) => Err(Refusal::Unavailable(format!(
+            "reading message {offset} failed: {error}"
+        ))),
     }
 }

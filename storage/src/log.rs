@@ -492,14 +492,7 @@ impl Log {
         if offset >= self.durable_end() {
             return Err(Error::NotFound(offset.0));
         }
-        let recent = {
-            let recent = self.shared.recent.read().expect("recent lock");
-            recent
-                .range(..=offset)
-                .next_back()
-                .and_then(|(_, run)| run.location(offset))
-        };
-        let location = match recent {
+        let location = match self.recent_location(offset) {
             Some(location) => location,
             None => self
                 .shared
@@ -508,6 +501,32 @@ impl Log {
                 .ok_or(Error::NotFound(offset.0))?,
         };
         self.read_at(offset, location)
+    }
+
+    /// [`Log::read`] if the record can be found without asking sled (every recent record):
+    /// then it is one `pread` from the page cache, cheap enough for an async thread. `None`
+    /// when only sled knows where the record is: read it with [`Log::read`] on a blocking
+    /// thread.
+    pub fn read_recent(&self, offset: Offset) -> Option<Result<Frame>> {
+        if offset >= self.durable_end() {
+            return Some(Err(Error::NotFound(offset.0)));
+        }
+        let location = match self.recent_location(offset) {
+            Some(location) => location,
+            None => match self.shared.index.location_in_memory(offset)? {
+                Some(location) => location,
+                None => return Some(Err(Error::NotFound(offset.0))),
+            },
+        };
+        Some(self.read_at(offset, location))
+    }
+
+    fn recent_location(&self, offset: Offset) -> Option<Location> {
+        let recent = self.shared.recent.read().expect("recent lock");
+        recent
+            .range(..=offset)
+            .next_back()
+            .and_then(|(_, run)| run.location(offset))
     }
 
     fn read_at(&self, offset: Offset, location: Location) -> Result<Frame> {

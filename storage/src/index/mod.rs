@@ -281,6 +281,19 @@ impl Index {
     /// Reads of recent records (every delivery) thus never wait for a checkpoint, whose
     /// `apply_batch` holds sled's process-wide write lock against every reader.
     pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
+        self.find_location(offset, true)
+            .map(|found| found.expect("sled is asked when the layers cannot decide"))
+    }
+
+    /// [`Index::location`] as far as the in-memory layers decide it: `None` if sled would
+    /// have to be asked (which can wait for a checkpoint), so that callers on async threads
+    /// can read recent records inline and hand the rest to a blocking thread.
+    pub fn location_in_memory(&self, offset: Offset) -> Option<Option<Location>> {
+        self.find_location(offset, false).ok().flatten()
+    }
+
+    /// The location of `offset`; `Ok(None)` when only sled could tell and `ask_sled` is off.
+    fn find_location(&self, offset: Offset, ask_sled: bool) -> Result<Option<Option<Location>>> {
         let key = positions_key(offset);
         let bounds = (Bound::Included(vec![P]), Bound::Included(key));
         let layers = self.layers();
@@ -303,6 +316,9 @@ impl Index {
         }
         if !matches!(best, Some((_, Some(_)))) {
             // No run in the layers, or the newest one there was removed: sled decides.
+            if !ask_sled {
+                return Ok(None);
+            }
             if let Some((k, v)) = self.tree.range(bounds).next_back().transpose()? {
                 if best
                     .as_ref()
@@ -314,10 +330,10 @@ impl Index {
         }
         // A deleted run was truncated by retention, and so is every offset it held.
         let Some((key, Some(value))) = best else {
-            return Ok(None);
+            return Ok(Some(None));
         };
         let first = from_be64(key.get(1..).unwrap_or_default());
-        Ok(decode_location(first, &value, offset))
+        Ok(Some(decode_location(first, &value, offset)))
     }
 
     /// Applies the effects of `frames` (consecutive, in log order) and records where they
@@ -578,5 +594,10 @@ mod tests {
         // Checkpointed runs come from sled, and an offset past every run is not indexed.
         assert_eq!(index.location(Offset(1)).unwrap(), location(100, 100));
         assert_eq!(index.location(Offset(4)).unwrap(), None);
+        // Without sled: the layers decide offsets 2 and 3 (and that 4 is past every run);
+        // offset 1 is only in sled, so the answer is "ask sled".
+        assert_eq!(index.location_in_memory(Offset(2)), Some(location(200, 60)));
+        assert_eq!(index.location_in_memory(Offset(4)), Some(None));
+        assert_eq!(index.location_in_memory(Offset(1)), None);
     }
 }
