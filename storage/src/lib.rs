@@ -25,24 +25,32 @@
 //! ```
 #![deny(missing_docs, clippy::unwrap_used)]
 
+mod dir;
 pub mod error;
 pub mod failpoint;
 pub mod index;
 pub mod io;
 mod log;
+mod options;
 mod pipeline;
+mod position;
 pub mod record;
 mod recovery;
 pub mod segment;
+mod shared;
 pub mod sim;
 pub mod state;
 pub mod verify;
 
+pub use dir::list_segments;
+pub use dir::SegmentInfo;
 pub use error::{Corruption, Error, Result};
 pub use index::{Index, IndexSnapshot};
-pub use log::{Appended, FsyncPolicy, Log, LogOptions, LogStats, Retention, SegmentInfo};
+pub use log::Log;
+pub use options::{FsyncPolicy, LogOptions, Retention};
 pub use record::{Agent, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot};
-pub use recovery::{list_segments, replay_into, RecoveryReport, Truncation};
+pub use recovery::{replay_into, RecoveryReport, Truncation};
+pub use shared::{Appended, LogStats};
 
 /// A record's position in the global log: strictly increasing, one per record.
 #[derive(

@@ -8,282 +8,22 @@
 //! **Invariant:** offsets below [`Log::durable_end`] are durable under the policy and readable
 //! (their positions are in `recent` or in the index); nothing above it is visible to readers.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use crate::dir::{self, Segment, SegmentInfo};
 use crate::error::{Error, Result};
-use crate::index::{Index, Location};
-use crate::io::{DirLock, Disk, DiskFile, FileDisk};
-use crate::pipeline::{PositionRun, Threads, Writer};
+use crate::index::Index;
+use crate::io::DirLock;
+use crate::options::{LogOptions, Retention};
+use crate::pipeline::{Threads, Writer};
+use crate::position::Location;
 use crate::record::{self, Decoded, Frame, Record};
 use crate::recovery::{self, RecoveryReport};
+use crate::shared::{Appended, LogStats, Request, Shared};
 use crate::Offset;
-
-/// When appended records are made durable (SPEC §4 `fsync`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FsyncPolicy {
-    /// fdatasync before any append completes (group commit shares one fsync between all the
-    /// appends of a batch).
-    Always,
-    /// Appends complete after the write; the writer fdatasyncs at most this long after.
-    Interval(Duration),
-    /// Appends complete after the write; the OS decides when bytes reach the disk (segments
-    /// are still synced when sealed and when the log closes).
-    Never,
-}
-
-impl std::str::FromStr for FsyncPolicy {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "always" => Ok(Self::Always),
-            "never" => Ok(Self::Never),
-            _ => {
-                let d = s.strip_prefix("interval:").ok_or_else(|| {
-                    format!("fsync policy `{s}` is not one of always, never, interval:<duration>")
-                })?;
-                let (num, unit) =
-                    d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
-                let n: u64 = num
-                    .parse()
-                    .map_err(|_| format!("`{d}` is not a duration like 250ms or 1s"))?;
-                let ms = match unit {
-                    "ms" => n,
-                    "s" => n * 1000,
-                    "m" => n * 60_000,
-                    _ => return Err(format!("`{d}` is not a duration like 250ms or 1s")),
-                };
-                Ok(Self::Interval(Duration::from_millis(ms)))
-            }
-        }
-    }
-}
-
-/// Everything [`Log::open`] needs besides the directory.
-#[derive(Debug, Clone)]
-pub struct LogOptions {
-    /// The file system; [`FileDisk`] unless simulating.
-    pub disk: Arc<dyn Disk>,
-    /// When appends are made durable.
-    pub fsync: FsyncPolicy,
-    /// Roll to a new segment once the active one would grow past this.
-    pub segment_bytes: u64,
-    /// Largest accepted record frame.
-    pub max_record_bytes: u64,
-    /// sled's page cache (its default of 1 GiB is far more than the index needs).
-    pub index_cache_bytes: u64,
-    /// Where the sled index lives; `<dir>/index` by default.
-    pub index_dir: Option<PathBuf>,
-    /// Check the CRC of every record of the segments the index checkpoint covers when opening
-    /// (no decoding: about as fast as reading the files), so that damage anywhere refuses the
-    /// open. Off, opening reads only the log after the checkpoint, whatever the log's size, and
-    /// older records are checked when read and by `verify`.
-    pub verify_sealed: bool,
-    /// How often index changes are written to sled (a checkpoint). Recovery replays at most
-    /// about this much of the log; changes that cancel out in between never reach sled.
-    pub checkpoint_interval: Duration,
-    /// Zero-fill the next segment ahead of use, on a thread of its own (`log/.next.seg`, made
-    /// the new segment by a rename at a roll). Appends then overwrite blocks that exist and
-    /// pages that are cached, so an fdatasync writes no metadata and a write allocates
-    /// nothing. Paused while less than four segments' worth of space is free (looked at again
-    /// at every roll).
-    pub preallocate: bool,
-}
-
-impl Default for LogOptions {
-    fn default() -> Self {
-        Self {
-            disk: Arc::new(FileDisk),
-            fsync: FsyncPolicy::Always,
-            segment_bytes: 64 << 20,
-            max_record_bytes: 16 << 20,
-            index_cache_bytes: 64 << 20,
-            index_dir: None,
-            verify_sealed: true,
-            checkpoint_interval: Duration::from_secs(1),
-            preallocate: true,
-        }
-    }
-}
-
-/// The offsets given to one completed append: `first .. first + count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Appended {
-    /// Offset of the first record.
-    pub first: Offset,
-    /// Number of records.
-    pub count: u64,
-}
-
-/// A segment as readers see it.
-#[derive(Debug)]
-pub(crate) struct Segment {
-    pub(crate) base: Offset,
-    pub(crate) path: PathBuf,
-    pub(crate) file: Box<dyn DiskFile>,
-    /// Bytes of records: the file's length, less the zero tail a preallocated active segment
-    /// has. The writer advances it for the active segment.
-    pub(crate) len: AtomicU64,
-}
-
-impl Segment {
-    /// Creates the empty segment whose first offset is `base` and makes it durable: the file,
-    /// then its entry in `log_dir` (a new file needs an fsync of its directory). Nothing may
-    /// be written to it before this returns.
-    pub(crate) fn create(disk: &dyn Disk, log_dir: &Path, base: Offset) -> Result<Self> {
-        let path = log_dir.join(crate::segment::file_name(base));
-        let file = disk
-            .create(&path)
-            .map_err(|e| Error::io("create segment", &path, e))?;
-        file.sync_data()
-            .map_err(|e| Error::io("fsync new segment", &path, e))?;
-        crate::failpoint::crash("segment.created");
-        disk.sync_dir(log_dir)
-            .map_err(|e| Error::io("sync directory", log_dir, e))?;
-        Ok(Self::new(base, path, file, 0))
-    }
-
-    /// Makes the prepared (zero-filled, synced) file `log_dir/.next.seg` the segment whose first
-    /// offset is `base`: renamed, then the directory synced. Nothing may be written to it
-    /// before this returns.
-    pub(crate) fn adopt(
-        disk: &dyn Disk,
-        log_dir: &Path,
-        base: Offset,
-        file: Box<dyn DiskFile>,
-    ) -> Result<Self> {
-        let path = log_dir.join(crate::segment::file_name(base));
-        disk.rename(&log_dir.join(crate::pipeline::PREPARED_NAME), &path)
-            .map_err(|e| Error::io("rename prepared segment", &path, e))?;
-        crate::failpoint::crash("segment.created");
-        disk.sync_dir(log_dir)
-            .map_err(|e| Error::io("sync directory", log_dir, e))?;
-        Ok(Self::new(base, path, file, 0))
-    }
-
-    pub(crate) fn new(base: Offset, path: PathBuf, file: Box<dyn DiskFile>, len: u64) -> Self {
-        Self {
-            base,
-            path,
-            file,
-            len: AtomicU64::new(len),
-        }
-    }
-}
-
-/// One segment's description, for stats and tools.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentInfo {
-    /// First offset.
-    pub base: Offset,
-    /// File path.
-    pub path: PathBuf,
-    /// Bytes of records (a preallocated active segment's file is longer).
-    pub bytes: u64,
-}
-
-/// Counters of the writer since the log was opened, for metrics and benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LogStats {
-    /// Records made durable.
-    pub records: u64,
-    /// Group commits (batches written).
-    pub commits: u64,
-    /// fdatasync calls on segments.
-    pub fsyncs: u64,
-    /// Bytes written to segments.
-    pub bytes_written: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) records: AtomicU64,
-    pub(crate) commits: AtomicU64,
-    pub(crate) fsyncs: AtomicU64,
-    pub(crate) bytes_written: AtomicU64,
-}
-
-/// Whole segments to delete (SPEC §4 `retention.*`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Retention {
-    /// Keep the log's total size under this, deleting only segments with nothing pending.
-    pub max_bytes: Option<u64>,
-    /// Delete segments whose newest record is older than this, pending or not.
-    pub max_age_ms: Option<u64>,
-}
-
-pub(crate) type Callback = Box<dyn FnOnce(Result<Appended>) + Send>;
-pub(crate) type Listener = Arc<dyn Fn(Offset) + Send + Sync>;
-
-pub(crate) struct Request {
-    pub(crate) timestamp_ms: u64,
-    pub(crate) records: Vec<Record>,
-    pub(crate) done: Callback,
-}
-
-#[derive(Default)]
-pub(crate) struct Queue {
-    pub(crate) requests: Vec<Request>,
-    pub(crate) closed: bool,
-    /// Whether the writer waits on `wake_writer`. While it writes or fsyncs, appends only
-    /// queue up (the next group commit) and skip the futex wake.
-    pub(crate) writer_waiting: bool,
-}
-
-/// State shared by the writer thread, appenders and readers.
-pub(crate) struct Shared {
-    /// The data directory.
-    pub(crate) dir: PathBuf,
-    /// `<dir>/log`.
-    pub(crate) log_dir: PathBuf,
-    pub(crate) disk: Arc<dyn Disk>,
-    pub(crate) options: LogOptions,
-    /// The derived index; written only by the writer thread (and recovery before it starts).
-    pub(crate) index: Index,
-    /// Appends waiting for the writer; `wake_writer` is notified on a push while the writer
-    /// waits, and on close.
-    pub(crate) queue: Mutex<Queue>,
-    pub(crate) wake_writer: Condvar,
-    /// Every segment by base offset; the last one is the active segment.
-    pub(crate) segments: RwLock<BTreeMap<Offset, Arc<Segment>>>,
-    /// Next offset to be made visible: every offset below is durable and indexed.
-    pub(crate) durable_end: Mutex<Offset>,
-    pub(crate) durable_advanced: Condvar,
-    /// Where the records not yet in the index are, by first offset: the writer adds a run
-    /// before publishing it, the indexer removes it after sled has it, so a reader always
-    /// finds a durable record in one of the two.
-    pub(crate) recent: RwLock<BTreeMap<Offset, PositionRun>>,
-    /// Next offset to be applied to the index; lags `durable_end` by the batches in flight.
-    pub(crate) indexed_end: Mutex<Offset>,
-    pub(crate) indexed_advanced: Condvar,
-    /// Called with the new durable end after every commit.
-    pub(crate) listeners: Mutex<Vec<Listener>>,
-    /// Set after any failed write or fsync; never cleared.
-    pub(crate) poisoned: AtomicBool,
-    /// Serializes retention passes.
-    pub(crate) retention: Mutex<()>,
-    /// Set when the log closes; `checkpoint_due` wakes the checkpointer early (close, or a
-    /// large backlog of index changes).
-    pub(crate) closing: Mutex<bool>,
-    pub(crate) checkpoint_due: Condvar,
-    /// What the writer has done.
-    pub(crate) counters: Counters,
-    /// The next segment file, zero-filled ahead of use; `prepared_taken` wakes the
-    /// preallocator when the writer took it, and on close.
-    pub(crate) prepared: Mutex<Prepared>,
-    pub(crate) prepared_taken: Condvar,
-    /// Blocking appends ([`Log::append`]) wait on `unblocked` for their result, and the writer
-    /// wakes them all with one notify after each commit while `blocking_waiters` is not zero.
-    /// One wake per append would cost the writer a syscall each, and each woken appender may
-    /// preempt it.
-    pub(crate) blocking: Mutex<()>,
-    pub(crate) unblocked: Condvar,
-    pub(crate) blocking_waiters: AtomicUsize,
-}
 
 /// Where the writer puts the result of one blocking append ([`Log::append`]); the writer's
 /// single notify after the commit wakes the appender. Dropped unanswered (the writer thread
@@ -296,7 +36,10 @@ struct Answer {
 
 impl Answer {
     fn set(mut self, result: Result<Appended>) {
-        *self.slot.lock().expect("append slot lock") = Some(result);
+        *self
+            .slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(result);
         self.answered = true;
     }
 }
@@ -310,23 +53,8 @@ impl Drop for Answer {
             .slot
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Err(Error::Closed));
-        drop(
-            self.shared
-                .blocking
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        self.shared.unblocked.notify_all();
+        self.shared.blocking.wake();
     }
-}
-
-/// The preallocator's hand-over.
-#[derive(Default)]
-pub(crate) struct Prepared {
-    pub(crate) file: Option<Box<dyn DiskFile>>,
-    pub(crate) stop: bool,
-    /// Segment rolls so far: a preallocator that found too little space waits for the next.
-    pub(crate) rolls: u64,
 }
 
 /// The message log. See the module documentation.
@@ -347,14 +75,6 @@ impl std::fmt::Debug for Log {
     }
 }
 
-#[expect(
-    clippy::disallowed_methods,
-    reason = "the fsync interval is measured on the monotonic clock"
-)]
-pub(crate) fn monotonic_now() -> Instant {
-    Instant::now()
-}
-
 impl Log {
     /// Opens the log in `dir` (creating it if empty), recovering from whatever a crash left:
     /// a torn tail of the newest segment is truncated and reported, damage anywhere else is
@@ -366,8 +86,8 @@ impl Log {
             .map_err(|e| Error::io("create directory", &log_dir, e))?;
         disk.sync_dir(dir)
             .map_err(|e| Error::io("sync directory", dir, e))?;
-        let lock = recovery::lock_data_dir(disk.as_ref(), dir)?;
-        crate::pipeline::remove_prepared(disk.as_ref(), &log_dir)?;
+        let lock = dir::lock(disk.as_ref(), dir)?;
+        dir::remove_prepared(disk.as_ref(), &log_dir)?;
         let index_dir = options
             .index_dir
             .clone()
@@ -382,7 +102,7 @@ impl Log {
             // The index is derived from the log: a damaged one (sled's files torn, say, by a
             // full disk) is set aside, never deleted, and rebuilt.
             Err(Error::Index(sled::Error::Corruption { .. })) => {
-                let aside = set_aside(&index_dir)?;
+                let aside = dir::set_aside(&index_dir)?;
                 tracing::warn!(
                     index = %index_dir.display(),
                     moved_to = %aside.display(),
@@ -396,32 +116,13 @@ impl Log {
             other => other?,
         };
         let end = recovered.report.next_offset;
-        let shared = Arc::new(Shared {
-            dir: dir.to_path_buf(),
-            log_dir,
-            disk,
+        let shared = Arc::new(Shared::new(
+            dir.to_path_buf(),
             options,
             index,
-            queue: Mutex::new(Queue::default()),
-            wake_writer: Condvar::new(),
-            segments: RwLock::new(recovered.segments),
-            durable_end: Mutex::new(end),
-            durable_advanced: Condvar::new(),
-            recent: RwLock::new(BTreeMap::new()),
-            indexed_end: Mutex::new(end),
-            indexed_advanced: Condvar::new(),
-            listeners: Mutex::new(Vec::new()),
-            poisoned: AtomicBool::new(false),
-            retention: Mutex::new(()),
-            closing: Mutex::new(false),
-            checkpoint_due: Condvar::new(),
-            counters: Counters::default(),
-            prepared: Mutex::new(Prepared::default()),
-            prepared_taken: Condvar::new(),
-            blocking: Mutex::new(()),
-            unblocked: Condvar::new(),
-            blocking_waiters: AtomicUsize::new(0),
-        });
+            recovered.segments,
+            end,
+        ));
         let writer = Writer::new(shared.clone(), end, recovered.active_len)?;
         let threads = Threads::spawn(&shared, writer)?;
         let log = Self {
@@ -443,48 +144,29 @@ impl Log {
         records: Vec<Record>,
         done: impl FnOnce(Result<Appended>) + Send + 'static,
     ) {
-        if self.shared.poisoned.load(Ordering::Acquire) {
+        if self.shared.is_poisoned() {
             return done(Err(Error::Poisoned));
         }
-        let mut queue = self.shared.queue.lock().expect("queue lock");
-        if queue.closed {
-            drop(queue);
-            return done(Err(Error::Closed));
-        }
-        queue.requests.push(Request {
+        let request = Request {
             timestamp_ms,
             records,
             done: Box::new(done),
-        });
-        let wake = queue.writer_waiting;
-        drop(queue);
-        if wake {
-            self.shared.wake_writer.notify_one();
+        };
+        if let Err(refused) = self.shared.intake.push(request) {
+            (refused.done)(Err(Error::Closed));
         }
     }
 
     /// Appends `records` and blocks until they are durable under the fsync policy.
     pub fn append(&self, timestamp_ms: u64, records: Vec<Record>) -> Result<Appended> {
-        let shared = &self.shared;
         let slot: Arc<Mutex<Option<Result<Appended>>>> = Arc::default();
-        shared.blocking_waiters.fetch_add(1, Ordering::SeqCst);
         let answer = Answer {
             slot: slot.clone(),
-            shared: shared.clone(),
+            shared: self.shared.clone(),
             answered: false,
         };
         self.submit(timestamp_ms, records, move |result| answer.set(result));
-        // The writer fills the slot, then takes `blocking` before it notifies: a check made
-        // under `blocking` either sees the result or waits in time for the notify.
-        let mut blocking = shared.blocking.lock().expect("blocking lock");
-        let result = loop {
-            if let Some(result) = slot.lock().expect("append slot lock").take() {
-                break result;
-            }
-            blocking = shared.unblocked.wait(blocking).expect("blocking lock");
-        };
-        shared.blocking_waiters.fetch_sub(1, Ordering::SeqCst);
-        result
+        self.shared.blocking.wait_for(&slot)
     }
 
     /// Reads the record at `offset` through the index (never a scan).
@@ -522,21 +204,15 @@ impl Log {
     }
 
     fn recent_location(&self, offset: Offset) -> Option<Location> {
-        let recent = self.shared.recent.read().expect("recent lock");
-        recent
-            .range(..=offset)
-            .next_back()
-            .and_then(|(_, run)| run.location(offset))
+        self.shared.recent.locate(offset)
     }
 
     fn read_at(&self, offset: Offset, location: Location) -> Result<Frame> {
-        let segment = {
-            let segments = self.shared.segments.read().expect("segments lock");
-            segments
-                .get(&location.segment)
-                .cloned()
-                .ok_or(Error::NotFound(offset.0))?
-        };
+        let segment = self
+            .shared
+            .segments
+            .get(location.segment)
+            .ok_or(Error::NotFound(offset.0))?;
         let len = usize::try_from(location.len).map_err(|_| Error::NotFound(offset.0))?;
         let mut buf = vec![0u8; len];
         segment
@@ -562,28 +238,18 @@ impl Log {
 
     /// The offset after the last durable record: every offset below it can be read.
     pub fn durable_end(&self) -> Offset {
-        *self.shared.durable_end.lock().expect("durable lock")
+        self.shared.durable.get()
     }
 
     /// Blocks until the durable end passes `end` or `timeout` elapses; returns the durable end.
     pub fn wait_past(&self, end: Offset, timeout: Duration) -> Offset {
-        let guard = self.shared.durable_end.lock().expect("durable lock");
-        let (guard, _) = self
-            .shared
-            .durable_advanced
-            .wait_timeout_while(guard, timeout, |current| *current <= end)
-            .expect("durable lock");
-        *guard
+        self.shared.durable.wait_past(end, timeout)
     }
 
     /// Registers `listener`, called from the writer thread with the new durable end after each
     /// commit (for example to wake async long-polls). It must not block.
     pub fn on_durable(&self, listener: impl Fn(Offset) + Send + Sync + 'static) {
-        self.shared
-            .listeners
-            .lock()
-            .expect("listeners lock")
-            .push(Arc::new(listener));
+        self.shared.listeners.add(Arc::new(listener));
     }
 
     /// The derived index (read access; the indexer thread is its only writer).
@@ -593,32 +259,20 @@ impl Log {
     /// the log is poisoned (then it may lag; every record stays readable through [`Log::read`]).
     pub fn index(&self) -> &Index {
         let target = self.durable_end();
-        let indexed = self.shared.indexed_end.lock().expect("indexed lock");
-        let _caught_up = self
-            .shared
-            .indexed_advanced
-            .wait_while(indexed, |indexed| {
-                *indexed < target && !self.shared.poisoned.load(Ordering::Acquire)
-            })
-            .expect("indexed lock");
-        &self.shared.index
+        let shared = &self.shared;
+        shared.indexed.wait_for(target, || shared.is_poisoned());
+        &shared.index
     }
 
     /// What the writer has done since the log was opened; `records / fsyncs` is the mean
     /// group-commit size.
     pub fn stats(&self) -> LogStats {
-        let c = &self.shared.counters;
-        LogStats {
-            records: c.records.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            fsyncs: c.fsyncs.load(Ordering::Relaxed),
-            bytes_written: c.bytes_written.load(Ordering::Relaxed),
-        }
+        self.shared.counters.stats()
     }
 
     /// Whether an earlier I/O failure stopped the log.
     pub fn is_poisoned(&self) -> bool {
-        self.shared.poisoned.load(Ordering::Acquire)
+        self.shared.is_poisoned()
     }
 
     /// Makes the index durable up to what is applied (the checkpoint) and returns that offset.
@@ -630,15 +284,7 @@ impl Log {
 
     /// The segments, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
-        let segments = self.shared.segments.read().expect("segments lock");
-        segments
-            .values()
-            .map(|s| SegmentInfo {
-                base: s.base,
-                path: s.path.clone(),
-                bytes: s.len.load(Ordering::Acquire),
-            })
-            .collect()
+        self.shared.segments.infos()
     }
 
     /// Deletes whole old segments per `retention` at wall-clock time `now_ms` and returns the
@@ -696,11 +342,7 @@ impl Log {
         records.push(Record::Truncated { below });
         self.append(now_ms, records)?;
         crate::failpoint::crash("retention.truncated");
-        let doomed: Vec<Arc<Segment>> = {
-            let mut map = self.shared.segments.write().expect("segments lock");
-            let keep = map.split_off(&below);
-            std::mem::replace(&mut *map, keep).into_values().collect()
-        };
+        let doomed: Vec<Arc<Segment>> = self.shared.segments.remove_below(below);
         let mut deleted = Vec::new();
         for segment in doomed {
             self.shared
@@ -722,8 +364,7 @@ impl Log {
     /// Stops the writer after the queued appends, syncs the active segment and flushes the
     /// index. Called by `Drop` too; calling it twice is harmless.
     pub fn close(&self) -> Result<()> {
-        self.shared.queue.lock().expect("queue lock").closed = true;
-        self.shared.wake_writer.notify_all();
+        self.shared.intake.close();
         if let Some(threads) = self.threads.lock().expect("threads lock").take() {
             threads.join(&self.shared);
         }
@@ -743,24 +384,6 @@ impl Log {
     pub fn crash_on_close(&self) {
         self.crash_on_close.store(true, Ordering::Release);
     }
-}
-
-/// Renames a damaged index directory to the first free `<name>.damaged-<n>` beside it and
-/// makes the rename durable; returns the new path.
-fn set_aside(index_dir: &Path) -> Result<PathBuf> {
-    let parent = index_dir.parent().unwrap_or(Path::new("."));
-    let name = index_dir
-        .file_name()
-        .map_or_else(|| "index".into(), |n| n.to_string_lossy().into_owned());
-    let aside = (1..)
-        .map(|n| parent.join(format!("{name}.damaged-{n}")))
-        .find(|p| !p.exists())
-        .unwrap_or_else(|| parent.join(format!("{name}.damaged")));
-    std::fs::rename(index_dir, &aside).map_err(|e| Error::io("set aside index", index_dir, e))?;
-    FileDisk
-        .sync_dir(parent)
-        .map_err(|e| Error::io("sync directory", parent, e))?;
-    Ok(aside)
 }
 
 impl Drop for Log {

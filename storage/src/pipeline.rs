@@ -28,34 +28,13 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::dir::{Segment, PREPARED_NAME};
 use crate::error::{Error, Result};
-use crate::index::Location;
-use crate::log::{monotonic_now, Appended, Callback, FsyncPolicy, Request, Segment, Shared};
+use crate::options::FsyncPolicy;
+use crate::position::PositionRun;
 use crate::record::{self, Frame};
+use crate::shared::{Appended, Callback, Need, Request, Shared};
 use crate::Offset;
-
-/// A run of consecutive records in one segment, as the index records it.
-#[derive(Debug, Clone)]
-pub(crate) struct PositionRun {
-    pub(crate) segment: Offset,
-    pub(crate) first: Offset,
-    /// Each record's byte position, then the end of the last.
-    pub(crate) positions: Vec<u32>,
-}
-
-impl PositionRun {
-    /// Where `offset` is, if this run holds it.
-    pub(crate) fn location(&self, offset: Offset) -> Option<Location> {
-        let i = usize::try_from(offset.0.checked_sub(self.first.0)?).ok()?;
-        let position = u64::from(*self.positions.get(i)?);
-        let end = u64::from(*self.positions.get(i + 1)?);
-        Some(Location {
-            segment: self.segment,
-            position,
-            len: end - position,
-        })
-    }
-}
 
 /// Committed records on their way into the index.
 struct IndexJob {
@@ -68,23 +47,17 @@ struct IndexJob {
 /// runs from `recent`. A failure poisons the log like a failed write.
 fn run_indexer(shared: &Shared, jobs: &mpsc::Receiver<IndexJob>) {
     for job in jobs {
-        if shared.poisoned.load(Ordering::Acquire) {
+        if shared.is_poisoned() {
             continue;
         }
         if let Err(error) = shared.index.apply(&job.frames, &job.runs) {
-            poison(shared, &error);
+            shared.poison(&error);
             continue;
         }
-        {
-            let mut recent = shared.recent.write().expect("recent lock");
-            for run in &job.runs {
-                recent.remove(&run.first);
-            }
-        }
-        *shared.indexed_end.lock().expect("indexed lock") = job.end;
-        shared.indexed_advanced.notify_all();
+        shared.recent.indexed(&job.runs);
+        shared.indexed.advance(job.end);
         if shared.index.pending_changes() > CHECKPOINT_CHANGES {
-            shared.checkpoint_due.notify_all();
+            shared.checkpoints.request();
         }
     }
 }
@@ -97,33 +70,14 @@ const CHECKPOINT_CHANGES: usize = 256 * 1024;
 /// `checkpoint_interval`, or sooner when they pile up. A failure poisons the log.
 fn run_checkpointer(shared: &Shared) {
     let interval = shared.options.checkpoint_interval;
-    let mut closing = shared.closing.lock().expect("closing lock");
-    loop {
-        // Checked before waiting too: a close that came while the lock was released (during
-        // the last checkpoint) must not wait out a whole interval.
-        if *closing {
-            return;
-        }
-        closing = shared
-            .checkpoint_due
-            .wait_timeout(closing, interval)
-            .expect("closing lock")
-            .0;
-        if *closing {
-            return;
-        }
-        drop(closing);
-        if shared.index.pending_changes() > 0 && !shared.poisoned.load(Ordering::Acquire) {
+    while shared.checkpoints.wait(interval) {
+        if shared.index.pending_changes() > 0 && !shared.is_poisoned() {
             if let Err(error) = shared.index.checkpoint() {
-                poison(shared, &error);
+                shared.poison(&error);
             }
         }
-        closing = shared.closing.lock().expect("closing lock");
     }
 }
-
-/// Name of the prepared next segment in `log/` (hidden, so listings skip it).
-pub(crate) const PREPARED_NAME: &str = ".next.seg";
 
 /// The preallocator thread: keeps one zero-filled, synced segment file ready for the writer's
 /// next roll. While space is low it prepares nothing and looks again at each roll (the writer
@@ -133,26 +87,18 @@ fn run_preallocator(shared: &Shared) {
     // Waiting for a roll when space was low last time (the roll count then).
     let mut space_low_at: Option<u64> = None;
     loop {
-        {
-            let mut prepared = shared.prepared.lock().expect("prepared lock");
-            while !prepared.stop
-                && (prepared.file.is_some() || space_low_at == Some(prepared.rolls))
-            {
-                prepared = shared.prepared_taken.wait(prepared).expect("prepared lock");
+        if let Need::Stop { unused } = shared.handover.await_need(space_low_at) {
+            if unused {
+                let _ = shared.disk.remove_file(&shared.log_dir.join(PREPARED_NAME));
             }
-            if prepared.stop {
-                if prepared.file.take().is_some() {
-                    let _ = shared.disk.remove_file(&shared.log_dir.join(PREPARED_NAME));
-                }
-                return;
-            }
+            return;
         }
         match prepare_segment(shared) {
             Ok(Prepare::Ready(file)) => {
                 if space_low_at.take().is_some() {
                     tracing::info!("segments are preallocated again: enough space is free");
                 }
-                shared.prepared.lock().expect("prepared lock").file = Some(file);
+                shared.handover.offer(file);
             }
             Ok(Prepare::SpaceLow { free_bytes }) => {
                 if space_low_at.is_none() {
@@ -161,7 +107,7 @@ fn run_preallocator(shared: &Shared) {
                         "segments are not preallocated while less than four segments' worth of space is free"
                     );
                 }
-                space_low_at = Some(shared.prepared.lock().expect("prepared lock").rolls);
+                space_low_at = Some(shared.handover.rolls());
             }
             Ok(Prepare::Closing) => return,
             Err(error) => {
@@ -180,17 +126,6 @@ enum Prepare {
     SpaceLow { free_bytes: u64 },
     /// The log is closing: nothing is left behind.
     Closing,
-}
-
-/// Removes a segment prepared by an earlier run (maybe cut short): never part of the log.
-pub(crate) fn remove_prepared(disk: &dyn crate::io::Disk, log_dir: &std::path::Path) -> Result<()> {
-    let prepared = log_dir.join(PREPARED_NAME);
-    match disk.remove_file(&prepared) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(Error::io("remove prepared segment", &prepared, e))
-        }
-        _ => Ok(()),
-    }
 }
 
 /// Zero-fills and syncs `log/.next.seg` at the segment size, unless space is low or the log
@@ -212,7 +147,7 @@ fn prepare_segment(shared: &Shared) -> Result<Prepare> {
     let zeros = vec![0u8; usize::try_from(size.min(CHUNK)).unwrap_or(0)];
     let mut at = 0;
     let filled = loop {
-        if shared.prepared.lock().expect("prepared lock").stop {
+        if shared.handover.stopping() {
             break Ok(false);
         }
         if at >= size {
@@ -278,29 +213,14 @@ impl Threads {
     /// channel, which drains and stops; then the checkpointer.
     pub(crate) fn join(self, shared: &Shared) {
         let _ = self.writer.join();
-        shared.prepared.lock().expect("prepared lock").stop = true;
-        shared.prepared_taken.notify_all();
+        shared.handover.stop();
         if let Some(preallocator) = self.preallocator {
             let _ = preallocator.join();
         }
         let _ = self.indexer.join();
-        *shared.closing.lock().expect("closing lock") = true;
-        shared.checkpoint_due.notify_all();
+        shared.checkpoints.close();
         let _ = self.checkpointer.join();
     }
-}
-
-/// Marks the log poisoned (fail-stop), logs the first cause, and wakes whoever waits for the
-/// durable end or the index, since neither will advance any more.
-pub(crate) fn poison(shared: &Shared, error: &Error) {
-    if !shared.poisoned.swap(true, Ordering::AcqRel) {
-        tracing::error!(%error, "the log failed; refusing all further writes (fail-stop)");
-    }
-    // Taking each lock before notifying: a waiter between its check and its wait is not missed.
-    drop(shared.indexed_end.lock().expect("indexed lock"));
-    shared.indexed_advanced.notify_all();
-    drop(shared.durable_end.lock().expect("durable lock"));
-    shared.durable_advanced.notify_all();
 }
 
 /// A durable batch, to be announced.
@@ -323,26 +243,16 @@ impl Outlet {
     /// index and completes its appends.
     fn publish(&self, batch: Written) {
         let end = batch.end;
-        {
-            let mut recent = self.shared.recent.write().expect("recent lock");
-            for run in &batch.runs {
-                recent.insert(run.first, run.clone());
-            }
-        }
-        let counters = &self.shared.counters;
-        counters.commits.fetch_add(1, Ordering::Relaxed);
-        counters
-            .records
-            .fetch_add(batch.frames.len() as u64, Ordering::Relaxed);
-        *self.shared.durable_end.lock().expect("durable lock") = end;
-        self.shared.durable_advanced.notify_all();
+        self.shared.recent.add(&batch.runs);
+        self.shared.counters.committed(batch.frames.len() as u64);
+        self.shared.durable.advance(end);
         let job = IndexJob {
             frames: batch.frames,
             runs: batch.runs,
             end,
         };
         if self.to_indexer.send(job).is_err() {
-            poison(&self.shared, &Error::Closed);
+            self.shared.poison(&Error::Closed);
         }
         let done = batch
             .accepted
@@ -360,7 +270,7 @@ impl Outlet {
 
     /// Poisons the log and fails every append in `accepted` with `error`.
     fn fail(&self, accepted: Vec<Accepted>, error: &Error) {
-        poison(&self.shared, error);
+        self.shared.poison(error);
         let (kind, text) = match error {
             Error::Io { source, .. } => (Some(source.kind()), error.to_string()),
             _ => (None, error.to_string()),
@@ -386,15 +296,7 @@ impl Outlet {
     /// appends, in commit order.
     fn complete(&self, end: Option<Offset>, done: Vec<(Callback, Result<Appended>)>) {
         if let Some(end) = end {
-            let listeners = self
-                .shared
-                .listeners
-                .lock()
-                .expect("listeners lock")
-                .clone();
-            for listener in listeners {
-                listener(end);
-            }
+            self.shared.listeners.tell(end);
         }
         for (done, result) in done {
             // A callback that panics is a bug in its owner, whose state may now be half
@@ -403,10 +305,8 @@ impl Outlet {
             // callback dropped.
             let answered = std::panic::catch_unwind(AssertUnwindSafe(|| done(result)));
             if let Err(panic) = answered {
-                poison(
-                    &self.shared,
-                    &Error::panicked("a completion callback", &*panic),
-                );
+                let error = Error::panicked("a completion callback", &*panic);
+                self.shared.poison(&error);
             }
         }
     }
@@ -440,17 +340,10 @@ struct Accepted {
 
 impl Writer {
     pub(crate) fn new(shared: Arc<Shared>, next_offset: Offset, active_len: u64) -> Result<Self> {
-        let active = {
-            let segments = shared.segments.read().expect("segments lock");
-            segments
-                .values()
-                .next_back()
-                .cloned()
-                .ok_or_else(|| Error::Layout {
-                    path: shared.log_dir.clone(),
-                    why: "no active segment after recovery".into(),
-                })?
-        };
+        let active = shared.segments.newest().ok_or_else(|| Error::Layout {
+            path: shared.log_dir.clone(),
+            why: "no active segment after recovery".into(),
+        })?;
         Ok(Self {
             shared,
             active,
@@ -473,93 +366,45 @@ impl Writer {
             return;
         };
         let error = Error::panicked("the writer thread", &*panic);
-        poison(&self.shared, &error);
-        let queue = || {
-            self.shared
-                .queue
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-        };
-        loop {
-            let requests = std::mem::take(&mut queue().requests);
-            for request in requests {
-                (request.done)(Err(Error::Poisoned));
-            }
-            let waiting = queue();
-            if waiting.closed && waiting.requests.is_empty() {
-                break;
-            }
-            if waiting.requests.is_empty() {
-                // `submit` refuses new appends once the log is poisoned; this only catches
-                // those that were queued before, until the log is closed.
-                let _ = self
-                    .shared
-                    .wake_writer
-                    .wait_timeout(waiting, Duration::from_millis(100));
-            }
-        }
-        self.wake_blocking();
+        self.shared.poison(&error);
+        // `submit` refuses appends once the log is poisoned; these were queued before.
+        self.shared
+            .intake
+            .refuse_until_closed(|request| (request.done)(Err(Error::Poisoned)));
+        self.shared.blocking.wake();
     }
 
     fn serve(&mut self) {
         while let Some(requests) = self.next_requests() {
             if requests.is_empty() {
                 if let Err(e) = self.sync() {
-                    poison(&self.shared, &e);
+                    self.shared.poison(&e);
                 }
                 continue;
             }
             self.commit(requests);
             self.wake_blocking();
         }
-        if self.unsynced && !self.shared.poisoned.load(Ordering::Acquire) {
-            let _ = self.sync().map_err(|e| poison(&self.shared, &e));
+        if self.unsynced && !self.shared.is_poisoned() {
+            let _ = self.sync().map_err(|e| self.shared.poison(&e));
         }
     }
 
     /// Waits for the next batch: every queued append, or none when an `interval` fsync is
     /// due; `None` once the log is closed and the queue drained.
-    fn next_requests(&mut self) -> Option<Vec<Request>> {
-        let mut queue = self.shared.queue.lock().expect("queue lock");
-        loop {
-            if !queue.requests.is_empty() {
-                return Some(std::mem::take(&mut queue.requests));
+    fn next_requests(&self) -> Option<Vec<Request>> {
+        self.shared.intake.next(|| match self.shared.options.fsync {
+            FsyncPolicy::Interval(every) if self.unsynced => {
+                Some(every.saturating_sub(self.last_sync.elapsed()))
             }
-            if queue.closed {
-                return None;
-            }
-            let due = match self.shared.options.fsync {
-                FsyncPolicy::Interval(every) if self.unsynced => {
-                    Some(every.saturating_sub(self.last_sync.elapsed()))
-                }
-                _ => None,
-            };
-            queue.writer_waiting = true;
-            queue = match due {
-                Some(wait) if wait.is_zero() => {
-                    queue.writer_waiting = false;
-                    return Some(Vec::new());
-                }
-                Some(wait) => {
-                    self.shared
-                        .wake_writer
-                        .wait_timeout(queue, wait)
-                        .expect("queue lock")
-                        .0
-                }
-                None => self.shared.wake_writer.wait(queue).expect("queue lock"),
-            };
-            queue.writer_waiting = false;
-        }
+            _ => None,
+        })
     }
 
     /// Wakes the blocking appends ([`crate::Log::append`]) whose results the last commit set:
     /// one notify for all of them.
     fn wake_blocking(&self) {
-        if self.shared.blocking_waiters.load(Ordering::SeqCst) > 0 {
-            drop(self.shared.blocking.lock().expect("blocking lock"));
-            self.shared.unblocked.notify_all();
-        }
+        self.shared.blocking.wake_if_waiting();
     }
 
     fn sync(&mut self) -> Result<()> {
@@ -569,7 +414,7 @@ impl Writer {
             .map_err(|e| Error::io("fdatasync segment", &self.active.path, e))?;
         self.unsynced = false;
         self.last_sync = monotonic_now();
-        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.synced();
         Ok(())
     }
 
@@ -577,7 +422,7 @@ impl Writer {
     fn commit(&mut self, requests: Vec<Request>) {
         crate::failpoint::panic("writer.commit");
         let outlet = self.outlet.clone().expect("spawned with an outlet");
-        if self.shared.poisoned.load(Ordering::Acquire) {
+        if self.shared.is_poisoned() {
             for request in requests {
                 (request.done)(Err(Error::Poisoned));
             }
@@ -616,8 +461,7 @@ impl Writer {
 
     /// Takes the appends queued meanwhile, if any.
     fn take_queued(&self) -> Option<Vec<Request>> {
-        let mut queue = self.shared.queue.lock().expect("queue lock");
-        (!queue.requests.is_empty()).then(|| std::mem::take(&mut queue.requests))
+        self.shared.intake.take_queued()
     }
 
     fn make_durable(&mut self) -> Result<()> {
@@ -754,10 +598,7 @@ impl Writer {
         self.active_len += self.buf.len() as u64;
         self.active.len.store(self.active_len, Ordering::Release);
         let written = self.buf.len() as u64;
-        self.shared
-            .counters
-            .bytes_written
-            .fetch_add(written, Ordering::Relaxed);
+        self.shared.counters.wrote(written);
         self.buf.clear();
         self.unsynced = true;
         Ok(())
@@ -783,7 +624,7 @@ impl Writer {
         crate::failpoint::crash("segment.sealed");
         let base = self.next_offset;
         let shared = &self.shared;
-        let prepared = shared.prepared.lock().expect("prepared lock").file.take();
+        let prepared = shared.handover.take();
         let disk = shared.disk.as_ref();
         let segment = match prepared {
             Some(file) => Segment::adopt(disk, &shared.log_dir, base, file),
@@ -791,17 +632,20 @@ impl Writer {
         };
         // Only now is the name free for the next one; a preallocator that found too little
         // space looks again.
-        shared.prepared.lock().expect("prepared lock").rolls += 1;
-        shared.prepared_taken.notify_all();
+        shared.handover.rolled();
         let segment = Arc::new(segment?);
         tracing::info!(segment = %segment.path.display(), base = base.0, "rolled to a new segment");
-        self.shared
-            .segments
-            .write()
-            .expect("segments lock")
-            .insert(base, segment.clone());
+        self.shared.segments.add(segment.clone());
         self.active = segment;
         self.active_len = 0;
         Ok(())
     }
+}
+
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the fsync interval is measured on the monotonic clock"
+)]
+pub(crate) fn monotonic_now() -> Instant {
+    Instant::now()
 }

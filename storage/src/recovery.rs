@@ -12,13 +12,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::dir::{self, list_segments, Segment};
 use crate::error::{Corruption, Error, Result};
 use crate::index::Index;
 use crate::io::Disk;
-use crate::log::Segment;
-use crate::pipeline::PositionRun;
+use crate::position::PositionRun;
 use crate::record::Frame;
-use crate::segment::{self, Tail};
+use crate::segment::{self, Ending};
 use crate::Offset;
 
 /// A torn tail that recovery cut off.
@@ -64,38 +64,6 @@ pub(crate) struct Recovered {
     pub(crate) report: RecoveryReport,
     pub(crate) segments: BTreeMap<Offset, Arc<Segment>>,
     pub(crate) active_len: u64,
-}
-
-/// Takes the data directory's lock (`log/.lock`), held while the log is open or repaired.
-/// Another holder (a running server) is [`Error::Locked`].
-pub(crate) fn lock_data_dir(disk: &dyn Disk, dir: &Path) -> Result<crate::io::DirLock> {
-    let lock_path = dir.join("log").join(".lock");
-    disk.lock(&lock_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::WouldBlock => Error::Locked {
-            path: dir.to_path_buf(),
-        },
-        _ => Error::io("lock", &lock_path, e),
-    })
-}
-
-/// The segment files in `log_dir`, oldest first. Other non-hidden files are an error.
-pub fn list_segments(disk: &dyn Disk, log_dir: &Path) -> Result<Vec<(Offset, PathBuf)>> {
-    let names = disk
-        .list_dir(log_dir)
-        .map_err(|e| Error::io("list directory", log_dir, e))?;
-    let mut segments = Vec::new();
-    for name in names {
-        if name.starts_with('.') {
-            continue;
-        }
-        let base = segment::parse_file_name(&name).ok_or_else(|| Error::Layout {
-            path: log_dir.join(&name),
-            why: "not a segment file (<20-digit base offset>.seg); move it out of log/".into(),
-        })?;
-        segments.push((base, log_dir.join(name)));
-    }
-    segments.sort();
-    Ok(segments)
 }
 
 struct Replay<'a> {
@@ -332,10 +300,11 @@ fn check_sealed(
     if let Some(damage) = scan.damage.first() {
         return Err(corrupt(damage.position, damage.reason.clone()));
     }
-    match scan.tail {
-        Tail::Clean => Ok(scan.next_offset),
-        Tail::Zeroed { .. } => Err(corrupt(scan.valid_end, Corruption::Zeroed)),
-        Tail::Torn { reason, .. } => Err(corrupt(scan.valid_end, reason)),
+    match scan.tail.judge(false) {
+        Ending::Corrupt { reason, .. } | Ending::TornTail { reason, .. } => {
+            Err(corrupt(scan.valid_end, reason))
+        }
+        Ending::Clean | Ending::Preallocated { .. } => Ok(scan.next_offset),
     }
 }
 
@@ -402,24 +371,22 @@ fn truncate_tail(
     scan: &segment::Scan,
     newest: bool,
 ) -> Result<Option<Truncation>> {
-    let (bytes, reason) = match &scan.tail {
-        Tail::Clean => return Ok(None),
-        // Preallocated space (or a crash before the data of an extended file was written):
-        // the writer goes on at the valid end, over the zeros.
-        Tail::Zeroed { bytes } if newest => {
+    let (bytes, reason) = match scan.tail.judge(newest) {
+        Ending::Clean => return Ok(None),
+        // The writer goes on at the valid end, over the zeros.
+        Ending::Preallocated { bytes } => {
             tracing::debug!(segment = %path.display(), bytes, "the newest segment has a zero tail; kept");
             return Ok(None);
         }
-        Tail::Zeroed { bytes } => (*bytes, Corruption::Zeroed),
-        Tail::Torn { bytes, reason } => (*bytes, reason.clone()),
+        Ending::TornTail { bytes, reason } => (bytes, reason),
+        Ending::Corrupt { reason, .. } => {
+            return Err(Error::Corrupt {
+                segment: path.to_path_buf(),
+                position: scan.valid_end,
+                reason,
+            })
+        }
     };
-    if !newest {
-        return Err(Error::Corrupt {
-            segment: path.to_path_buf(),
-            position: scan.valid_end,
-            reason,
-        });
-    }
     let quarantined = match reason {
         Corruption::Unwritten => Some(quarantine_tail(disk, file, path, scan, bytes)?),
         _ => None,
@@ -456,21 +423,11 @@ fn quarantine_tail(
     bytes: u64,
 ) -> Result<PathBuf> {
     let log_dir = path.parent().unwrap_or(Path::new("."));
-    let quarantine = crate::verify::quarantine_dir(disk, log_dir.parent().unwrap_or(log_dir))?;
-    let problem = crate::verify::Problem {
-        segment: path.to_path_buf(),
-        position: scan.valid_end,
-        len: bytes,
-        reason: Corruption::Unwritten,
-        lost: scan.next_offset.0..scan.next_offset.0,
-        torn_tail: true,
-    };
-    let moved = crate::verify::quarantine_bytes(disk, file, path, &quarantine, &[&problem])?;
-    Ok(moved
-        .into_iter()
-        .next()
-        .expect("one quarantine file per problem")
-        .file)
+    let quarantine = dir::quarantine_dir(disk, log_dir.parent().unwrap_or(log_dir))?;
+    let moved = dir::quarantine_region(disk, file, path, &quarantine, scan.valid_end, bytes)?;
+    disk.sync_dir(&quarantine)
+        .map_err(|e| Error::io("sync directory", &quarantine, e))?;
+    Ok(moved)
 }
 
 fn with_path(error: Error, path: &Path) -> Error {

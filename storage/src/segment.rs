@@ -54,6 +54,58 @@ pub enum Tail {
     },
 }
 
+/// What the bytes after a segment's valid records mean, by the torn-tail rule
+/// ([`Tail::judge`]), which recovery and `verify` both apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Nothing follows the valid records.
+    Clean,
+    /// Zeros after the newest segment's records: preallocated space, which the next records
+    /// overwrite. Kept.
+    Preallocated {
+        /// How many zero bytes.
+        bytes: u64,
+    },
+    /// A write a crash interrupted, at the end of the newest segment: cut at recovery.
+    TornTail {
+        /// Bytes from the end of the last valid record to the end of the file.
+        bytes: u64,
+        /// What is wrong with the first of them.
+        reason: Corruption,
+    },
+    /// A zero or torn tail anywhere but the newest segment, which was sealed whole: damage.
+    Corrupt {
+        /// Bytes from the end of the last valid record to the end of the file.
+        bytes: u64,
+        /// What is wrong with the first of them.
+        reason: Corruption,
+    },
+}
+
+impl Tail {
+    /// The torn-tail rule: only the log's `newest` segment may end in a zero tail
+    /// (preallocated space) or a torn tail (a write a crash interrupted, which recovery cuts);
+    /// a sealed segment ends exactly at its last record, so anything else there is corruption.
+    pub fn judge(&self, newest: bool) -> Ending {
+        match self {
+            Self::Clean => Ending::Clean,
+            Self::Zeroed { bytes } if newest => Ending::Preallocated { bytes: *bytes },
+            Self::Zeroed { bytes } => Ending::Corrupt {
+                bytes: *bytes,
+                reason: Corruption::Zeroed,
+            },
+            Self::Torn { bytes, reason } if newest => Ending::TornTail {
+                bytes: *bytes,
+                reason: reason.clone(),
+            },
+            Self::Torn { bytes, reason } => Ending::Corrupt {
+                bytes: *bytes,
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
 /// A damaged region followed by a valid record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {

@@ -9,11 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::dir::{self, list_segments, quarantine_dir};
 use crate::error::{Corruption, Error, Result};
 use crate::io::Disk;
 use crate::record::{self, Record};
-use crate::recovery::list_segments;
-use crate::segment::{self, Damage, Tail};
+use crate::segment::{self, Damage, Ending};
 use crate::{Index, Offset};
 
 /// One problem found by [`verify`].
@@ -113,13 +113,13 @@ pub fn verify(disk: &dyn Disk, dir: &Path) -> Result<VerifyReport> {
         for damage in &scan.damage {
             report.problems.push(problem(path, damage, false));
         }
-        // The newest segment's zero tail is preallocated space, not damage.
-        let preallocated = newest && matches!(scan.tail, Tail::Zeroed { .. });
-        let tail = match &scan.tail {
-            Tail::Clean => None,
-            Tail::Zeroed { .. } if preallocated => None,
-            Tail::Zeroed { bytes } => Some((*bytes, Corruption::Zeroed)),
-            Tail::Torn { bytes, reason } => Some((*bytes, reason.clone())),
+        let ending = scan.tail.judge(newest);
+        let preallocated = matches!(ending, Ending::Preallocated { .. });
+        let tail = match ending {
+            Ending::Clean | Ending::Preallocated { .. } => None,
+            Ending::TornTail { bytes, reason } | Ending::Corrupt { bytes, reason } => {
+                Some((bytes, reason))
+            }
         };
         if let Some((len, reason)) = tail {
             let lost_end = next_base.map_or(scan.next_offset.0, |b| b.0.max(scan.next_offset.0));
@@ -174,7 +174,7 @@ pub struct Quarantined {
 /// Refuses with [`Error::Locked`] while a server holds the directory.
 pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quarantined>> {
     let log_dir = dir.join("log");
-    let _lock = crate::recovery::lock_data_dir(disk, dir)?;
+    let _lock = dir::lock(disk, dir)?;
     let report = verify(disk, dir)?;
     if report.is_clean() {
         return Ok(Vec::new());
@@ -219,60 +219,19 @@ pub fn repair(disk: &dyn Disk, dir: &Path, index_dir: &Path) -> Result<Vec<Quara
     Ok(moved)
 }
 
-/// `<dir>/quarantine`, created if missing, with its entry in `dir` made durable.
-pub(crate) fn quarantine_dir(disk: &dyn Disk, dir: &Path) -> Result<PathBuf> {
-    let quarantine = dir.join("quarantine");
-    disk.create_dir_all(&quarantine)
-        .map_err(|e| Error::io("create directory", &quarantine, e))?;
-    disk.sync_dir(dir)
-        .map_err(|e| Error::io("sync directory", dir, e))?;
-    Ok(quarantine)
-}
-
 /// Copies each problem's bytes (of the segment `file` at `path`) into its own durable file in
 /// `quarantine/`.
-pub(crate) fn quarantine_bytes(
+fn quarantine_bytes(
     disk: &dyn Disk,
     file: &dyn crate::io::DiskFile,
     path: &Path,
     quarantine: &Path,
     problems: &[&Problem],
 ) -> Result<Vec<Quarantined>> {
-    let name = segment_file_name(path);
-    let existing = disk
-        .list_dir(quarantine)
-        .map_err(|e| Error::io("list directory", quarantine, e))?;
     let mut moved = Vec::new();
     for problem in problems {
-        let mut bytes = vec![0u8; usize::try_from(problem.len).unwrap_or(0)];
-        file.read_at(&mut bytes, problem.position)
-            .map_err(|e| Error::io("read segment", path, e))?;
-        // A later repair of the same segment never overwrites an earlier quarantine file.
-        let stem = format!("{name}.{:020}", problem.position);
-        let mut target = quarantine.join(format!("{stem}.bad"));
-        for n in 1.. {
-            let taken = target
-                .file_name()
-                .is_some_and(|f| existing.iter().any(|e| f.to_string_lossy() == *e));
-            if !taken {
-                break;
-            }
-            target = quarantine.join(format!("{stem}.{n}.bad"));
-        }
-        let out = disk
-            .create(&target)
-            .map_err(|e| Error::io("create quarantine file", &target, e))?;
-        out.write_at(&bytes, 0)
-            .map_err(|e| Error::io("write quarantine file", &target, e))?;
-        out.sync_data()
-            .map_err(|e| Error::io("fsync quarantine file", &target, e))?;
-        tracing::warn!(
-            segment = %path.display(),
-            position = problem.position,
-            bytes = problem.len,
-            quarantine = %target.display(),
-            "moved damaged bytes to quarantine"
-        );
+        let target =
+            dir::quarantine_region(disk, file, path, quarantine, problem.position, problem.len)?;
         moved.push(Quarantined {
             problem: (*problem).clone(),
             file: target,

@@ -12,7 +12,7 @@ use super::keys::{
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
 use crate::error::{Error, Result};
-use crate::pipeline::PositionRun;
+use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
 use crate::state::{self, DeadEntry, EntryValue, Store, Was};
 use crate::Offset;

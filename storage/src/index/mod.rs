@@ -34,7 +34,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use bincode::{Decode, Encode};
 
 use crate::error::{Error, Result};
-use crate::pipeline::PositionRun;
+pub use crate::position::Location;
+use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
 pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind};
 use crate::Offset;
@@ -73,17 +74,6 @@ pub struct InboxEntry {
 struct DedupeValue {
     offset: u64,
     until_ms: u64,
-}
-
-/// Where a record is: its segment's base offset, byte position and frame length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Location {
-    /// Base offset of the segment that holds it.
-    pub segment: Offset,
-    /// Byte position of the frame inside the segment.
-    pub position: u64,
-    /// Length of the frame in bytes.
-    pub len: u64,
 }
 
 /// The logical content of the index, for comparing two indexes (tests, `courierctl`).
