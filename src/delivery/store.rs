@@ -1,0 +1,250 @@
+//! `State` as a [`Store`] of the one delivery state machine
+//! ([`courier_storage::state`]): the primitive changes on maps in memory, with the ready
+//! set, the in-flight count and the timer set kept in step; and loading what the index holds
+//! at start.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use courier_storage::state::{
+    self as machine, Arrival, DeadEntry, EntryState, EntryValue, Store, Was,
+};
+use courier_storage::{Agent, Offset, Record, Slot};
+
+use super::{key, Key, State, Timer};
+
+impl State {
+    /// Loads a pending message as the index holds it (start-up).
+    pub fn load_entry(&mut self, inbox: &str, slot: Slot, value: EntryValue) {
+        self.put(inbox, key(slot), value);
+    }
+
+    /// Loads a dead letter as the index holds it (start-up).
+    pub fn load_dead(&mut self, inbox: &str, dead: DeadEntry) {
+        let Ok(()) = self.put_dead(inbox, &dead);
+    }
+
+    /// Loads a remembered client id and the record clock as the index holds them (start-up).
+    pub fn load_remembered(&mut self, id: &str, offset: Offset, until_ms: u64) {
+        let Ok(()) = self.remember(id, offset, until_ms);
+    }
+
+    /// Sets the record clock as the index holds it (start-up).
+    pub fn load_clock(&mut self, clock_ms: u64) {
+        self.clock_ms = clock_ms;
+    }
+
+    /// Makes sure an (empty) inbox exists, for a registered agent.
+    pub fn open_inbox(&mut self, inbox: &str) {
+        self.inbox_mut(inbox);
+    }
+
+    pub(super) fn timers_of(
+        name: &Arc<str>,
+        k: Key,
+        value: &EntryValue,
+    ) -> impl Iterator<Item = Timer> {
+        let name = name.clone();
+        value
+            .timers()
+            .map(move |(due, kind)| (due, kind, name.clone(), k))
+    }
+
+    /// Inserts or replaces an entry, keeping `ready`, `in_flight` and the timers in step.
+    pub(super) fn put(&mut self, inbox: &str, k: Key, value: EntryValue) {
+        self.remove(inbox, k);
+        let (name, state_inbox) = self.inbox_mut(inbox);
+        match value.state {
+            EntryState::Ready {
+                not_before_ms: None,
+            } => {
+                state_inbox.ready.insert(k);
+            }
+            EntryState::Ready { .. } => {}
+            EntryState::Leased { .. } => state_inbox.in_flight += 1,
+        }
+        state_inbox.entries.insert(k, value);
+        self.timers.extend(Self::timers_of(&name, k, &value));
+    }
+
+    /// Removes an entry and its timers; returns it if it was pending.
+    pub(super) fn remove(&mut self, inbox: &str, k: Key) -> Option<EntryValue> {
+        let (name, state_inbox) = self.inbox_mut(inbox);
+        let old = state_inbox.entries.remove(&k)?;
+        state_inbox.ready.remove(&k);
+        if old.is_leased() {
+            state_inbox.in_flight -= 1;
+        }
+        for timer in Self::timers_of(&name, k, &old) {
+            self.timers.remove(&timer);
+        }
+        Some(old)
+    }
+
+    pub(super) fn entry(&self, inbox: &str, k: Key) -> Option<&EntryValue> {
+        self.inboxes.get(inbox)?.entries.get(&k)
+    }
+
+    /// Applies one record at `offset`, written at `timestamp_ms`
+    /// ([`courier_storage::state::apply`]), then forgets the client ids whose window ended by
+    /// the latest record time. Returns the inboxes that may have messages ready now.
+    pub fn apply(&mut self, record: &Record, offset: Offset, timestamp_ms: u64) -> Vec<Arc<str>> {
+        let Ok(touched) = machine::apply(self, record, offset, timestamp_ms);
+        let woken = touched.iter().map(|inbox| self.name(inbox)).collect();
+        self.advance_clock(timestamp_ms);
+        woken
+    }
+
+    /// Applies a published message given only what delivery needs of it
+    /// ([`courier_storage::state::arrive`]): the effect of [`State::apply`] on its `Message`
+    /// record, without the body. Returns the inboxes that may have messages ready now.
+    pub fn arrive(
+        &mut self,
+        arrival: &Arrival,
+        offset: Offset,
+        timestamp_ms: u64,
+    ) -> Vec<Arc<str>> {
+        let Ok(touched) = machine::arrive(self, arrival, offset);
+        let woken = touched.iter().map(|inbox| self.name(inbox)).collect();
+        self.advance_clock(timestamp_ms);
+        woken
+    }
+
+    fn advance_clock(&mut self, timestamp_ms: u64) {
+        self.clock_ms = self.clock_ms.max(timestamp_ms);
+        if self
+            .expiries
+            .first()
+            .is_some_and(|(until, _)| *until <= self.clock_ms)
+        {
+            let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
+        }
+    }
+
+    /// The offset first published with client id `id`, if it is remembered at `now_ms`.
+    pub fn recall(&self, id: &str, now_ms: u64) -> Option<Offset> {
+        let (offset, until_ms) = self.remembered.get(id)?;
+        machine::still_remembered(*until_ms, now_ms).then_some(*offset)
+    }
+}
+
+impl Store for State {
+    type Error = Infallible;
+
+    fn entry(&mut self, inbox: &str, slot: Slot) -> Result<Option<EntryValue>, Infallible> {
+        Ok(State::entry(self, inbox, key(slot)).copied())
+    }
+
+    fn put_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        value: &EntryValue,
+        _was: Was<'_>,
+    ) -> Result<(), Infallible> {
+        self.put(inbox, key(slot), *value);
+        Ok(())
+    }
+
+    fn remove_entry(
+        &mut self,
+        inbox: &str,
+        slot: Slot,
+        _old: &EntryValue,
+    ) -> Result<(), Infallible> {
+        self.remove(inbox, key(slot));
+        Ok(())
+    }
+
+    fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<(), Infallible> {
+        self.inbox_mut(inbox)
+            .1
+            .dead
+            .insert(dead.slot.offset.0, *dead);
+        Ok(())
+    }
+
+    fn take_dead(&mut self, inbox: &str, offset: Offset) -> Result<bool, Infallible> {
+        Ok(self.inbox_mut(inbox).1.dead.remove(&offset.0).is_some())
+    }
+
+    fn remember(&mut self, id: &str, offset: Offset, until_ms: u64) -> Result<(), Infallible> {
+        self.remembered.insert(id.to_owned(), (offset, until_ms));
+        self.expiries.insert((until_ms, id.to_owned()));
+        Ok(())
+    }
+
+    fn remembered_until(&mut self, id: &str) -> Result<Option<u64>, Infallible> {
+        Ok(self.remembered.get(id).map(|(_, until)| *until))
+    }
+
+    fn expired_ids(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
+        let end = (clock_ms.saturating_add(1), String::new());
+        Ok(self.expiries.range(..end).cloned().collect())
+    }
+
+    fn unlist_expiry(
+        &mut self,
+        until_ms: u64,
+        id: &str,
+        forget_id: bool,
+    ) -> Result<(), Infallible> {
+        if forget_id {
+            self.remembered.remove(id);
+        }
+        self.expiries.remove(&(until_ms, id.to_owned()));
+        Ok(())
+    }
+
+    fn upsert_agent(&mut self, agent: &Agent) -> Result<(), Infallible> {
+        self.open_inbox(&agent.id);
+        Ok(())
+    }
+
+    fn delete_agent(&mut self, agent: &str) -> Result<(), Infallible> {
+        if let Some(inbox) = self.inboxes.remove(agent) {
+            let name: Arc<str> = Arc::from(agent);
+            for (k, value) in &inbox.entries {
+                for timer in Self::timers_of(&name, *k, value) {
+                    self.timers.remove(&timer);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Subscriptions are not routed by this build: the index keeps them, memory does not.
+    fn subscribe(&mut self, _agent: &str, _topic: &str, _start: Offset) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, _agent: &str, _topic: &str) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn forget_below(&mut self, below: Offset) -> Result<(), Infallible> {
+        let names: Vec<Arc<str>> = self.inboxes.keys().cloned().collect();
+        for name in names {
+            let doomed: Vec<Key> = self.inboxes[&name]
+                .entries
+                .keys()
+                .filter(|k| k.1 < below.0)
+                .copied()
+                .collect();
+            for k in doomed {
+                self.remove(&name, k);
+            }
+            let inbox = self.inbox_mut(&name).1;
+            inbox.dead = inbox.dead.split_off(&below.0);
+        }
+        let expiries = &mut self.expiries;
+        self.remembered.retain(|id, (offset, until_ms)| {
+            let keep = *offset >= below;
+            if !keep {
+                expiries.remove(&(*until_ms, id.clone()));
+            }
+            keep
+        });
+        Ok(())
+    }
+}
