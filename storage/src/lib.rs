@@ -25,6 +25,7 @@
 //! ```
 #![deny(missing_docs, clippy::unwrap_used)]
 
+pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod index;
