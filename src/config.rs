@@ -1,179 +1,204 @@
 //! Configuration: defaults < `--config` TOML file < `COURIER_*` environment < flags (SPEC §4).
 //!
-//! Every setting is a key of [`KEYS`]. The raw layer collects one string per key with the
-//! place it came from ([`RawConfig`]); [`RawConfig::validate`] turns it into a typed
-//! [`Config`], with durations and sizes parsed, and names the key and its source in every
-//! error. Nothing here reads the clock or opens the data directory.
+//! [`Cli`] declares every key once, with clap's derive: its flag `--a-b-c`, its variable
+//! `COURIER_A_B_C`, its default and its help. [`RawConfig`] layers one string per key with the
+//! place it came from: the defaults, the TOML file ([`RawConfig::merge_toml`]), then what clap
+//! found in the environment and on the command line ([`RawConfig::merge_command_line`]).
+//! [`RawConfig::validate`] types them into a [`Config`], durations through
+//! [`courier_storage::duration`], and names the key, the value and its source in every error.
+//! Values stay text until then so that a bad one is reported the same way from every source.
+//! Nothing here reads the clock or opens the data directory.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use courier_storage::FsyncPolicy;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, Parser};
+use courier_storage::{duration, FsyncPolicy};
 
-/// A configuration key: its name (`a.b_c`), default (`None`: off) and meaning.
-#[derive(Debug, Clone, Copy)]
+/// The command line of `courier`: `--config`, `--insecure`, and every configuration key as a
+/// flag with its variable, default and help. An argument's id is its key's name: a key in a
+/// `[section]` (`a.b_c`) names its id and flag, the others take both from the field's name.
+///
+/// The key fields are the declaration, and nothing reads them: [`RawConfig::merge_command_line`]
+/// reads each key from the [`ArgMatches`] by id, because layering the file under the
+/// environment needs to know where clap found each value ([`ArgMatches::value_source`]).
+#[derive(Debug, Parser)]
+#[command(
+    name = "courier",
+    version,
+    about = "A durable message log service for software agents",
+    long_about = None,
+    mut_args = shown_as_value,
+    after_help = "Every setting also comes from the TOML file (--config) and from COURIER_* variables;\n\
+                  precedence: defaults < file < environment < flags. Example:\n  \
+                  courier --listen 127.0.0.1:7070 --data-dir ./courier-data --fsync always"
+)]
+pub struct Cli {
+    /// TOML configuration file
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// allow a non-loopback listen address without authentication
+    #[arg(long)]
+    pub insecure: bool,
+    /// HTTP address (port 0: any free port)
+    #[arg(long, env = "COURIER_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// log segments, sled index, admin token
+    #[arg(long, env = "COURIER_DATA_DIR", default_value = "./courier-data")]
+    pub data_dir: String,
+    /// always | interval:<duration> | never
+    #[arg(long, env = "COURIER_FSYNC", default_value = "always")]
+    pub fsync: String,
+    /// roll to a new segment past this size
+    #[arg(long, env = "COURIER_SEGMENT_BYTES", default_value = "67108864")]
+    pub segment_bytes: String,
+    /// delete whole old segments past this total size [default: off]
+    #[arg(id = "retention.max_bytes", long = "retention-max-bytes")]
+    #[arg(env = "COURIER_RETENTION_MAX_BYTES")]
+    pub retention_max_bytes: Option<String>,
+    /// delete whole old segments older than this [default: off]
+    #[arg(id = "retention.max_age", long = "retention-max-age")]
+    #[arg(env = "COURIER_RETENTION_MAX_AGE")]
+    pub retention_max_age: Option<String>,
+    /// default lease of a delivery
+    #[arg(long, env = "COURIER_LEASE", default_value = "30s")]
+    pub lease: String,
+    /// deliveries before dead-lettering
+    #[arg(long, env = "COURIER_MAX_ATTEMPTS", default_value = "5")]
+    pub max_attempts: String,
+    /// delay before the first redelivery after an expired lease
+    #[arg(id = "backoff.initial", long = "backoff-initial")]
+    #[arg(env = "COURIER_BACKOFF_INITIAL", default_value = "1s")]
+    pub backoff_initial: String,
+    /// longest delay before a redelivery
+    #[arg(id = "backoff.max", long = "backoff-max")]
+    #[arg(env = "COURIER_BACKOFF_MAX", default_value = "5m")]
+    pub backoff_max: String,
+    /// growth of the delay per attempt
+    #[arg(id = "backoff.multiplier", long = "backoff-multiplier")]
+    #[arg(env = "COURIER_BACKOFF_MULTIPLIER", default_value = "2.0")]
+    pub backoff_multiplier: String,
+    /// how long a client id is remembered
+    #[arg(long, env = "COURIER_DEDUPE_WINDOW", default_value = "2m")]
+    pub dedupe_window: String,
+    /// how long an agent counts as online after it was seen
+    #[arg(long, env = "COURIER_PRESENCE_TTL", default_value = "30s")]
+    pub presence_ttl: String,
+    /// one message, as sent
+    #[arg(id = "limits.max_message_bytes", long = "limits-max-message-bytes")]
+    #[arg(env = "COURIER_LIMITS_MAX_MESSAGE_BYTES", default_value = "1048576")]
+    pub limits_max_message_bytes: String,
+    /// messages in one batch
+    #[arg(id = "limits.max_batch_messages", long = "limits-max-batch-messages")]
+    #[arg(env = "COURIER_LIMITS_MAX_BATCH_MESSAGES", default_value = "1000")]
+    pub limits_max_batch_messages: String,
+    /// bytes of one batch request
+    #[arg(id = "limits.max_batch_bytes", long = "limits-max-batch-bytes")]
+    #[arg(env = "COURIER_LIMITS_MAX_BATCH_BYTES", default_value = "8388608")]
+    pub limits_max_batch_bytes: String,
+    /// ready + in-flight per agent; past it publishes get 429
+    #[arg(id = "limits.max_inbox_depth", long = "limits-max-inbox-depth")]
+    #[arg(env = "COURIER_LIMITS_MAX_INBOX_DEPTH", default_value = "1000000")]
+    pub limits_max_inbox_depth: String,
+    /// messages per second per sending agent (0: off)
+    #[arg(id = "limits.publish_rate", long = "limits-publish-rate")]
+    #[arg(env = "COURIER_LIMITS_PUBLISH_RATE", default_value = "0")]
+    pub limits_publish_rate: String,
+    /// long-polls open at once per agent; past it receive gets 429
+    #[arg(id = "limits.max_receivers", long = "limits-max-receivers")]
+    #[arg(env = "COURIER_LIMITS_MAX_RECEIVERS", default_value = "64")]
+    pub limits_max_receivers: String,
+    /// nesting of arrays and objects in a body or metadata; deeper gets 400
+    #[arg(id = "limits.max_json_depth", long = "limits-max-json-depth")]
+    #[arg(env = "COURIER_LIMITS_MAX_JSON_DEPTH", default_value = "64")]
+    pub limits_max_json_depth: String,
+    /// none (token auth is not in this build yet)
+    #[arg(id = "auth.mode", long = "auth-mode")]
+    #[arg(env = "COURIER_AUTH_MODE", default_value = "none")]
+    pub auth_mode: String,
+    /// the admin token (with auth.mode = token); COURIER_ADMIN_TOKEN also sets it [default: off]
+    #[arg(id = "auth.admin_token", long = "auth-admin-token")]
+    #[arg(env = "COURIER_AUTH_ADMIN_TOKEN", hide_env_values = true)]
+    pub auth_admin_token: Option<String>,
+    /// HMAC-signed publishes (not in this build yet)
+    #[arg(id = "auth.signing", long = "auth-signing")]
+    #[arg(env = "COURIER_AUTH_SIGNING", default_value = "false")]
+    pub auth_signing: String,
+    /// PEM certificate (TLS is not in this build yet) [default: off]
+    #[arg(id = "tls.cert", long = "tls-cert")]
+    #[arg(env = "COURIER_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// PEM private key (TLS is not in this build yet) [default: off]
+    #[arg(id = "tls.key", long = "tls-key")]
+    #[arg(env = "COURIER_TLS_KEY")]
+    pub tls_key: Option<String>,
+    /// text | json
+    #[arg(long, env = "COURIER_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// error | warn | info | debug | trace; RUST_LOG overrides it
+    #[arg(long, env = "COURIER_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Shows every key's value in `--help` as `<VALUE>` (clap's derive would show its id).
+fn shown_as_value(arg: clap::Arg) -> clap::Arg {
+    if arg.get_env().is_some() {
+        arg.value_name("VALUE")
+    } else {
+        arg
+    }
+}
+
+/// SPEC §7's name for `auth.admin_token` in the environment, besides `COURIER_AUTH_ADMIN_TOKEN`
+/// (over which it wins).
+pub const ADMIN_TOKEN_VAR: &str = "COURIER_ADMIN_TOKEN";
+
+/// A configuration key, as [`Cli`] declares it.
+#[derive(Debug, Clone)]
 pub struct Key {
-    /// `a.b_c`: `[a] b_c` in TOML, `--a-b-c` as a flag, `COURIER_A_B_C` in the environment.
-    pub name: &'static str,
-    /// The default as written in the config table; `None` means unset (off).
-    pub default: Option<&'static str>,
-    /// What it does, for `--help` and the README.
-    pub help: &'static str,
-}
-
-impl Key {
-    /// The command-line flag: `--a-b-c`.
-    pub fn flag(&self) -> String {
-        self.name.replace(['.', '_'], "-")
-    }
-
+    /// `a.b_c`: `[a] b_c` in TOML.
+    pub name: String,
+    /// The flag without its dashes: `a-b-c`.
+    pub flag: String,
     /// The environment variable: `COURIER_A_B_C`.
-    pub fn env(&self) -> String {
-        format!("COURIER_{}", self.name.replace('.', "_").to_uppercase())
-    }
+    pub env: String,
+    /// The default as `--help` shows it; `None` means unset (off).
+    pub default: Option<String>,
 }
 
-const fn key(name: &'static str, default: Option<&'static str>, help: &'static str) -> Key {
-    Key {
-        name,
-        default,
-        help,
-    }
+/// Every configuration key, in the order of `--help` and of the README's table: the
+/// arguments of [`Cli`] that have a variable.
+pub fn keys() -> &'static [Key] {
+    static KEYS: OnceLock<Vec<Key>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        Cli::command()
+            .get_arguments()
+            .filter_map(|arg| {
+                Some(Key {
+                    name: arg.get_id().to_string(),
+                    flag: arg.get_long()?.to_owned(),
+                    env: arg.get_env()?.to_str()?.to_owned(),
+                    default: arg
+                        .get_default_values()
+                        .first()
+                        .map(|value| value.to_string_lossy().into_owned()),
+                })
+            })
+            .collect()
+    })
 }
 
-/// Every configuration key, in the order of the README's table.
-pub const KEYS: &[Key] = &[
-    key(
-        "listen",
-        Some("127.0.0.1:7070"),
-        "HTTP address (port 0: any free port)",
-    ),
-    key(
-        "data_dir",
-        Some("./courier-data"),
-        "log segments, sled index, admin token",
-    ),
-    key(
-        "fsync",
-        Some("always"),
-        "always | interval:<duration> | never",
-    ),
-    key(
-        "segment_bytes",
-        Some("67108864"),
-        "roll to a new segment past this size",
-    ),
-    key(
-        "retention.max_bytes",
-        None,
-        "delete whole old segments past this total size",
-    ),
-    key(
-        "retention.max_age",
-        None,
-        "delete whole old segments older than this",
-    ),
-    key("lease", Some("30s"), "default lease of a delivery"),
-    key(
-        "max_attempts",
-        Some("5"),
-        "deliveries before dead-lettering",
-    ),
-    key(
-        "backoff.initial",
-        Some("1s"),
-        "delay before the first redelivery after an expired lease",
-    ),
-    key(
-        "backoff.max",
-        Some("5m"),
-        "longest delay before a redelivery",
-    ),
-    key(
-        "backoff.multiplier",
-        Some("2.0"),
-        "growth of the delay per attempt",
-    ),
-    key(
-        "dedupe_window",
-        Some("2m"),
-        "how long a client id is remembered",
-    ),
-    key(
-        "presence_ttl",
-        Some("30s"),
-        "how long an agent counts as online after it was seen",
-    ),
-    key(
-        "limits.max_message_bytes",
-        Some("1048576"),
-        "one message, as sent",
-    ),
-    key(
-        "limits.max_batch_messages",
-        Some("1000"),
-        "messages in one batch",
-    ),
-    key(
-        "limits.max_batch_bytes",
-        Some("8388608"),
-        "bytes of one batch request",
-    ),
-    key(
-        "limits.max_inbox_depth",
-        Some("1000000"),
-        "ready + in-flight per agent; past it publishes get 429",
-    ),
-    key(
-        "limits.publish_rate",
-        Some("0"),
-        "messages per second per sending agent (0: off)",
-    ),
-    key(
-        "limits.max_receivers",
-        Some("64"),
-        "long-polls open at once per agent; past it receive gets 429",
-    ),
-    key(
-        "limits.max_json_depth",
-        Some("64"),
-        "nesting of arrays and objects in a body or metadata; deeper gets 400",
-    ),
-    key(
-        "auth.mode",
-        Some("none"),
-        "none (token auth is not in this build yet)",
-    ),
-    key(
-        "auth.admin_token",
-        None,
-        "the admin token (with auth.mode = token)",
-    ),
-    key(
-        "auth.signing",
-        Some("false"),
-        "HMAC-signed publishes (not in this build yet)",
-    ),
-    key(
-        "tls.cert",
-        None,
-        "PEM certificate (TLS is not in this build yet)",
-    ),
-    key(
-        "tls.key",
-        None,
-        "PEM private key (TLS is not in this build yet)",
-    ),
-    key("log_format", Some("text"), "text | json"),
-    key(
-        "log_level",
-        Some("info"),
-        "error | warn | info | debug | trace; RUST_LOG overrides it",
-    ),
-];
+fn find_key(name: &str) -> Result<&'static Key, String> {
+    keys().iter().find(|k| k.name == name).ok_or_else(|| {
+        let known: Vec<&str> = keys().iter().map(|k| k.name.as_str()).collect();
+        format!("unknown key `{name}`; known keys: {}", known.join(", "))
+    })
+}
 
 /// Where a value came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -230,7 +255,7 @@ pub enum ConfigError {
 /// One string per key with its source: the merged layers before typing.
 #[derive(Debug, Clone, Default)]
 pub struct RawConfig {
-    values: BTreeMap<&'static str, (String, Source)>,
+    values: BTreeMap<String, (String, Source)>,
     /// `--insecure`: allow a non-loopback `listen` without auth.
     pub insecure: bool,
 }
@@ -239,10 +264,10 @@ impl RawConfig {
     /// The defaults alone.
     pub fn defaults() -> Self {
         let mut raw = Self::default();
-        for key in KEYS {
-            if let Some(default) = key.default {
+        for key in keys() {
+            if let Some(default) = &key.default {
                 raw.values
-                    .insert(key.name, (default.to_owned(), Source::Default));
+                    .insert(key.name.clone(), (default.clone(), Source::Default));
             }
         }
         raw
@@ -251,67 +276,79 @@ impl RawConfig {
     /// Sets `name` from `source`; unknown names are an error.
     pub fn set(&mut self, name: &str, value: String, source: Source) -> Result<(), String> {
         let key = find_key(name)?;
-        self.values.insert(key.name, (value, source));
+        self.values.insert(key.name.clone(), (value, source));
         Ok(())
     }
 
-    /// Merges a TOML document: top-level keys and one level of tables (`[a] b_c = ...`).
-    pub fn merge_toml(&mut self, text: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    /// Merges a TOML document: keys at the top and in `[section]` tables (`[a] b_c = ...`),
+    /// each a string, number or boolean, kept as text to be typed like every other source.
+    pub fn merge_toml(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
         let file_error = |reason: String| ConfigError::File {
             path: path.to_path_buf(),
             reason,
         };
-        let table: toml::Table = text.parse().map_err(|e| file_error(format!("{e}")))?;
-        let mut flat = Vec::new();
+        let table: toml::Table = toml::from_str(text).map_err(|e| file_error(e.to_string()))?;
         for (name, value) in table {
-            match value {
-                toml::Value::Table(inner) => {
-                    for (sub, value) in inner {
-                        flat.push((format!("{name}.{sub}"), value));
-                    }
-                }
-                value => flat.push((name, value)),
-            }
-        }
-        for (name, value) in flat {
-            let text = match value {
-                toml::Value::String(s) => s,
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(x) => x.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => {
-                    return Err(file_error(format!(
-                        "`{name}` must be a string, number or boolean, not {}",
-                        other.type_str()
-                    )))
-                }
+            let entries = match value {
+                toml::Value::Table(section) => section
+                    .into_iter()
+                    .map(|(sub, value)| (format!("{name}.{sub}"), value))
+                    .collect(),
+                value => vec![(name, value)],
             };
-            self.set(&name, text, Source::File(path.to_path_buf()))
-                .map_err(file_error)?;
+            for (name, value) in entries {
+                let text = match value {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(x) => x.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    other => {
+                        return Err(file_error(format!(
+                            "`{name}` must be a string, number or boolean, not {}",
+                            other.type_str()
+                        )))
+                    }
+                };
+                self.set(&name, text, Source::File(path.to_path_buf()))
+                    .map_err(file_error)?;
+            }
         }
         Ok(())
     }
 
-    /// Merges `COURIER_*` variables from `vars` (the process environment in production).
-    pub fn merge_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
-        let vars: BTreeMap<String, String> = vars.into_iter().collect();
-        for key in KEYS {
-            let var = key.env();
-            if let Some(value) = vars.get(&var) {
+    /// Merges what clap found in the `COURIER_*` variables and in the flags (`matches` of
+    /// [`Cli`]), and `--insecure`. Keys clap left at their default keep the lower layers.
+    /// [`ADMIN_TOKEN_VAR`] is read here, as clap takes one variable per argument.
+    pub fn merge_command_line(&mut self, matches: &ArgMatches) -> Result<(), ConfigError> {
+        for key in keys() {
+            let source = match matches.value_source(&key.name) {
+                Some(ValueSource::EnvVariable) => Source::Env(key.env.clone()),
+                Some(ValueSource::CommandLine) => Source::Flag(key.flag.clone()),
+                _ => continue,
+            };
+            if let Some(value) = matches.get_one::<String>(&key.name) {
                 self.values
-                    .insert(key.name, (value.clone(), Source::Env(var)));
+                    .insert(key.name.clone(), (value.clone(), source));
             }
         }
-        // SPEC §7 names this variable for the admin token.
-        if let Some(token) = vars.get("COURIER_ADMIN_TOKEN") {
-            self.values.insert(
-                "auth.admin_token",
-                (token.clone(), Source::Env("COURIER_ADMIN_TOKEN".into())),
-            );
+        // SPEC §7's variable wins over COURIER_AUTH_ADMIN_TOKEN, but not over the flag.
+        let flag_given = matches.value_source("auth.admin_token") == Some(ValueSource::CommandLine);
+        if let Some(token) = std::env::var_os(ADMIN_TOKEN_VAR).filter(|_| !flag_given) {
+            let origin = Source::Env(ADMIN_TOKEN_VAR.into());
+            let token = token.into_string().map_err(|token| ConfigError::Invalid {
+                key: "auth.admin_token",
+                value: token.to_string_lossy().into_owned(),
+                origin: origin.clone(),
+                reason: "not valid UTF-8".into(),
+            })?;
+            self.values
+                .insert("auth.admin_token".into(), (token, origin));
         }
+        self.insecure = matches.get_flag("insecure");
+        Ok(())
     }
 
-    fn get(&self, name: &'static str) -> Option<&(String, Source)> {
+    fn get(&self, name: &str) -> Option<&(String, Source)> {
         self.values.get(name)
     }
 
@@ -434,13 +471,6 @@ impl RawConfig {
     }
 }
 
-fn find_key(name: &str) -> Result<&'static Key, String> {
-    KEYS.iter().find(|k| k.name == name).ok_or_else(|| {
-        let known: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
-        format!("unknown key `{name}`; known keys: {}", known.join(", "))
-    })
-}
-
 /// The typed, checked configuration. Passed explicitly; there are no globals.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -550,27 +580,8 @@ impl Config {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `2h`, `7d` (a bare number is not accepted: give the unit).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit; write it as 250ms, 30s, 5m, 2h or 7d"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().map_err(|_| {
-        format!("`{text}` does not start with a whole number; write it as 250ms, 30s, 5m, 2h or 7d")
-    })?;
-    let ms_per = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("unknown unit `{unit}`; use ms, s, m, h or d")),
-    };
-    n.checked_mul(ms_per)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is too long a duration"))
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    duration::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
@@ -631,6 +642,14 @@ mod tests {
         assert!(error.contains(expected), "{error:?} lacks {expected:?}");
     }
 
+    /// `args` as clap parses them. The environment is the process's: the variables are
+    /// checked on the real binary (tests/integration/config.rs), not set here.
+    fn command_line(args: &[&str]) -> ArgMatches {
+        Cli::command()
+            .try_get_matches_from(std::iter::once("courier").chain(args.iter().copied()))
+            .expect("valid flags")
+    }
+
     #[test]
     fn defaults_match_the_spec() {
         let config = Config::defaults();
@@ -650,13 +669,28 @@ mod tests {
 
     #[test]
     fn durations_take_units_and_refuse_bare_numbers() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert!(parse_duration("30").unwrap_err().contains("no unit"));
-        assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("-1s").is_err());
+        let mut raw = RawConfig::defaults();
+        for (text, lease) in [
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("2h", 7_200_000),
+        ] {
+            raw.set("lease", text.into(), Source::Default).unwrap();
+            assert_eq!(raw.validate().unwrap().lease, Duration::from_millis(lease));
+        }
+        raw.set("dedupe_window", "7d".into(), Source::Default)
+            .unwrap();
+        assert_eq!(
+            raw.validate().unwrap().dedupe_window,
+            Duration::from_secs(7 * 86_400)
+        );
+        raw.set("lease", "30".into(), Source::Default).unwrap();
+        check_err(&raw, "no unit");
+        raw.set("lease", "3x".into(), Source::Default).unwrap();
+        check_err(&raw, "unknown unit");
+        raw.set("lease", "-1s".into(), Source::Default).unwrap();
+        check_err(&raw, "`lease`");
     }
 
     #[test]
@@ -668,12 +702,12 @@ mod tests {
             path,
         )
         .unwrap();
-        raw.merge_env([("COURIER_MAX_ATTEMPTS".to_string(), "7".to_string())]);
-        raw.set(
-            "backoff.initial",
-            "3s".into(),
-            Source::Flag("backoff-initial".into()),
-        )
+        raw.merge_command_line(&command_line(&[
+            "--max-attempts",
+            "7",
+            "--backoff-initial",
+            "3s",
+        ]))
         .unwrap();
         let config = raw.validate().unwrap();
         assert_eq!(config.lease, Duration::from_secs(10));
@@ -684,15 +718,25 @@ mod tests {
     #[test]
     fn errors_name_the_key_and_its_source() {
         let mut raw = RawConfig::defaults();
-        raw.merge_env([("COURIER_LEASE".to_string(), "soon".to_string())]);
-        check_err(&raw, "`lease` (from environment variable COURIER_LEASE)");
+        raw.merge_command_line(&command_line(&["--lease", "soon"]))
+            .unwrap();
+        check_err(
+            &raw,
+            "invalid value \"soon\" for `lease` (from flag --lease)",
+        );
+
+        let mut raw = RawConfig::defaults();
+        let path = std::path::Path::new("c.toml");
+        raw.merge_toml("[limits]\nmax_batch_messages = 0\n", path)
+            .unwrap();
+        check_err(
+            &raw,
+            "invalid value \"0\" for `limits.max_batch_messages` (from c.toml)",
+        );
 
         let mut raw = RawConfig::defaults();
         let error = raw
-            .merge_toml(
-                "[limits]\nmax_mesage_bytes = 5\n",
-                std::path::Path::new("c.toml"),
-            )
+            .merge_toml("[limits]\nmax_mesage_bytes = 5\n", path)
             .unwrap_err()
             .to_string();
         assert!(
@@ -707,7 +751,8 @@ mod tests {
         raw.set("listen", "0.0.0.0:7070".into(), Source::Default)
             .unwrap();
         check_err(&raw, "--insecure");
-        raw.insecure = true;
+        raw.merge_command_line(&command_line(&["--insecure"]))
+            .unwrap();
         assert!(raw.validate().is_ok());
     }
 
@@ -725,8 +770,31 @@ mod tests {
 
     #[test]
     fn every_key_has_flag_and_env_names() {
+        assert_eq!(keys().len(), 27);
+        for key in keys() {
+            assert_eq!(key.flag, key.name.replace(['.', '_'], "-"));
+            let env = format!("COURIER_{}", key.name.replace('.', "_").to_uppercase());
+            assert_eq!(key.env, env);
+        }
         let key = find_key("limits.max_inbox_depth").unwrap();
-        assert_eq!(key.flag(), "limits-max-inbox-depth");
-        assert_eq!(key.env(), "COURIER_LIMITS_MAX_INBOX_DEPTH");
+        assert_eq!(key.flag, "limits-max-inbox-depth");
+        assert_eq!(key.env, "COURIER_LIMITS_MAX_INBOX_DEPTH");
+    }
+
+    #[test]
+    fn help_lists_every_key_with_its_default() {
+        let help = Cli::command().render_help().to_string();
+        for key in keys() {
+            let default = key.default.as_deref().unwrap_or("off");
+            let line = help
+                .split("\n      --")
+                .find(|entry| entry.starts_with(&format!("{} ", key.flag)))
+                .unwrap_or_else(|| panic!("--help lacks --{}:\n{help}", key.flag));
+            assert!(
+                line.contains(&format!("[default: {default}]")),
+                "--{} does not show its default {default}: {line}",
+                key.flag
+            );
+        }
     }
 }

@@ -1,64 +1,21 @@
 //! The `courier` binary: flags → config → logging → serve until SIGTERM or Ctrl-C.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Arg, ArgAction, Command};
-use courier::config::{RawConfig, Source, KEYS};
+use clap::CommandFactory;
+use courier::config::{Cli, Config, RawConfig};
 
-fn command() -> Command {
-    let mut command = Command::new("courier")
-        .version(env!("CARGO_PKG_VERSION"))
-        .about("A durable message log service for software agents")
-        .after_help(
-            "Every setting also comes from the TOML file (--config) and from COURIER_* variables;\n\
-             precedence: defaults < file < environment < flags. Example:\n  \
-             courier --listen 127.0.0.1:7070 --data-dir ./courier-data --fsync always",
-        )
-        .arg(
-            Arg::new("config")
-                .long("config")
-                .value_name("FILE")
-                .help("TOML configuration file"),
-        )
-        .arg(
-            Arg::new("insecure")
-                .long("insecure")
-                .action(ArgAction::SetTrue)
-                .help("allow a non-loopback listen address without authentication"),
-        );
-    for key in KEYS {
-        let help = match key.default {
-            Some(default) => format!("{} [default: {default}]", key.help),
-            None => format!("{} [default: off]", key.help),
-        };
-        command = command.arg(
-            Arg::new(key.name)
-                .long(key.flag())
-                .value_name("VALUE")
-                .help(help),
-        );
-    }
-    command
-}
-
-fn load() -> anyhow::Result<courier::config::Config> {
-    let matches = command().get_matches();
+fn load() -> anyhow::Result<Config> {
+    let matches = Cli::command().get_matches();
     let mut raw = RawConfig::defaults();
-    if let Some(path) = matches.get_one::<String>("config") {
-        let path = std::path::Path::new(path);
+    if let Some(path) = matches.get_one::<PathBuf>("config") {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
         raw.merge_toml(&text, path)?;
     }
-    raw.merge_env(std::env::vars());
-    for key in KEYS {
-        if let Some(value) = matches.get_one::<String>(key.name) {
-            raw.set(key.name, value.clone(), Source::Flag(key.flag()))
-                .map_err(anyhow::Error::msg)?;
-        }
-    }
-    raw.insecure = matches.get_flag("insecure");
+    raw.merge_command_line(&matches)?;
     Ok(raw.validate()?)
 }
 
@@ -72,7 +29,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(config: courier::config::Config) -> anyhow::Result<()> {
+async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -26,6 +26,7 @@
 #![deny(missing_docs, clippy::unwrap_used)]
 
 mod dir;
+pub mod duration;
 pub mod error;
 pub mod failpoint;
 pub mod index;

@@ -28,27 +28,17 @@ impl std::str::FromStr for FsyncPolicy {
             "always" => Ok(Self::Always),
             "never" => Ok(Self::Never),
             _ => {
-                let d = s.strip_prefix("interval:").ok_or_else(|| {
+                let interval = s.strip_prefix("interval:").ok_or_else(|| {
                     format!("fsync policy `{s}` is not one of always, never, interval:<duration>")
                 })?;
-                let (num, unit) =
-                    d.split_at(d.find(|c: char| !c.is_ascii_digit()).unwrap_or(d.len()));
-                let n: u64 = num
-                    .parse()
-                    .map_err(|_| format!("`{d}` is not a duration like 250ms or 1s"))?;
-                let ms = match unit {
-                    "ms" => n,
-                    "s" => n * 1000,
-                    "m" => n * 60_000,
-                    _ => return Err(format!("`{d}` is not a duration like 250ms or 1s")),
-                };
-                Ok(Self::Interval(Duration::from_millis(ms)))
+                let every = crate::duration::parse(interval).map_err(|e| e.to_string())?;
+                Ok(Self::Interval(every))
             }
         }
     }
 }
 
-/// Everything [`Log::open`] needs besides the directory.
+/// Everything [`crate::Log::open`] needs besides the directory.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
     /// The file system; [`FileDisk`] unless simulating.

@@ -1,6 +1,6 @@
 //! Tidy checks: the README documents every configuration key and every route.
 
-use courier::config::KEYS;
+use courier::config::keys;
 
 fn readme() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md")
@@ -15,7 +15,7 @@ fn readme_documents_every_config_key() {
         .take_while(|l| !l.starts_with("## The storage engine"))
         .filter(|l| l.starts_with("| `"))
         .collect();
-    for key in KEYS {
+    for key in keys() {
         assert!(
             table
                 .iter()

@@ -1,5 +1,7 @@
 //! Integration tests: the real `courier` binary on a loopback port, spoken to over HTTP.
 //!
+//! - `config`: a bad value from a flag, a variable or the file stops the start (exit 2) naming
+//!   the key, the value and its source; file < environment < flags.
 //! - `publish`: validation and its error shape, ids and idempotency (also across a restart),
 //!   all-or-nothing batches.
 //! - `delivery`: long-poll wake-up, priority order, delays, leases, ack/nack/extend, lease
@@ -20,6 +22,7 @@
 //!   (`powerfs`); `fsync=never` as the negative control.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
+mod config;
 mod crash;
 mod delivery;
 mod disk_errors;

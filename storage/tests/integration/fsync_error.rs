@@ -104,7 +104,18 @@ fn fsync_policy_parses_the_config_syntax() {
     let ms = std::time::Duration::from_millis;
     assert_eq!(parse("interval:250ms"), Ok(FsyncPolicy::Interval(ms(250))));
     assert_eq!(parse("interval:2s"), Ok(FsyncPolicy::Interval(ms(2000))));
-    for bad in ["sometimes", "interval:", "interval:5h", "interval:ms"] {
+    // The same durations as every other key (courier_storage::duration), hours included.
+    assert_eq!(
+        parse("interval:1h"),
+        Ok(FsyncPolicy::Interval(ms(3_600_000)))
+    );
+    for bad in [
+        "sometimes",
+        "interval:",
+        "interval:5",
+        "interval:5x",
+        "interval:ms",
+    ] {
         assert!(parse(bad).is_err(), "{bad} must be refused");
     }
 }
