@@ -9,16 +9,21 @@ pub mod messages;
 pub mod ops;
 pub mod wire;
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use futures_util::FutureExt;
+use tower_layer::Layer;
+use tower_service::Service;
 
 use crate::broker::Broker;
 use crate::config::Config;
@@ -68,33 +73,76 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(error::BODY_LIMIT_BYTES))
-        .layer(middleware::from_fn(catch_panic))
+        .layer(CatchPanicLayer)
         .with_state(state)
 }
 
 /// Answers a handler that panics with 500 in the error shape, and logs the panic with the
-/// request's method and route, instead of dropping the connection without an answer.
-async fn catch_panic(request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    match AssertUnwindSafe(next.run(request)).catch_unwind().await {
-        Ok(response) => response,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
-            let route = route.as_ref().map_or("(no route)", MatchedPath::as_str);
-            tracing::error!(%method, route, panic = what, "a request handler panicked");
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
-                format!("the server failed while answering {method} {route} (a bug; it is logged); retry, and report it if it happens again"),
-            )
-            .into_response()
-        }
+/// request's method and route, instead of dropping the connection without an answer. A
+/// service of its own rather than `middleware::from_fn`, which costs three allocations per
+/// request where this costs one.
+#[derive(Debug, Clone, Copy)]
+struct CatchPanicLayer;
+
+impl<S> Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic(inner)
     }
+}
+
+/// See [`CatchPanicLayer`].
+#[derive(Debug, Clone)]
+struct CatchPanic<S>(S);
+
+impl<S> Service<Request> for CatchPanic<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let method = request.method().clone();
+        let route = request.extensions().get::<MatchedPath>().cloned();
+        let inner = &mut self.0;
+        let called = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)));
+        Box::pin(async move {
+            let answered = match called {
+                Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
+            answered.unwrap_or_else(|panic| Ok(panicked(&method, route.as_ref(), &*panic)))
+        })
+    }
+}
+
+/// The answer to a request whose handler panicked; the panic is logged with its context.
+fn panicked(
+    method: &Method,
+    route: Option<&MatchedPath>,
+    panic: &(dyn std::any::Any + Send),
+) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    let route = route.map_or("(no route)", MatchedPath::as_str);
+    tracing::error!(%method, route, panic = what, "a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal_error",
+        format!("the server failed while answering {method} {route} (a bug; it is logged); retry, and report it if it happens again"),
+    )
+    .into_response()
 }
 
 async fn not_found() -> ApiError {

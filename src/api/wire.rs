@@ -171,22 +171,30 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiError> {
 
 /// The deepest nesting of arrays and objects in `json`, which must be valid JSON text (a
 /// scalar is 0 deep, `[]` 1, `{"a": [1]}` 2). Counts without recursing, so any depth is
-/// safe to measure; stops counting once past `stop_above`.
+/// safe to measure, and skips the inside of strings with `memchr` (a 1 KiB string costs tens
+/// of nanoseconds, not a microsecond); stops counting once past `stop_above`.
 pub fn json_depth(json: &str, stop_above: usize) -> usize {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    let (mut in_string, mut escaped) = (false, false);
-    for byte in json.bytes() {
-        if in_string {
-            match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
+    let bytes = json.as_bytes();
+    let (mut depth, mut deepest, mut at) = (0usize, 0usize, 0usize);
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
         match byte {
-            b'"' => in_string = true,
+            b'"' => {
+                // Find the closing quote: the next quote not escaped by a backslash.
+                loop {
+                    let Some(found) = bytes
+                        .get(at..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    else {
+                        return deepest;
+                    };
+                    let quote = bytes.get(at + found) == Some(&b'"');
+                    at += found + if quote { 1 } else { 2 };
+                    if quote {
+                        break;
+                    }
+                }
+            }
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -445,5 +453,30 @@ pub fn in_range(
         Some(v) => Err(invalid(format!(
             "`{field}` is {v}; it must be between {min} and {max}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_depth;
+
+    #[test]
+    fn json_depth_counts_arrays_and_objects_not_strings() {
+        let cases = [
+            ("1", 0),
+            ("\"[[[\"", 0),
+            ("[]", 1),
+            ("{\"a\": [1]}", 2),
+            ("[[[]], [[[]]]]", 4),
+            // Escaped quotes and backslashes inside strings end nothing early.
+            (r#"["\"[[[", "\\", [["\\\"{{"]]]"#, 3),
+            (r#"{"k\\": {"\\\\": [1]}}"#, 3),
+        ];
+        for (json, depth) in cases {
+            assert_eq!(json_depth(json, usize::MAX), depth, "{json}");
+        }
+        let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        assert_eq!(json_depth(&deep, usize::MAX), 1000);
+        assert_eq!(json_depth(&deep, 64), 65, "stops once past the limit");
     }
 }
