@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use courier_storage::{Agent, Record};
 
-use super::commit::AGENT;
+use super::commit::{Commit, AGENT};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::delivery::Depth;
 use crate::ids::AgentId;
@@ -135,19 +135,11 @@ impl Broker {
             let mut core = self.lock();
             let created = !core.registry.contains(&agent.id);
             let record = Record::AgentUpserted(agent);
-            let commit = self.commit_when_durable(
-                &mut core,
-                AGENT,
-                now,
-                vec![record.clone()],
-                move |core, appended| {
-                    core.delivery.apply(&record, appended.first, now);
-                    if let Record::AgentUpserted(agent) = record {
-                        core.registry.upsert(agent);
-                    }
-                    Vec::new()
-                },
-            )?;
+            let commit = self.commit_registration(&mut core, now, record, |core, record| {
+                if let Record::AgentUpserted(agent) = record {
+                    core.registry.upsert(agent);
+                }
+            })?;
             (created, commit)
         };
         commit.durable().await?;
@@ -165,25 +157,34 @@ impl Broker {
             let record = Record::AgentDeleted {
                 agent: id.to_string(),
             };
-            self.commit_when_durable(
-                &mut core,
-                AGENT,
-                now,
-                vec![record.clone()],
-                move |core, appended| {
-                    core.delivery.apply(&record, appended.first, now);
-                    if let Record::AgentDeleted { agent } = &record {
-                        core.registry.remove(agent);
-                        core.admission.forget(agent);
-                        // Its open long-polls return (and find no agent).
-                        core.waiters.remove(agent);
-                    }
-                    Vec::new()
-                },
-            )?
+            self.commit_registration(&mut core, now, record, |core, record| {
+                if let Record::AgentDeleted { agent } = record {
+                    core.registry.remove(&agent);
+                    core.admission.forget(&agent);
+                    // Its open long-polls return (and find no agent).
+                    core.waiters.remove(&agent);
+                }
+            })?
         };
         commit.durable().await?;
         Ok(true)
+    }
+
+    /// Commits a registration record; once it is durable (a registration is never seen
+    /// before), applies it to the delivery state and lets `update` change the registry.
+    fn commit_registration(
+        self: &Arc<Self>,
+        core: &mut Core,
+        now: u64,
+        record: Record,
+        update: impl FnOnce(&mut Core, Record) + Send + 'static,
+    ) -> Result<Commit> {
+        let records = vec![record.clone()];
+        self.commit_when_durable(core, AGENT, now, records, move |core, appended| {
+            core.delivery.apply(&record, appended.first, now);
+            update(core, record);
+            Vec::new()
+        })
     }
 
     fn view(&self, core: &Core, registered: &Registered, now: u64) -> AgentView {
