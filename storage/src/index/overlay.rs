@@ -159,6 +159,18 @@ impl Txn<'_> {
             .insert(key, Change::PutNew(value));
     }
 
+    /// Sets `key`, which the merged view shows absent. A deletion of it in this layer means a
+    /// lower layer has it (so it is an ordinary set); otherwise no layer and not sled has it,
+    /// and it is set as new, so that removing it again in this layer leaves nothing for sled.
+    pub(super) fn insert_absent(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let changes = &mut self.layers.active.changes;
+        let change = match changes.get(&key) {
+            Some(Change::Delete) => Change::Put(value),
+            _ => Change::PutNew(value),
+        };
+        changes.insert(key, change);
+    }
+
     pub(super) fn remove(&mut self, key: Vec<u8>) {
         let changes = &mut self.layers.active.changes;
         if let Some(Change::PutNew(_)) = changes.get(&key) {
