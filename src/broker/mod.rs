@@ -23,7 +23,7 @@ mod retention;
 mod sweeper;
 mod waiters;
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -69,7 +69,7 @@ pub enum Refusal {
         open: u32,
     },
     /// The address is of a kind this build does not route yet.
-    #[error("{0}: addresses are not routed by this build yet; address an agent with agent:<id>")]
+    #[error("{0} addresses are not routed by this build yet; address an agent with agent:<id>")]
     NotRouted(&'static str),
     /// The log cannot take writes (fail-stop after an I/O error, or shutting down).
     #[error("{0}")]
@@ -107,6 +107,8 @@ pub struct Broker {
     sweeper_wakes_at_ms: AtomicU64,
     /// Set once when shutdown begins: long-polls return, writes are refused.
     closing: watch::Sender<bool>,
+    /// Set when a panic under the broker lock stopped the broker (fail-stop).
+    failed: AtomicBool,
 }
 
 impl Broker {
@@ -132,11 +134,20 @@ impl Broker {
             sweeper: Notify::new(),
             sweeper_wakes_at_ms: AtomicU64::new(0),
             closing: watch::Sender::new(false),
+            failed: AtomicBool::new(false),
         })
     }
 
+    /// Takes the broker lock. A panic while it was held (a bug) may have left the state half
+    /// changed: then the broker fails stop, as the log does after a failed write — not ready,
+    /// every write refused — while reads and the unwinding of other requests go on.
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("broker lock")
+        self.core.lock().unwrap_or_else(|poisoned| {
+            if !self.failed.swap(true, Ordering::AcqRel) {
+                tracing::error!("a panic left the broker's state half changed; refusing all writes (fail-stop); restart to recover");
+            }
+            poisoned.into_inner()
+        })
     }
 
     /// The clock.
@@ -157,7 +168,12 @@ impl Broker {
 
     /// Whether the log takes writes and shutdown has not begun.
     pub fn is_ready(&self) -> bool {
-        !self.log.is_poisoned() && !*self.closing.borrow()
+        !self.log.is_poisoned() && !*self.closing.borrow() && !self.has_failed()
+    }
+
+    /// Whether a panic under the broker lock stopped the broker (see [`Broker::lock`]).
+    fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire) || self.core.is_poisoned()
     }
 
     /// Begins shutdown: open long-polls return what they have, new writes are refused.
@@ -189,7 +205,7 @@ impl Broker {
                 "the server is shutting down; retry against the next instance".into(),
             ));
         }
-        if self.log.is_poisoned() {
+        if self.log.is_poisoned() || self.has_failed() {
             return Err(Refusal::Unavailable(
                 "the log failed and the server stopped accepting writes (fail-stop); restart it to recover".into(),
             ));

@@ -48,6 +48,8 @@ struct Staged {
     waits: Vec<(usize, String, watch::Receiver<Option<u64>>)>,
     /// The indexes and ids of the messages written, in record order, and their commit.
     append: Option<(Vec<(usize, String)>, Commit)>,
+    /// The client ids being committed by this publish.
+    client_ids: Vec<String>,
 }
 
 /// The inboxes an address stands for: where routing is decided, in one place.
@@ -70,34 +72,23 @@ impl Broker {
         let now = self.clock.now_ms();
         let staged = {
             let mut core = self.lock();
-            for o in &mut outgoing {
-                o.message.destinations = resolve(&core.registry, &o.to)?;
-            }
-            let candidates: Vec<Candidate<'_>> = outgoing
-                .iter()
-                .map(|o| Candidate {
-                    from: &o.message.from,
-                    destinations: &o.message.destinations,
-                })
-                .collect();
-            let Core {
-                admission,
-                delivery,
-                registry,
-                ..
-            } = &mut *core;
-            admission.check(
-                delivery,
-                |id| registry.contains(id),
-                &self.config.limits,
-                &candidates,
-                now,
-            )?;
+            self.admit(&mut core, &mut outgoing, now)?;
             self.stage_publish(&mut core, outgoing, now)?
         };
         let mut results = staged.results;
         if let Some((written, commit)) = staged.append {
-            let appended = commit.durable().await?;
+            let appended = match commit.durable().await {
+                Ok(appended) => appended,
+                Err(refusal) => {
+                    // Not written: the ids are free again (their waiting duplicates see the
+                    // first publish fail, and a retry publishes anew).
+                    let mut core = self.lock();
+                    for id in &staged.client_ids {
+                        core.admission.committed(id);
+                    }
+                    return Err(refusal);
+                }
+            };
             for (n, (i, id)) in written.into_iter().enumerate() {
                 results[i] = Some(Published {
                     id,
@@ -126,6 +117,45 @@ impl Broker {
             .collect())
     }
 
+    /// Routes and admits what is not a duplicate: a client id remembered within the window
+    /// is answered as a duplicate, not routed or admitted again (a retry of a stored message
+    /// is never refused for a full inbox or the sender's rate).
+    fn admit(&self, core: &mut Core, outgoing: &mut [Outgoing], now: u64) -> Result<()> {
+        let duplicate: Vec<bool> = outgoing
+            .iter()
+            .map(|o| {
+                o.client_id
+                    .as_deref()
+                    .is_some_and(|id| core.admission.recall(&core.delivery, id, now).is_some())
+            })
+            .collect();
+        for (o, _) in outgoing.iter_mut().zip(&duplicate).filter(|(_, d)| !**d) {
+            o.message.destinations = resolve(&core.registry, &o.to)?;
+        }
+        let candidates: Vec<Candidate<'_>> = outgoing
+            .iter()
+            .zip(&duplicate)
+            .filter(|(_, d)| !**d)
+            .map(|(o, _)| Candidate {
+                from: &o.message.from,
+                destinations: &o.message.destinations,
+            })
+            .collect();
+        let Core {
+            admission,
+            delivery,
+            registry,
+            ..
+        } = core;
+        admission.check(
+            delivery,
+            |id| registry.contains(id),
+            &self.config.limits,
+            &candidates,
+            now,
+        )
+    }
+
     /// Decides a publish: duplicates are answered from what is remembered, the rest become
     /// `Message` records, submitted now and applied to memory when durable.
     fn stage_publish(
@@ -134,11 +164,14 @@ impl Broker {
         outgoing: Vec<Outgoing>,
         now: u64,
     ) -> Result<Staged> {
+        // Checked before any id is marked as being committed.
+        self.check_writable()?;
         let window = millis(self.config.dedupe_window);
         let mut staged = Staged {
             results: vec![None; outgoing.len()],
             waits: Vec::new(),
             append: None,
+            client_ids: Vec::new(),
         };
         let mut written = Vec::new();
         let mut records = Vec::new();
@@ -169,6 +202,7 @@ impl Broker {
                 message.dedupe_until_ms = Some(now.saturating_add(window));
                 let (tx, rx) = watch::channel(None);
                 core.admission.committing(id.clone(), rx);
+                staged.client_ids.push(id.clone());
                 ids.push(Some((id, tx)));
             } else {
                 message.id = new_id(now).to_string();
@@ -180,6 +214,19 @@ impl Broker {
         if records.is_empty() {
             return Ok(staged);
         }
+        staged.append = Some((written, self.commit_messages(core, records, ids, now)?));
+        Ok(staged)
+    }
+
+    /// Submits `Message` records; once durable, each arrives in its inboxes with its offset,
+    /// and its client id (if any) is remembered and answered to the duplicates waiting on it.
+    fn commit_messages(
+        self: &Arc<Self>,
+        core: &mut Core,
+        records: Vec<Record>,
+        ids: Vec<Option<(String, watch::Sender<Option<u64>>)>>,
+        now: u64,
+    ) -> Result<Commit> {
         // What delivery needs of each message, without its body.
         let arrivals: Vec<Arrival> = records
             .iter()
@@ -188,21 +235,18 @@ impl Broker {
                 _ => None,
             })
             .collect();
-        let commit =
-            self.commit_when_durable(core, PUBLISH, now, records, move |core, appended| {
-                let mut woken = Vec::new();
-                for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
-                    let offset = Offset(appended.first.0 + n as u64);
-                    woken.extend(core.delivery.arrive(arrival, offset, now));
-                    if let Some((id, tx)) = id {
-                        core.admission.committed(&id);
-                        tx.send_replace(Some(offset.0));
-                    }
+        self.commit_when_durable(core, PUBLISH, now, records, move |core, appended| {
+            let mut woken = Vec::new();
+            for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
+                let offset = Offset(appended.first.0 + n as u64);
+                woken.extend(core.delivery.arrive(arrival, offset, now));
+                if let Some((id, tx)) = id {
+                    core.admission.committed(&id);
+                    tx.send_replace(Some(offset.0));
                 }
-                woken
-            })?;
-        staged.append = Some((written, commit));
-        Ok(staged)
+            }
+            woken
+        })
     }
 }
 

@@ -40,6 +40,9 @@ pub(super) struct Registered {
     last_seen_ms: Option<u64>,
     /// Receive calls open now.
     receivers: u32,
+    /// Its deletion is decided and on its way to disk: it takes no more publishes or
+    /// receives (a message decided after the deletion would land in no inbox).
+    deleting: bool,
 }
 
 /// Every registered agent, by id.
@@ -53,17 +56,25 @@ impl Registry {
     pub(super) fn get(&self, id: &str) -> Result<&Registered> {
         self.agents
             .get(id)
+            .filter(|r| !r.deleting)
             .ok_or_else(|| Refusal::UnknownAgent(id.to_owned()))
     }
 
-    /// Whether `id` is registered.
+    /// Whether `id` is registered (and not being deleted).
     pub(super) fn contains(&self, id: &str) -> bool {
-        self.agents.contains_key(id)
+        self.get(id).is_ok()
     }
 
     /// The registration of `id`, if any.
     pub(super) fn agent(&self, id: &str) -> Option<&Agent> {
-        self.agents.get(id).map(|r| &r.agent)
+        self.get(id).ok().map(|r| &r.agent)
+    }
+
+    /// The deletion of `id` is decided: from now on it is as if unregistered.
+    pub(super) fn deleting(&mut self, id: &str) {
+        if let Some(registered) = self.agents.get_mut(id) {
+            registered.deleting = true;
+        }
     }
 
     /// Registers or updates an agent (presence is kept across updates).
@@ -76,6 +87,7 @@ impl Registry {
                     agent,
                     last_seen_ms: None,
                     receivers: 0,
+                    deleting: false,
                 };
                 self.agents.insert(registered.agent.id.clone(), registered);
             }
@@ -89,7 +101,12 @@ impl Registry {
 
     /// Every registered id, sorted.
     pub(super) fn ids(&self) -> Vec<Arc<str>> {
-        let mut ids: Vec<Arc<str>> = self.agents.values().map(|r| r.id.clone()).collect();
+        let mut ids: Vec<Arc<str>> = self
+            .agents
+            .values()
+            .filter(|r| !r.deleting)
+            .map(|r| r.id.clone())
+            .collect();
         ids.sort_unstable();
         ids
     }
@@ -98,6 +115,7 @@ impl Registry {
     pub(super) fn seen(&mut self, id: &str, now_ms: u64) -> bool {
         self.agents
             .get_mut(id)
+            .filter(|r| !r.deleting)
             .map(|r| r.last_seen_ms = Some(now_ms))
             .is_some()
     }
@@ -107,6 +125,7 @@ impl Registry {
         let registered = self
             .agents
             .get_mut(id)
+            .filter(|r| !r.deleting)
             .ok_or_else(|| Refusal::UnknownAgent(id.to_owned()))?;
         if registered.receivers >= max {
             return Err(Refusal::TooManyReceivers {
@@ -157,14 +176,17 @@ impl Broker {
             let record = Record::AgentDeleted {
                 agent: id.to_string(),
             };
-            self.commit_registration(&mut core, now, record, |core, record| {
+            let commit = self.commit_registration(&mut core, now, record, |core, record| {
                 if let Record::AgentDeleted { agent } = record {
                     core.registry.remove(&agent);
                     core.admission.forget(&agent);
                     // Its open long-polls return (and find no agent).
                     core.waiters.remove(&agent);
                 }
-            })?
+            })?;
+            // Under the same lock: no publish to it is decided after the deletion.
+            core.registry.deleting(id.as_str());
+            commit
         };
         commit.durable().await?;
         Ok(true)

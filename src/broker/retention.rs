@@ -20,24 +20,20 @@ impl Broker {
         if retention.max_bytes.is_none() && retention.max_age_ms.is_none() {
             return Ok(0);
         }
-        let deleted = self.log.enforce_retention(retention, self.clock.now_ms())?;
-        if !deleted.is_empty() {
-            let below = self
-                .log
-                .segments()
-                .first()
-                .map_or(Offset(0), |segment| segment.base);
+        let oldest = || self.log.segments().first().map(|segment| segment.base);
+        let before = oldest();
+        let deleted = self.log.enforce_retention(retention, self.clock.now_ms());
+        // Once its `Truncated` record is durable the log no longer has the segments below the
+        // oldest one left, even if deleting a file then failed: memory forgets them as the
+        // index does.
+        if let Some(below) = oldest().filter(|after| Some(*after) != before) {
             let now = self.clock.now_ms();
             let mut core = self.lock();
             core.delivery
                 .apply(&Record::Truncated { below }, Offset(0), now);
-            tracing::info!(
-                segments = deleted.len(),
-                below = below.0,
-                "retention deleted old segments"
-            );
+            tracing::info!(below = below.0, "retention deleted old segments");
         }
-        Ok(deleted.len())
+        Ok(deleted?.len())
     }
 
     /// Runs retention at start and then every `interval` until shutdown.

@@ -24,7 +24,7 @@ impl State {
         let Ok(()) = self.put_dead(inbox, &dead);
     }
 
-    /// Loads a remembered client id and the record clock as the index holds them (start-up).
+    /// Loads a remembered client id as the index holds it (start-up).
     pub fn load_remembered(&mut self, id: &str, offset: Offset, until_ms: u64) {
         let Ok(()) = self.remember(id, offset, until_ms);
     }

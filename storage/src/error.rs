@@ -105,11 +105,12 @@ pub enum Error {
     /// Restart the process to recover from the files on disk.
     #[error("the log is poisoned by an earlier write or fsync failure; restart to recover")]
     Poisoned,
-    /// A bug: the writer thread or a completion callback panicked. The log is poisoned like
-    /// after a failed write; restart the process to recover from the files on disk.
+    /// A bug: a thread of the log (writer, indexer, checkpointer) or a completion callback
+    /// panicked. The log is poisoned like after a failed write; restart the process to
+    /// recover from the files on disk.
     #[error("{what} panicked ({message}); the log refuses further writes, restart to recover")]
     Panicked {
-        /// What panicked: `the writer thread` or `a completion callback`.
+        /// What panicked: `the writer thread`, `a completion callback`, ...
         what: &'static str,
         /// The panic's message.
         message: String,

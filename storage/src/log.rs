@@ -135,7 +135,8 @@ impl Log {
     }
 
     /// Queues `records` for appending with the given wall-clock timestamp; `done` is called
-    /// from the writer thread once they are durable (or failed). All or none are appended.
+    /// from the writer thread once they are durable (or failed), or at once on the caller's
+    /// thread if the log is poisoned or closed. All or none are appended.
     /// `done` must be quick and must not block (above all not on this log): the next group
     /// commit waits for it.
     pub fn submit(

@@ -50,7 +50,12 @@ fn run_indexer(shared: &Shared, jobs: &mpsc::Receiver<IndexJob>) {
         if shared.is_poisoned() {
             continue;
         }
-        if let Err(error) = shared.index.apply(&job.frames, &job.runs) {
+        // A panic here is a bug in applying a record: fail-stop, as after a failed write.
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            shared.index.apply(&job.frames, &job.runs)
+        }))
+        .unwrap_or_else(|panic| Err(Error::panicked("the indexer thread", &*panic)));
+        if let Err(error) = applied {
             shared.poison(&error);
             continue;
         }
@@ -72,7 +77,9 @@ fn run_checkpointer(shared: &Shared) {
     let interval = shared.options.checkpoint_interval;
     while shared.checkpoints.wait(interval) {
         if shared.index.pending_changes() > 0 && !shared.is_poisoned() {
-            if let Err(error) = shared.index.checkpoint() {
+            let written = std::panic::catch_unwind(AssertUnwindSafe(|| shared.index.checkpoint()))
+                .unwrap_or_else(|panic| Err(Error::panicked("the checkpointer thread", &*panic)));
+            if let Err(error) = written {
                 shared.poison(&error);
             }
         }
@@ -367,11 +374,13 @@ impl Writer {
         };
         let error = Error::panicked("the writer thread", &*panic);
         self.shared.poison(&error);
-        // `submit` refuses appends once the log is poisoned; these were queued before.
-        self.shared
-            .intake
-            .refuse_until_closed(|request| (request.done)(Err(Error::Poisoned)));
-        self.shared.blocking.wake();
+        // `submit` refuses appends once the log is poisoned; these were queued before. A
+        // blocking append's answer is in its slot, so wake the blocking appenders each time.
+        let shared = self.shared.clone();
+        shared.intake.refuse_until_closed(|request| {
+            (request.done)(Err(Error::Poisoned));
+            shared.blocking.wake();
+        });
     }
 
     fn serve(&mut self) {

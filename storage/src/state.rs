@@ -20,7 +20,8 @@ use bincode::{Decode, Encode};
 use crate::record::{Agent, DeadReason, Message, Record, Slot};
 use crate::Offset;
 
-/// What kind of deadline a timer marks. The order is the index's key order.
+/// What kind of deadline a timer marks. The order is the index's key order, and `Due` must
+/// stay the lowest: the in-memory state's bound for "every timer due by now" uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerKind {
     /// The lease deadline of a leased message, or the `not_before` time of a delayed or

@@ -132,3 +132,33 @@ fn json_logs_are_one_object_per_line() {
     }
     assert!(logs.contains("recovered the log"));
 }
+
+/// A retry of a stored message is answered as a duplicate, with the original offset, even
+/// when the inbox is full or the sender out of tokens: duplicates are not admitted again.
+#[test]
+fn a_duplicate_is_answered_even_when_the_inbox_is_full() {
+    let server = TestServer::start(&[
+        "--limits-max-inbox-depth",
+        "1",
+        "--limits-publish-rate",
+        "1",
+    ]);
+    server.register("worker", json!({}));
+    server.register("sender", json!({}));
+    let publish = |id: &str| {
+        server.post(
+            "/v1/messages",
+            json!({"to": "agent:worker", "from": "sender", "id": id, "body": 1}),
+        )
+    };
+    let first = publish("order-1");
+    assert_eq!(first.status, 201, "{first:?}");
+    for _ in 0..3 {
+        let again = publish("order-1");
+        assert_eq!(again.status, 200, "{again:?}");
+        assert_eq!(again.json["duplicate"], json!(true));
+        assert_eq!(again.json["offset"], first.json["offset"]);
+    }
+    // A new id is still refused: the inbox is full (or the sender out of tokens).
+    assert_eq!(publish("order-2").status, 429);
+}

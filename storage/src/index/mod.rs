@@ -166,8 +166,12 @@ impl Index {
         })
     }
 
+    /// The layers for reading. A panic while they were written (the indexer's, which poisons
+    /// the log) leaves them as far as it got: readers go on, writes are refused anyway.
     fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
-        self.layers.read().expect("index layers lock")
+        self.layers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -271,44 +275,10 @@ impl Index {
     /// Reads of recent records (every delivery) thus never wait for a checkpoint, whose
     /// `apply_batch` holds sled's process-wide write lock against every reader.
     pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
-        self.find_location(offset, true)
-            .map(|found| found.expect("sled is asked when the layers cannot decide"))
-    }
-
-    /// [`Index::location`] as far as the in-memory layers decide it: `None` if sled would
-    /// have to be asked (which can wait for a checkpoint), so that callers on async threads
-    /// can read recent records inline and hand the rest to a blocking thread.
-    pub fn location_in_memory(&self, offset: Offset) -> Option<Option<Location>> {
-        self.find_location(offset, false).ok().flatten()
-    }
-
-    /// The location of `offset`; `Ok(None)` when only sled could tell and `ask_sled` is off.
-    fn find_location(&self, offset: Offset, ask_sled: bool) -> Result<Option<Option<Location>>> {
-        let key = positions_key(offset);
-        let bounds = (Bound::Included(vec![P]), Bound::Included(key));
-        let layers = self.layers();
-        let newest_in = |layer: &Layer| {
-            layer
-                .changes
-                .range::<Vec<u8>, _>(bounds.clone())
-                .next_back()
-                .map(|(k, c)| (k.clone(), c.value().map(<[u8]>::to_vec)))
-        };
-        let active = newest_in(&layers.active);
-        let frozen = layers.frozen.as_deref().and_then(newest_in);
-        drop(layers);
-        // The candidate with the greatest key wins; on a tie the newer layer does.
-        let mut best: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
-        for candidate in [frozen, active].into_iter().flatten() {
-            if best.as_ref().is_none_or(|(k, _)| candidate.0 >= *k) {
-                best = Some(candidate);
-            }
-        }
+        let bounds = Self::run_bounds(offset);
+        let mut best = Self::newest_run(&self.layers(), &bounds);
         if !matches!(best, Some((_, Some(_)))) {
             // No run in the layers, or the newest one there was removed: sled decides.
-            if !ask_sled {
-                return Ok(None);
-            }
             if let Some((k, v)) = self.tree.range(bounds).next_back().transpose()? {
                 if best
                     .as_ref()
@@ -320,10 +290,59 @@ impl Index {
         }
         // A deleted run was truncated by retention, and so is every offset it held.
         let Some((key, Some(value))) = best else {
-            return Ok(Some(None));
+            return Ok(None);
         };
         let first = from_be64(key.get(1..).unwrap_or_default());
-        Ok(Some(decode_location(first, &value, offset)))
+        Ok(decode_location(first, &value, offset))
+    }
+
+    /// [`Index::location`] as far as the in-memory layers decide it: `None` if sled would
+    /// have to be asked (which can wait for a checkpoint), so that callers on async threads
+    /// can read recent records inline and hand the rest to a blocking thread.
+    /// Never waits for the indexer either: while it holds the layers (its apply may itself
+    /// wait for sled), this answers `None`.
+    pub fn location_in_memory(&self, offset: Offset) -> Option<Option<Location>> {
+        let layers = match self.layers.try_read() {
+            Ok(layers) => layers,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        // Only a live run of the layers decides; anything else is sled's to say.
+        let (key, value) = Self::newest_run(&layers, &Self::run_bounds(offset))?;
+        let first = from_be64(key.get(1..).unwrap_or_default());
+        Some(decode_location(first, &value?, offset))
+    }
+
+    /// The position-run keys at or below `offset`'s.
+    fn run_bounds(offset: Offset) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+        (
+            Bound::Included(vec![P]),
+            Bound::Included(positions_key(offset)),
+        )
+    }
+
+    /// The run with the greatest first offset within `bounds` in the layers (`None` as its
+    /// value if the newest change removed it); on a tie the newer layer wins.
+    fn newest_run(
+        layers: &Layers,
+        bounds: &(Bound<Vec<u8>>, Bound<Vec<u8>>),
+    ) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        let newest_in = |layer: &Layer| {
+            layer
+                .changes
+                .range::<Vec<u8>, _>(bounds.clone())
+                .next_back()
+                .map(|(k, c)| (k.clone(), c.value().map(<[u8]>::to_vec)))
+        };
+        let active = newest_in(&layers.active);
+        let frozen = layers.frozen.as_deref().and_then(newest_in);
+        let mut best: Option<(Vec<u8>, Option<Vec<u8>>)> = None;
+        for candidate in [frozen, active].into_iter().flatten() {
+            if best.as_ref().is_none_or(|(k, _)| candidate.0 >= *k) {
+                best = Some(candidate);
+            }
+        }
+        best
     }
 
     /// Applies the effects of `frames` (consecutive, in log order) and records where they
