@@ -115,11 +115,17 @@ impl Admission {
         id: &str,
         now_ms: u64,
     ) -> Option<Remembered> {
-        if let Some(rx) = self.committing.get(id) {
-            return Some(Remembered::Pending(rx.clone()));
+        if let Some(pending) = self.pending(id) {
+            return Some(pending);
         }
         let offset = delivery.recall(id, now_ms)?;
         Some(Remembered::Done { offset: offset.0 })
+    }
+
+    /// `id`'s first publish, if it is being committed now.
+    pub(super) fn pending(&self, id: &str) -> Option<Remembered> {
+        let rx = self.committing.get(id)?;
+        Some(Remembered::Pending(rx.clone()))
     }
 
     /// Marks `id` as being committed; duplicates meanwhile wait on `rx`.

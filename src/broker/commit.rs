@@ -85,6 +85,7 @@ impl Broker {
     ) -> Result<Commit> {
         self.check_writable()?;
         let mut woken = Vec::new();
+        let mut released = false;
         for record in &records {
             debug_assert!(
                 !matches!(
@@ -96,9 +97,12 @@ impl Broker {
             // Only a `Message` record's effect depends on its offset.
             woken.extend(core.delivery.apply(record, Offset(0), now));
             log_dead_letters(record);
+            released |= matches!(record, Record::Released { .. });
         }
-        // Releases whose delay is already over are ready at once.
-        woken.extend(core.delivery.promote(now));
+        // Releases whose delay is already over (a nack without delay) are ready at once.
+        if released {
+            woken.extend(core.delivery.promote(now));
+        }
         core.waiters.wake(&woken);
         self.poke_sweeper(core);
         Ok(self.submit(points, now, records, None::<fn(&mut Core, Appended) -> _>))

@@ -107,8 +107,9 @@ pub struct Broker {
     sweeper_wakes_at_ms: AtomicU64,
     /// Set once when shutdown begins: long-polls return, writes are refused.
     closing: watch::Sender<bool>,
-    /// Set when a panic under the broker lock stopped the broker (fail-stop).
-    failed: AtomicBool,
+    /// Whether the fail-stop after a panic under the broker lock was logged (the lock's own
+    /// poisoning is the failure; see [`Broker::lock`]).
+    failure_logged: AtomicBool,
 }
 
 impl Broker {
@@ -134,7 +135,7 @@ impl Broker {
             sweeper: Notify::new(),
             sweeper_wakes_at_ms: AtomicU64::new(0),
             closing: watch::Sender::new(false),
-            failed: AtomicBool::new(false),
+            failure_logged: AtomicBool::new(false),
         })
     }
 
@@ -143,7 +144,7 @@ impl Broker {
     /// every write refused — while reads and the unwinding of other requests go on.
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|poisoned| {
-            if !self.failed.swap(true, Ordering::AcqRel) {
+            if !self.failure_logged.swap(true, Ordering::AcqRel) {
                 tracing::error!("a panic left the broker's state half changed; refusing all writes (fail-stop); restart to recover");
             }
             poisoned.into_inner()
@@ -173,7 +174,7 @@ impl Broker {
 
     /// Whether a panic under the broker lock stopped the broker (see [`Broker::lock`]).
     fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire) || self.core.is_poisoned()
+        self.core.is_poisoned()
     }
 
     /// Begins shutdown: open long-polls return what they have, new writes are refused.

@@ -72,8 +72,8 @@ impl Broker {
         let now = self.clock.now_ms();
         let staged = {
             let mut core = self.lock();
-            self.admit(&mut core, &mut outgoing, now)?;
-            self.stage_publish(&mut core, outgoing, now)?
+            let recalled = self.admit(&mut core, &mut outgoing, now)?;
+            self.stage_publish(&mut core, outgoing, recalled, now)?
         };
         let mut results = staged.results;
         if let Some((written, commit)) = staged.append {
@@ -119,23 +119,32 @@ impl Broker {
 
     /// Routes and admits what is not a duplicate: a client id remembered within the window
     /// is answered as a duplicate, not routed or admitted again (a retry of a stored message
-    /// is never refused for a full inbox or the sender's rate).
-    fn admit(&self, core: &mut Core, outgoing: &mut [Outgoing], now: u64) -> Result<()> {
-        let duplicate: Vec<bool> = outgoing
+    /// is never refused for a full inbox or the sender's rate). Returns what each message's
+    /// client id is remembered as.
+    fn admit(
+        &self,
+        core: &mut Core,
+        outgoing: &mut [Outgoing],
+        now: u64,
+    ) -> Result<Vec<Option<Remembered>>> {
+        let recalled: Vec<Option<Remembered>> = outgoing
             .iter()
             .map(|o| {
-                o.client_id
-                    .as_deref()
-                    .is_some_and(|id| core.admission.recall(&core.delivery, id, now).is_some())
+                let id = o.client_id.as_deref()?;
+                core.admission.recall(&core.delivery, id, now)
             })
             .collect();
-        for (o, _) in outgoing.iter_mut().zip(&duplicate).filter(|(_, d)| !**d) {
+        for (o, _) in outgoing
+            .iter_mut()
+            .zip(&recalled)
+            .filter(|(_, r)| r.is_none())
+        {
             o.message.destinations = resolve(&core.registry, &o.to)?;
         }
         let candidates: Vec<Candidate<'_>> = outgoing
             .iter()
-            .zip(&duplicate)
-            .filter(|(_, d)| !**d)
+            .zip(&recalled)
+            .filter(|(_, r)| r.is_none())
             .map(|(o, _)| Candidate {
                 from: &o.message.from,
                 destinations: &o.message.destinations,
@@ -153,15 +162,18 @@ impl Broker {
             &self.config.limits,
             &candidates,
             now,
-        )
+        )?;
+        Ok(recalled)
     }
 
-    /// Decides a publish: duplicates are answered from what is remembered, the rest become
-    /// `Message` records, submitted now and applied to memory when durable.
+    /// Decides a publish: duplicates are answered from what is remembered (`recalled`, by
+    /// [`Broker::admit`] under the same lock), the rest become `Message` records, submitted
+    /// now and applied to memory when durable.
     fn stage_publish(
         self: &Arc<Self>,
         core: &mut Core,
         outgoing: Vec<Outgoing>,
+        recalled: Vec<Option<Remembered>>,
         now: u64,
     ) -> Result<Staged> {
         // Checked before any id is marked as being committed.
@@ -176,9 +188,10 @@ impl Broker {
         let mut written = Vec::new();
         let mut records = Vec::new();
         let mut ids: Vec<Option<(String, watch::Sender<Option<u64>>)>> = Vec::new();
-        for (i, o) in outgoing.into_iter().enumerate() {
+        for (i, (o, recalled)) in outgoing.into_iter().zip(recalled).enumerate() {
             if let Some(id) = &o.client_id {
-                match core.admission.recall(&core.delivery, id, now) {
+                // Nothing but this batch's own ids can have changed since `admit`.
+                match recalled.or_else(|| core.admission.pending(id)) {
                     Some(Remembered::Done { offset }) => {
                         staged.results[i] = Some(Published {
                             id: id.clone(),
