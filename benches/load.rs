@@ -127,11 +127,15 @@ fn fill(url: &str, agent: &str, count: u64, batch: u64, threads: u64) {
 
 fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
     let acked = Arc::new(AtomicU64::new(0));
+    // When the last ack was answered: the consumers still in a long-poll then (the inbox is
+    // empty) only return after their `wait_ms`, which is no part of the drain.
+    let finished: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(600);
     let workers: Vec<_> = (0..consumers)
         .map(|_| {
             let (url, agent, acked) = (url.to_owned(), agent.to_owned(), acked.clone());
+            let finished = finished.clone();
             std::thread::spawn(move || {
                 let mut conn = Conn::open(&url);
                 while acked.load(Ordering::Relaxed) < count && Instant::now() < deadline {
@@ -151,7 +155,10 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
                         continue;
                     }
                     ack(&mut conn, &agent, &receipts);
-                    acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+                    let before = acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+                    if before < count && before + receipts.len() as u64 >= count {
+                        *finished.lock().expect("finished") = Some(Instant::now());
+                    }
                 }
             })
         })
@@ -159,7 +166,11 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
     for w in workers {
         w.join().expect("consumer");
     }
-    let secs = start.elapsed().as_secs_f64();
+    let end = finished
+        .lock()
+        .expect("finished")
+        .unwrap_or_else(Instant::now);
+    let secs = end.duration_since(start).as_secs_f64();
     let n = acked.load(Ordering::Relaxed);
     println!("drain: {n} messages received and acked in {secs:.2} s = {:.0} msg/s ({consumers} consumers, max 100)", n as f64 / secs);
 }
