@@ -25,6 +25,29 @@ use crate::recovery::{self, RecoveryReport};
 use crate::shared::{Appended, LogStats, Request, Shared};
 use crate::Offset;
 
+/// The most bytes one `pread` of [`Log::read_many`] reads for several records (a record
+/// larger than this is still read whole).
+const READ_SPAN: u64 = 256 * 1024;
+
+/// Decodes the record of `offset` from `bytes`, read at `position` of `segment`.
+fn decode_at(segment: &Path, offset: Offset, position: u64, bytes: &[u8]) -> Result<Frame> {
+    let corrupt = |reason| Error::Corrupt {
+        segment: segment.to_path_buf(),
+        position,
+        reason,
+    };
+    match record::decode(bytes) {
+        Decoded::Record(frame, _) if frame.offset == offset => Ok(frame),
+        Decoded::Record(frame, _) => Err(corrupt(crate::Corruption::OffsetMismatch {
+            expected: offset.0,
+            found: frame.offset.0,
+        })),
+        Decoded::Corrupt(reason) => Err(corrupt(reason)),
+        Decoded::Zero => Err(corrupt(crate::Corruption::Zeroed)),
+        Decoded::Incomplete { .. } => Err(corrupt(crate::Corruption::Truncated)),
+    }
+}
+
 /// Where the writer puts the result of one blocking append ([`Log::append`]); the writer's
 /// single notify after the commit wakes the appender. Dropped unanswered (the writer thread
 /// died), it answers `Closed` and wakes the appender itself, which must not wait forever.
@@ -172,69 +195,177 @@ impl Log {
 
     /// Reads the record at `offset` through the index (never a scan).
     pub fn read(&self, offset: Offset) -> Result<Frame> {
-        if offset >= self.durable_end() {
-            return Err(Error::NotFound(offset.0));
+        self.read_many(&[offset])
+            .pop()
+            .unwrap_or(Err(Error::NotFound(offset.0)))
+    }
+
+    /// [`Log::read`] of each of `offsets`, in order. Offsets that one position run holds are
+    /// located with one index lookup, and records that lie next to each other in a segment
+    /// are read with one `pread` (the messages of one receive, mostly).
+    pub fn read_many(&self, offsets: &[Offset]) -> Vec<Result<Frame>> {
+        let mut located = self.locate_recent(offsets);
+        let unknown: Vec<Offset> = offsets
+            .iter()
+            .zip(&located)
+            .filter(|(_, l)| l.is_none())
+            .map(|(o, _)| *o)
+            .collect();
+        if !unknown.is_empty() {
+            let mut from_index = match self.shared.index.locations(&unknown) {
+                Ok(found) => found
+                    .into_iter()
+                    .zip(&unknown)
+                    .map(|(l, o)| l.ok_or(Error::NotFound(o.0)))
+                    .collect(),
+                // Each offset gets its own error (errors are not `Clone`).
+                Err(_) => unknown
+                    .iter()
+                    .map(|o| self.shared.index.location(*o)?.ok_or(Error::NotFound(o.0)))
+                    .collect::<Vec<_>>(),
+            }
+            .into_iter();
+            for slot in located.iter_mut().filter(|l| l.is_none()) {
+                *slot = from_index.next();
+            }
         }
-        let location = match self.recent_location(offset) {
-            Some(location) => location,
-            None => self
+        let wanted = offsets
+            .iter()
+            .zip(located)
+            .map(|(o, l)| (*o, l.unwrap_or(Err(Error::NotFound(o.0)))))
+            .collect();
+        self.read_located(wanted)
+    }
+
+    /// [`Log::read_many`] for the records that can be found without asking sled (every
+    /// recent record): then each costs at most a `pread` from the page cache, cheap enough for
+    /// an async thread. `None` for those only sled knows the place of: read them with
+    /// [`Log::read_many`] on a blocking thread.
+    pub fn read_many_recent(&self, offsets: &[Offset]) -> Vec<Option<Result<Frame>>> {
+        let mut located = self.locate_recent(offsets);
+        let unknown: Vec<Offset> = offsets
+            .iter()
+            .zip(&located)
+            .filter(|(_, l)| l.is_none())
+            .map(|(o, _)| *o)
+            .collect();
+        if !unknown.is_empty() {
+            let mut in_memory = self
                 .shared
                 .index
-                .location(offset)?
-                .ok_or(Error::NotFound(offset.0))?,
-        };
-        self.read_at(offset, location)
-    }
-
-    /// [`Log::read`] if the record can be found without asking sled (every recent record):
-    /// then it is one `pread` from the page cache, cheap enough for an async thread. `None`
-    /// when only sled knows where the record is: read it with [`Log::read`] on a blocking
-    /// thread.
-    pub fn read_recent(&self, offset: Offset) -> Option<Result<Frame>> {
-        if offset >= self.durable_end() {
-            return Some(Err(Error::NotFound(offset.0)));
+                .locations_in_memory(&unknown)
+                .into_iter()
+                .zip(&unknown);
+            for slot in located.iter_mut().filter(|l| l.is_none()) {
+                *slot = in_memory
+                    .next()
+                    .and_then(|(l, o)| l.map(|l| l.ok_or(Error::NotFound(o.0))));
+            }
         }
-        let location = match self.recent_location(offset) {
-            Some(location) => location,
-            None => match self.shared.index.location_in_memory(offset)? {
-                Some(location) => location,
-                None => return Some(Err(Error::NotFound(offset.0))),
-            },
-        };
-        Some(self.read_at(offset, location))
+        let known: Vec<bool> = located.iter().map(Option::is_some).collect();
+        let wanted = offsets
+            .iter()
+            .zip(located)
+            .filter_map(|(o, l)| Some((*o, l?)))
+            .collect();
+        let mut read = self.read_located(wanted).into_iter();
+        known
+            .into_iter()
+            .map(|known| if known { read.next() } else { None })
+            .collect()
     }
 
-    fn recent_location(&self, offset: Offset) -> Option<Location> {
-        self.shared.recent.locate(offset)
+    /// [`Log::read_many_recent`] of one offset.
+    pub fn read_recent(&self, offset: Offset) -> Option<Result<Frame>> {
+        self.read_many_recent(&[offset]).pop().flatten()
     }
 
-    fn read_at(&self, offset: Offset, location: Location) -> Result<Frame> {
+    /// Where each of `offsets` is as far as the durable end and the recent runs say:
+    /// `Some(Err(NotFound))` past the durable end, `None` where the index must say.
+    fn locate_recent(&self, offsets: &[Offset]) -> Vec<Option<Result<Location>>> {
+        let durable_end = self.durable_end();
+        offsets
+            .iter()
+            .map(|&offset| {
+                if offset >= durable_end {
+                    return Some(Err(Error::NotFound(offset.0)));
+                }
+                self.shared.recent.locate(offset).map(Ok)
+            })
+            .collect()
+    }
+
+    /// Reads the records at their places, one `pread` for each stretch of records that lie
+    /// next to each other in one segment (up to [`READ_SPAN`] bytes).
+    fn read_located(&self, wanted: Vec<(Offset, Result<Location>)>) -> Vec<Result<Frame>> {
+        let mut frames = Vec::with_capacity(wanted.len());
+        let mut rest = wanted.into_iter().peekable();
+        while let Some((offset, place)) = rest.next() {
+            let first = match place {
+                Ok(location) => location,
+                Err(e) => {
+                    frames.push(Err(e));
+                    continue;
+                }
+            };
+            // The stretch: following records that start where the previous one ends.
+            let mut stretch = vec![(offset, first)];
+            let mut span_end = first.position + first.len;
+            while let Some((_, Ok(next))) = rest.peek() {
+                if next.segment != first.segment
+                    || next.position != span_end
+                    || next.position + next.len - first.position > READ_SPAN
+                {
+                    break;
+                }
+                span_end = next.position + next.len;
+                if let Some((offset, Ok(next))) = rest.next() {
+                    stretch.push((offset, next));
+                }
+            }
+            match self.read_span(first.segment, first.position, span_end) {
+                Ok((segment, buf)) => {
+                    for (offset, place) in stretch {
+                        let from = usize::try_from(place.position - first.position);
+                        let len = usize::try_from(place.len);
+                        let bytes = match (from, len) {
+                            (Ok(from), Ok(len)) => buf.get(from..from.saturating_add(len)),
+                            _ => None,
+                        };
+                        frames.push(decode_at(
+                            &segment.path,
+                            offset,
+                            place.position,
+                            bytes.unwrap_or_default(),
+                        ));
+                    }
+                }
+                // Each record gets its own error (errors are not `Clone`).
+                Err(e) if stretch.len() == 1 => frames.push(Err(e)),
+                Err(_) => frames.extend(stretch.into_iter().map(|(offset, place)| {
+                    let end = place.position + place.len;
+                    let (segment, buf) = self.read_span(place.segment, place.position, end)?;
+                    decode_at(&segment.path, offset, place.position, &buf)
+                })),
+            }
+        }
+        frames
+    }
+
+    /// The bytes `from..to` of the segment based at `base`.
+    fn read_span(&self, base: Offset, from: u64, to: u64) -> Result<(Arc<Segment>, Vec<u8>)> {
         let segment = self
             .shared
             .segments
-            .get(location.segment)
-            .ok_or(Error::NotFound(offset.0))?;
-        let len = usize::try_from(location.len).map_err(|_| Error::NotFound(offset.0))?;
+            .get(base)
+            .ok_or(Error::NotFound(base.0))?;
+        let len = usize::try_from(to - from).map_err(|_| Error::NotFound(base.0))?;
         let mut buf = vec![0u8; len];
         segment
             .file
-            .read_at(&mut buf, location.position)
+            .read_at(&mut buf, from)
             .map_err(|e| Error::io("read segment", &segment.path, e))?;
-        let corrupt = |reason| Error::Corrupt {
-            segment: segment.path.clone(),
-            position: location.position,
-            reason,
-        };
-        match record::decode(&buf) {
-            Decoded::Record(frame, _) if frame.offset == offset => Ok(frame),
-            Decoded::Record(frame, _) => Err(corrupt(crate::Corruption::OffsetMismatch {
-                expected: offset.0,
-                found: frame.offset.0,
-            })),
-            Decoded::Corrupt(reason) => Err(corrupt(reason)),
-            Decoded::Zero => Err(corrupt(crate::Corruption::Zeroed)),
-            Decoded::Incomplete { .. } => Err(corrupt(crate::Corruption::Truncated)),
-        }
+        Ok((segment, buf))
     }
 
     /// The offset after the last durable record: every offset below it can be read.

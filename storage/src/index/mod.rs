@@ -97,6 +97,25 @@ pub struct IndexSnapshot {
     pub subscriptions: BTreeMap<(String, String), Offset>,
 }
 
+/// A run of record positions as the index stores it (`p` keys): its first offset, then the
+/// segment base and count+1 positions.
+struct StoredRun {
+    first: u64,
+    value: Vec<u8>,
+}
+
+impl StoredRun {
+    /// Whether the run holds `offset`: one of its `count` positions is the record's.
+    fn holds(&self, offset: Offset) -> bool {
+        let count = (self.value.len().saturating_sub(8) / 4).saturating_sub(1) as u64;
+        offset.0 >= self.first && offset.0 - self.first < count
+    }
+
+    fn location(&self, offset: Offset) -> Option<Location> {
+        decode_location(self.first, &self.value, offset)
+    }
+}
+
 /// The index. Cheap to clone; all clones share one database and one set of layers.
 #[derive(Debug, Clone)]
 pub struct Index {
@@ -229,7 +248,13 @@ impl Index {
             layers.frozen = Some(frozen.clone());
             frozen
         };
+        #[expect(
+            clippy::disallowed_methods,
+            reason = "how long a checkpoint took, for its log line; nothing is decided by it"
+        )]
+        let started = std::time::Instant::now();
         let mut batch = store::batch(&self.tree, &frozen.changes)?;
+        let prepared = started.elapsed();
         if let Some(applied) = frozen.applied {
             batch.insert(APPLIED_KEY, &applied.0.to_le_bytes());
         }
@@ -240,6 +265,12 @@ impl Index {
         });
         // On failure the frozen layer stays readable; the caller poisons the log.
         written?;
+        tracing::debug!(
+            changes = frozen.changes.len(),
+            prepare_us = prepared.as_micros(),
+            total_us = started.elapsed().as_micros(),
+            "index checkpoint written"
+        );
         crate::failpoint::crash("checkpoint.flushed");
         self.layers.write().expect("index layers lock").frozen = None;
         match frozen.applied {
@@ -275,6 +306,25 @@ impl Index {
     /// Reads of recent records (every delivery) thus never wait for a checkpoint, whose
     /// `apply_batch` holds sled's process-wide write lock against every reader.
     pub fn location(&self, offset: Offset) -> Result<Option<Location>> {
+        Ok(self.run_at(offset)?.and_then(|run| run.location(offset)))
+    }
+
+    /// [`Index::location`] of each of `offsets`, in order: offsets that one run holds (the
+    /// messages of one receive, mostly) cost one lookup together.
+    pub fn locations(&self, offsets: &[Offset]) -> Result<Vec<Option<Location>>> {
+        let mut last: Option<StoredRun> = None;
+        let mut found = Vec::with_capacity(offsets.len());
+        for &offset in offsets {
+            if !last.as_ref().is_some_and(|run| run.holds(offset)) {
+                last = self.run_at(offset)?;
+            }
+            found.push(last.as_ref().and_then(|run| run.location(offset)));
+        }
+        Ok(found)
+    }
+
+    /// The live run that holds `offset`, if any (see [`Index::location`]).
+    fn run_at(&self, offset: Offset) -> Result<Option<StoredRun>> {
         let bounds = Self::run_bounds(offset);
         let mut best = Self::newest_run(&self.layers(), &bounds);
         if !matches!(best, Some((_, Some(_)))) {
@@ -292,8 +342,10 @@ impl Index {
         let Some((key, Some(value))) = best else {
             return Ok(None);
         };
-        let first = from_be64(key.get(1..).unwrap_or_default());
-        Ok(decode_location(first, &value, offset))
+        Ok(Some(StoredRun {
+            first: from_be64(key.get(1..).unwrap_or_default()),
+            value,
+        }))
     }
 
     /// [`Index::location`] as far as the in-memory layers decide it: `None` if sled would
@@ -302,15 +354,33 @@ impl Index {
     /// Never waits for the indexer either: while it holds the layers (its apply may itself
     /// wait for sled), this answers `None`.
     pub fn location_in_memory(&self, offset: Offset) -> Option<Option<Location>> {
+        self.locations_in_memory(&[offset]).pop().flatten()
+    }
+
+    /// [`Index::location_in_memory`] of each of `offsets`, in order, under one look at the
+    /// layers; offsets that one run holds cost one lookup together.
+    pub fn locations_in_memory(&self, offsets: &[Offset]) -> Vec<Option<Option<Location>>> {
         let layers = match self.layers.try_read() {
             Ok(layers) => layers,
             Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
+            Err(std::sync::TryLockError::WouldBlock) => return vec![None; offsets.len()],
         };
-        // Only a live run of the layers decides; anything else is sled's to say.
-        let (key, value) = Self::newest_run(&layers, &Self::run_bounds(offset))?;
-        let first = from_be64(key.get(1..).unwrap_or_default());
-        Some(decode_location(first, &value?, offset))
+        let mut last: Option<StoredRun> = None;
+        let mut found = Vec::with_capacity(offsets.len());
+        for &offset in offsets {
+            if !last.as_ref().is_some_and(|run| run.holds(offset)) {
+                // Only a live run of the layers decides; anything else is sled's to say.
+                last = match Self::newest_run(&layers, &Self::run_bounds(offset)) {
+                    Some((key, Some(value))) => Some(StoredRun {
+                        first: from_be64(key.get(1..).unwrap_or_default()),
+                        value,
+                    }),
+                    Some((_, None)) | None => None,
+                };
+            }
+            found.push(last.as_ref().map(|run| run.location(offset)));
+        }
+        found
     }
 
     /// The position-run keys at or below `offset`'s.

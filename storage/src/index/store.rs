@@ -56,10 +56,15 @@ pub(super) fn get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
     LAST_BUCKET.with(|cell| {
         let mut last = cell.borrow_mut();
         // The same bucket again (an inbox drained in order touches each one 1,024 times):
-        // reuse its table of entries if sled still holds exactly the same bytes.
-        let hit = last
-            .as_ref()
-            .is_some_and(|l| l.key == bucket_key && l.bytes == bucket);
+        // reuse its table of entries if sled still holds exactly the same bytes. sled hands
+        // out a stored value as a shared buffer, and the one kept here stays alive (so its
+        // address cannot be reused): the same address and length are the same bytes, without
+        // comparing kilobytes on every lookup. A copy elsewhere is just indexed anew.
+        let hit = last.as_ref().is_some_and(|l| {
+            l.bytes.as_ptr() == bucket.as_ptr()
+                && l.bytes.len() == bucket.len()
+                && l.key == bucket_key
+        });
         if !hit {
             *last = Some(Positions {
                 table: index_bucket(&bucket)?,
