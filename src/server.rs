@@ -1,6 +1,7 @@
 //! Start-up, serving and shutdown: opens the log, builds the broker, runs the sweeper and
 //! the HTTP server, and on shutdown drains and closes everything in order.
 
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -40,6 +41,13 @@ pub async fn run(
         config: config.clone(),
     };
     let closing = broker.clone();
+    // Responses leave at once: without TCP_NODELAY the tail of a large answer (a receive of
+    // many messages) waits for the client's delayed ACK of the segments before it.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    });
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -174,8 +174,12 @@ impl Broker {
     async fn read_messages(self: &Arc<Self>, offsets: Vec<Offset>) -> Result<Vec<Option<Frame>>> {
         let mut frames = Vec::with_capacity(offsets.len());
         let mut older = Vec::new();
-        for (i, offset) in offsets.iter().enumerate() {
-            match self.log.read_recent(*offset) {
+        for (i, (offset, read)) in offsets
+            .iter()
+            .zip(self.log.read_many_recent(&offsets))
+            .enumerate()
+        {
+            match read {
                 Some(read) => frames.push(found(*offset, read)?),
                 None => {
                     frames.push(None);
@@ -188,15 +192,19 @@ impl Broker {
         }
         let broker = self.clone();
         let read = tokio::task::spawn_blocking(move || {
+            let offsets: Vec<Offset> = older.iter().map(|(_, offset)| *offset).collect();
             older
                 .into_iter()
-                .map(|(i, offset)| Ok((i, found(offset, broker.log.read(offset))?)))
+                .zip(broker.log.read_many(&offsets))
+                .map(|((i, offset), read)| Ok((i, found(offset, read)?)))
                 .collect::<Result<Vec<_>>>()
         })
         .await
         .map_err(|e| Refusal::Unavailable(format!("reading messages failed: {e}")))??;
         for (i, frame) in read {
-            frames[i] = frame;
+            if let Some(slot) = frames.get_mut(i) {
+                *slot = frame;
+            }
         }
         Ok(frames)
     }
