@@ -23,10 +23,6 @@ use axum::routing::post;
 use axum::Router;
 use tokio::sync::oneshot;
 
-/// The same allocator as the server's, so that the floor stays the floor of the same stack.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Size of the ring file.
 const FILE_BYTES: u64 = 256 << 20;
 

@@ -7,12 +7,6 @@ use anyhow::Context;
 use clap::CommandFactory;
 use courier::config::{Cli, Config, RawConfig};
 
-/// mimalloc instead of the system allocator: the server allocates per request and per
-/// record on several threads, where glibc's malloc spent a tenth of the CPU (ARCHITECTURE.md,
-/// "Where the CPU goes").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn load() -> anyhow::Result<Config> {
     let matches = Cli::command().get_matches();
     let mut raw = RawConfig::defaults();
