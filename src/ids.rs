@@ -55,14 +55,14 @@ pub enum Address {
     /// `agent:<id>`: that agent's inbox.
     Agent(AgentId),
     /// `topic:<name>`: every subscriber of the topic.
-    Topic(String),
+    Topic(TopicName),
     /// `capability:<name>`: one of the agents that declare the capability.
     Capability(String),
 }
 
 impl Address {
-    /// Parses `agent:<id>`, `topic:<name>` or `capability:<name>`. Topic and capability
-    /// names follow the agent id rules, plus `/` and `:` inside.
+    /// Parses `agent:<id>`, `topic:<name>` or `capability:<name>`. Capability names follow
+    /// the agent id rules, plus `/` and `:` inside; topic names are [`TopicName`]s.
     pub fn parse(text: &str) -> Result<Self, String> {
         let Some((kind, name)) = text.split_once(':') else {
             return Err(format!(
@@ -71,7 +71,7 @@ impl Address {
         };
         match kind {
             "agent" => AgentId::parse(name).map(Self::Agent),
-            "topic" => check_name("topic", name).map(|()| Self::Topic(name.to_owned())),
+            "topic" => TopicName::parse(name).map(Self::Topic),
             "capability" => {
                 check_name("capability", name).map(|()| Self::Capability(name.to_owned()))
             }
@@ -79,6 +79,90 @@ impl Address {
                 "`to` {text:?} has the unknown kind {kind:?}: use agent:, topic: or capability:"
             )),
         }
+    }
+}
+
+/// What a topic name or pattern segment may be made of: `[a-z0-9_-]`, at least one.
+fn is_plain_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// A topic name (SPEC §2): 1–128 characters, segments of `[a-z0-9_-]` joined by `.`
+/// (`tasks.eu.created`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicName(String);
+
+impl TopicName {
+    /// Checks `text`; the error says what is wrong and what would be right.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() || text.len() > 128 || !text.split('.').all(is_plain_segment) {
+            return Err(format!(
+                "{text:?} is not a valid topic name: use 1-128 characters, segments of a-z, 0-9, '_' and '-' joined by '.' (tasks.eu.created)"
+            ));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TopicName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A subscription pattern (SPEC §2): a topic name whose segments may also be `*` (exactly
+/// one segment) or, as the last one, `>` (one or more trailing segments), as NATS subjects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPattern(String);
+
+impl TopicPattern {
+    /// Checks `text`; the error says what is wrong and what would be right.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let segments: Vec<&str> = text.split('.').collect();
+        let last = segments.len() - 1;
+        let valid = segments
+            .iter()
+            .enumerate()
+            .all(|(i, s)| is_plain_segment(s) || *s == "*" || (*s == ">" && i == last));
+        if text.is_empty() || text.len() > 128 || !valid {
+            return Err(format!(
+                "{text:?} is not a valid subscription pattern: use a topic name (segments of a-z, 0-9, '_' and '-' joined by '.', 1-128 characters) whose segments may be '*' for exactly one segment, and whose last segment may be '>' for one or more (tasks.*.created, tasks.>)"
+            ));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    /// The pattern as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `topic` matches: `*` stands for one segment, a final `>` for one or more.
+    pub fn matches(&self, topic: &TopicName) -> bool {
+        let mut names = topic.0.split('.');
+        for segment in self.0.split('.') {
+            match (segment, names.next()) {
+                (">", Some(_)) => return true,
+                ("*", Some(_)) => {}
+                (literal, Some(name)) if literal == name => {}
+                _ => return false,
+            }
+        }
+        names.next().is_none()
+    }
+}
+
+impl fmt::Display for TopicPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -129,15 +213,93 @@ mod tests {
             Ok(Address::Agent(AgentId::parse("planner").unwrap()))
         );
         assert_eq!(
-            Address::parse("topic:news/eu"),
-            Ok(Address::Topic("news/eu".into()))
+            Address::parse("topic:news.eu"),
+            Ok(Address::Topic(TopicName::parse("news.eu").unwrap()))
         );
         assert_eq!(
             Address::parse("capability:summarize"),
             Ok(Address::Capability("summarize".into()))
         );
-        for bad in ["planner", "agent:", "agent:Bad", "queue:x", "topic:", ":x"] {
+        for bad in [
+            "planner",
+            "agent:",
+            "agent:Bad",
+            "queue:x",
+            "topic:",
+            ":x",
+            "topic:a/b",
+        ] {
             assert!(Address::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn topic_names_follow_the_spec() {
+        for good in ["a", "tasks.eu.created", "x_1-b.c", &"a".repeat(128)] {
+            assert!(TopicName::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "A",
+            "a b",
+            "a/b",
+            "a.*",
+            "a.>",
+            &"a".repeat(129),
+        ] {
+            let error = TopicName::parse(bad).unwrap_err();
+            assert!(error.contains("segments of a-z"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn patterns_follow_the_spec() {
+        for good in ["a", "tasks.*.created", "tasks.>", "*", ">", "*.>", "a.*.*"] {
+            assert!(TopicPattern::parse(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "a.>.b",
+            ">.a",
+            "a*",
+            "a.>>",
+            "a..b",
+            "a.",
+            "A.*",
+            &"a".repeat(129),
+        ] {
+            assert!(TopicPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_match_as_nats_subjects_do() {
+        let cases = [
+            ("tasks.eu.created", "tasks.eu.created", true),
+            ("tasks.eu.created", "tasks.eu", false),
+            ("tasks.eu", "tasks.eu.created", false),
+            ("tasks.*.created", "tasks.eu.created", true),
+            ("tasks.*.created", "tasks.eu.deleted", false),
+            ("tasks.*.created", "tasks.created", false),
+            ("tasks.*", "tasks.eu.created", false),
+            ("tasks.>", "tasks.eu", true),
+            ("tasks.>", "tasks.eu.created", true),
+            ("tasks.>", "tasks", false),
+            (">", "a", true),
+            (">", "a.b.c", true),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            ("*.>", "a", false),
+            ("*.>", "a.b", true),
+        ];
+        for (pattern, topic, expected) in cases {
+            let p = TopicPattern::parse(pattern).unwrap();
+            let t = TopicName::parse(topic).unwrap();
+            assert_eq!(p.matches(&t), expected, "{pattern} ~ {topic}");
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod agents;
 pub mod error;
 pub mod messages;
 pub mod ops;
+pub mod topics;
 pub mod wire;
 
 use std::convert::Infallible;
@@ -62,11 +63,12 @@ pub fn router(state: AppState) -> Router {
             "/v1/agents/{agent}/dead-letters/redrive",
             post(messages::redrive),
         )
-        .route("/v1/agents/{agent}/subscriptions", get(not_implemented))
+        .route("/v1/agents/{agent}/subscriptions", get(topics::list))
         .route(
-            "/v1/agents/{agent}/subscriptions/{topic}",
-            put(not_implemented).delete(not_implemented),
+            "/v1/agents/{agent}/subscriptions/{pattern}",
+            put(topics::subscribe).delete(topics::unsubscribe),
         )
+        .route("/v1/topics", get(topics::topics))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/stats", get(ops::stats))
@@ -161,7 +163,7 @@ async fn not_implemented() -> ApiError {
     ApiError::new(
         StatusCode::NOT_IMPLEMENTED,
         "not_implemented",
-        "topics, subscriptions and request/reply are not in this build yet",
+        "request/reply is not in this build yet",
     )
 }
 

@@ -338,6 +338,7 @@ pub struct PublishedView<'a> {
     id: &'a str,
     offset: u64,
     duplicate: bool,
+    destinations: usize,
 }
 
 impl<'a> PublishedView<'a> {
@@ -347,6 +348,7 @@ impl<'a> PublishedView<'a> {
             id: &published.id,
             offset: published.offset,
             duplicate: published.duplicate,
+            destinations: published.destinations,
         }
     }
 }

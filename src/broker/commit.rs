@@ -46,6 +46,8 @@ pub(super) const EXPIRY: CrashPoints = points("expiry.submitted", "expiry.durabl
 pub(super) const DEAD_LETTER: CrashPoints = points("dead_letter.submitted", "dead_letter.durable");
 pub(super) const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.durable");
 pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
+pub(super) const SUBSCRIPTION: CrashPoints =
+    points("subscription.submitted", "subscription.durable");
 
 type AppendRx = oneshot::Receiver<std::result::Result<Appended, courier_storage::Error>>;
 

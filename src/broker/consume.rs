@@ -171,7 +171,10 @@ impl Broker {
     /// Reads messages by offset, `None` for one that retention deleted. Recent records are
     /// read inline; any whose place only sled knows (which can wait for a checkpoint) are
     /// read together on a blocking thread, never on the async threads.
-    async fn read_messages(self: &Arc<Self>, offsets: Vec<Offset>) -> Result<Vec<Option<Frame>>> {
+    pub(super) async fn read_messages(
+        self: &Arc<Self>,
+        offsets: Vec<Offset>,
+    ) -> Result<Vec<Option<Frame>>> {
         let mut frames = Vec::with_capacity(offsets.len());
         let mut older = Vec::new();
         for (i, (offset, read)) in offsets

@@ -21,6 +21,7 @@ mod publish;
 mod registry;
 mod retention;
 mod sweeper;
+mod topics;
 mod waiters;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,6 +38,7 @@ use crate::delivery::{self, Depth, Policy};
 pub use consume::{DeadView, Delivered, ReceiveRequest};
 pub use publish::{Outgoing, Published};
 pub use registry::AgentView;
+pub use topics::Start;
 
 /// Why the broker refused a request; the API turns each into a status and an error code.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +266,12 @@ pub fn recover_state(
     }
     for (id, offset, until_ms) in index.remembered()? {
         state.load_remembered(&id, offset, until_ms);
+    }
+    for (agent, pattern, start) in index.subscriptions()? {
+        state.load_subscription(&agent, &pattern, start);
+    }
+    for (name, seen) in index.topics()? {
+        state.load_topic(&name, seen);
     }
     state.load_clock(index.clock()?);
     Ok((state, agents))

@@ -12,6 +12,7 @@ use super::admission::{Candidate, Remembered};
 use super::commit::{Commit, PUBLISH};
 use super::registry::Registry;
 use super::{millis, Broker, Core, Refusal, Result};
+use crate::delivery::State;
 use crate::ids::Address;
 
 /// One message to publish, validated by the API.
@@ -38,7 +39,14 @@ pub struct Published {
     pub offset: u64,
     /// Whether the id was seen within the dedupe window, so nothing was written.
     pub duplicate: bool,
+    /// How many inboxes it was routed to (for a duplicate: the original's, 0 if retention
+    /// deleted it since).
+    pub destinations: usize,
 }
+
+/// A message written by a publish: its index in the request, its id, how many inboxes it
+/// was routed to.
+type Written = (usize, String, usize);
 
 /// A publish decided under the lock, waiting for its append.
 struct Staged {
@@ -46,20 +54,26 @@ struct Staged {
     results: Vec<Option<Published>>,
     /// Duplicates of ids whose first publish is still being committed.
     waits: Vec<(usize, String, watch::Receiver<Option<u64>>)>,
-    /// The indexes and ids of the messages written, in record order, and their commit.
-    append: Option<(Vec<(usize, String)>, Commit)>,
+    /// The messages written, in record order, and their commit.
+    append: Option<(Vec<Written>, Commit)>,
     /// The client ids being committed by this publish.
     client_ids: Vec<String>,
 }
 
-/// The inboxes an address stands for: where routing is decided, in one place.
-fn resolve(registry: &Registry, to: &Address) -> Result<Vec<String>> {
+/// The inboxes an address stands for: where routing is decided, in one place. A topic goes
+/// to every registered agent subscribed to it now (each once), and to none if nobody is: the
+/// message is stored all the same.
+fn resolve(registry: &Registry, delivery: &State, to: &Address) -> Result<Vec<String>> {
     match to {
         Address::Agent(agent) => {
             registry.get(agent.as_str())?;
             Ok(vec![agent.to_string()])
         }
-        Address::Topic(_) => Err(Refusal::NotRouted("topic:")),
+        Address::Topic(topic) => {
+            let mut subscribers = delivery.subscribers(topic);
+            subscribers.retain(|agent| registry.contains(agent));
+            Ok(subscribers)
+        }
         Address::Capability(_) => Err(Refusal::NotRouted("capability:")),
     }
 }
@@ -89,11 +103,12 @@ impl Broker {
                     return Err(refusal);
                 }
             };
-            for (n, (i, id)) in written.into_iter().enumerate() {
+            for (n, (i, id, destinations)) in written.into_iter().enumerate() {
                 results[i] = Some(Published {
                     id,
                     offset: appended.first.0 + n as u64,
                     duplicate: false,
+                    destinations,
                 });
             }
         }
@@ -109,12 +124,41 @@ impl Broker {
                 id,
                 offset,
                 duplicate: true,
+                destinations: 0,
             });
         }
-        Ok(results
+        let mut results: Vec<Published> = results
             .into_iter()
             .map(|r| r.expect("every message has a result"))
-            .collect())
+            .collect();
+        self.count_original_destinations(&mut results).await?;
+        Ok(results)
+    }
+
+    /// Fills in the destination count of each duplicate from its original record.
+    async fn count_original_destinations(
+        self: &Arc<Self>,
+        results: &mut [Published],
+    ) -> Result<()> {
+        let duplicates: Vec<usize> = (0..results.len())
+            .filter(|&i| results.get(i).is_some_and(|r| r.duplicate))
+            .collect();
+        if duplicates.is_empty() {
+            return Ok(());
+        }
+        let offsets = duplicates
+            .iter()
+            .filter_map(|&i| results.get(i).map(|r| Offset(r.offset)))
+            .collect();
+        let frames = self.read_messages(offsets).await?;
+        for (i, frame) in duplicates.into_iter().zip(frames) {
+            if let (Some(result), Some(Record::Message(m))) =
+                (results.get_mut(i), frame.map(|f| f.record))
+            {
+                result.destinations = m.destinations.len();
+            }
+        }
+        Ok(())
     }
 
     /// Routes and admits what is not a duplicate: a client id remembered within the window
@@ -139,7 +183,7 @@ impl Broker {
             .zip(&recalled)
             .filter(|(_, r)| r.is_none())
         {
-            o.message.destinations = resolve(&core.registry, &o.to)?;
+            o.message.destinations = resolve(&core.registry, &core.delivery, &o.to)?;
         }
         let candidates: Vec<Candidate<'_>> = outgoing
             .iter()
@@ -197,6 +241,7 @@ impl Broker {
                             id: id.clone(),
                             offset,
                             duplicate: true,
+                            destinations: 0,
                         });
                         continue;
                     }
@@ -221,7 +266,7 @@ impl Broker {
                 message.id = new_id(now).to_string();
                 ids.push(None);
             }
-            written.push((i, message.id.clone()));
+            written.push((i, message.id.clone(), message.destinations.len()));
             records.push(Record::Message(message));
         }
         if records.is_empty() {

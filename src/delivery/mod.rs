@@ -16,17 +16,20 @@
 
 pub mod backoff;
 mod receipt;
+mod routing;
 mod store;
 
 pub use receipt::{Outcome, Receipt, Settle};
+pub use routing::TopicView;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use courier_storage::state::{DeadEntry, EntryState, EntryValue, TimerKind};
+use courier_storage::state::{DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
 use courier_storage::{DeadLetter, DeadReason, Lease, Offset, Record, Release, Slot};
 
 use crate::config::Backoff;
+use crate::ids::TopicPattern;
 
 /// An inbox's order: higher priority first, then lower offset.
 type Key = (u8, u64);
@@ -103,6 +106,10 @@ pub struct State {
     expiries: BTreeSet<(u64, String)>,
     /// The latest record timestamp applied: remembered ids are forgotten by it.
     clock_ms: u64,
+    /// Subscriptions by agent: pattern → the first offset it covers.
+    subscriptions: BTreeMap<String, BTreeMap<TopicPattern, Offset>>,
+    /// Topics that messages were published to, by name.
+    topics: BTreeMap<String, TopicSeen>,
 }
 
 /// What a sweeper tick decided.

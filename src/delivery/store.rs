@@ -202,6 +202,7 @@ impl Store for State {
     }
 
     fn delete_agent(&mut self, agent: &str) -> Result<(), Infallible> {
+        self.remove_subscriptions(agent);
         if let Some(inbox) = self.inboxes.remove(agent) {
             let name: Arc<str> = Arc::from(agent);
             for (k, value) in &inbox.entries {
@@ -213,12 +214,18 @@ impl Store for State {
         Ok(())
     }
 
-    /// Subscriptions are not routed by this build: the index keeps them, memory does not.
-    fn subscribe(&mut self, _agent: &str, _topic: &str, _start: Offset) -> Result<(), Infallible> {
+    fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<(), Infallible> {
+        self.add_subscription(agent, topic, start);
         Ok(())
     }
 
-    fn unsubscribe(&mut self, _agent: &str, _topic: &str) -> Result<(), Infallible> {
+    fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Infallible> {
+        self.remove_subscription(agent, topic);
+        Ok(())
+    }
+
+    fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Infallible> {
+        self.count_topic(topic, offset);
         Ok(())
     }
 

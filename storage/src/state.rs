@@ -111,6 +111,8 @@ pub struct Arrival {
     pub expires_at_ms: Option<u64>,
     /// Its client id and until when the id is remembered, if the client gave one.
     pub dedupe: Option<(String, u64)>,
+    /// The topic it was published to, for a `topic:` address.
+    pub topic: Option<String>,
 }
 
 impl Arrival {
@@ -124,8 +126,23 @@ impl Arrival {
             dedupe: message
                 .dedupe_until_ms
                 .map(|until_ms| (message.id.clone(), until_ms)),
+            topic: topic_of(message).map(str::to_owned),
         }
     }
+}
+
+/// The topic of a message published to `topic:<name>`.
+pub fn topic_of(message: &Message) -> Option<&str> {
+    message.to.strip_prefix("topic:")
+}
+
+/// What is known of a topic that messages were published to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct TopicSeen {
+    /// Messages published to it (never decreases: retention does not change it).
+    pub messages: u64,
+    /// The offset of the latest one.
+    pub last_offset: Offset,
 }
 
 /// Whether an entry that [`Store::put_entry`] writes may already exist.
@@ -191,6 +208,8 @@ pub trait Store {
     fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<(), Self::Error>;
     /// Removes a subscription.
     fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Self::Error>;
+    /// A message was published to `topic` at `offset`.
+    fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, dead
     /// letters and remembered ids of messages there (and any location of those records).
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
@@ -213,7 +232,7 @@ pub fn apply<'r, S: Store + ?Sized>(
             };
             let value = published(m.not_before_ms, m.expires_at_ms);
             let dedupe = m.dedupe_until_ms.map(|until_ms| (m.id.as_str(), until_ms));
-            publish(store, slot, &m.destinations, &value, dedupe)?;
+            publish(store, slot, &m.destinations, &value, dedupe, topic_of(m))?;
             Ok(&m.destinations)
         }
         Record::Leased { .. }
@@ -337,23 +356,29 @@ pub fn arrive<'a, S: Store + ?Sized>(
         .dedupe
         .as_ref()
         .map(|(id, until)| (id.as_str(), *until));
-    publish(store, slot, &arrival.destinations, &value, dedupe)?;
+    let topic = arrival.topic.as_deref();
+    publish(store, slot, &arrival.destinations, &value, dedupe, topic)?;
     Ok(&arrival.destinations)
 }
 
-/// A published message enters each of its inboxes; its client id is remembered.
+/// A published message enters each of its inboxes; its client id is remembered, and its
+/// topic counted.
 fn publish<S: Store + ?Sized>(
     store: &mut S,
     slot: Slot,
     destinations: &[String],
     value: &EntryValue,
     dedupe: Option<(&str, u64)>,
+    topic: Option<&str>,
 ) -> Result<(), S::Error> {
     for inbox in destinations {
         store.put_entry(inbox, slot, value, Was::New)?;
     }
     if let Some((id, until_ms)) = dedupe {
         store.remember(id, slot.offset, until_ms)?;
+    }
+    if let Some(topic) = topic {
+        store.note_topic(topic, slot.offset)?;
     }
     Ok(())
 }

@@ -38,7 +38,7 @@ fn readme_shows_every_route() {
         .collect();
     assert!(routes.len() >= 15, "routes not found: {routes:?}");
     for route in routes {
-        // `{agent}` is written with an example id in the README, `{topic}` as itself.
+        // `{agent}` is written with an example id in the README, or a route as itself.
         let pattern = route.replace("{agent}", "planner");
         let shown = readme.contains(&pattern) || readme.contains(route);
         assert!(

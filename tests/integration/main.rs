@@ -38,4 +38,5 @@ mod power_loss;
 mod powerfs;
 mod publish;
 mod support;
+mod topics;
 mod workload;

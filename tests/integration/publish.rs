@@ -98,7 +98,7 @@ fn malformed_json_wrong_content_type_and_unknown_agent() {
     assert_eq!((r.status, r.code()), (404, "unknown_agent"));
     let r = server.post(
         "/v1/messages",
-        json!({"to": "topic:news", "from": "a", "body": 1}),
+        json!({"to": "capability:summarize", "from": "a", "body": 1}),
     );
     assert_eq!((r.status, r.code()), (501, "not_implemented"));
 }

@@ -7,14 +7,14 @@ use std::ops::Bound;
 use super::keys::{
     be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix, parse_slot_key,
     positions_key, slot_key, subscription_key, timer_key, trailing_offset, u64_le, with_prefix, A,
-    CLOCK_KEY, D, I, P, S, U, X,
+    CLOCK_KEY, D, I, N, P, S, U, X,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
 use crate::error::{Error, Result};
 use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
-use crate::state::{self, DeadEntry, EntryValue, Store, Was};
+use crate::state::{self, DeadEntry, EntryValue, Store, TopicSeen, Was};
 use crate::Offset;
 
 /// Applies `frames` (consecutive, in log order) and their positions `runs`, then forgets the
@@ -183,6 +183,19 @@ impl Store for Txn<'_> {
 
     fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<()> {
         self.remove(subscription_key(agent, topic));
+        Ok(())
+    }
+
+    fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<()> {
+        let key = with_prefix(N, topic.as_bytes());
+        let mut seen: TopicSeen = self
+            .get(&key)?
+            .map(|v| decode_value(&v))
+            .transpose()?
+            .unwrap_or_default();
+        seen.messages += 1;
+        seen.last_offset = offset;
+        self.insert(key, encode_value(&seen));
         Ok(())
     }
 

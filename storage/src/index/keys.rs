@@ -16,6 +16,7 @@ pub(super) const U: u8 = b'u';
 pub(super) const X: u8 = b'x';
 pub(super) const A: u8 = b'a';
 pub(super) const S: u8 = b's';
+pub(super) const N: u8 = b'n';
 
 #[expect(
     clippy::big_endian_bytes,

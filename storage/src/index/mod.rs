@@ -17,6 +17,7 @@
 //! | `x` | remembered-until ms (u64 BE), client id | empty (expiry order of `u`) |
 //! | `a` | agent id | [`Agent`] (bincode) |
 //! | `s` | agent, topic | start offset (u64 LE) |
+//! | `n` | topic name | [`TopicSeen`] (bincode): messages published to it, the latest offset |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
@@ -37,12 +38,12 @@ use crate::error::{Error, Result};
 pub use crate::position::Location;
 use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
-pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind};
+pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
 use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
-    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, CLOCK_KEY, D, I, P,
-    S, T, U,
+    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, CLOCK_KEY, D, I, N,
+    P, S, T, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -95,6 +96,8 @@ pub struct IndexSnapshot {
     pub agents: BTreeMap<String, Agent>,
     /// Subscriptions: (agent, topic) → start.
     pub subscriptions: BTreeMap<(String, String), Offset>,
+    /// Topics that messages were published to.
+    pub topics: BTreeMap<String, TopicSeen>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -544,6 +547,17 @@ impl Index {
         Ok(out)
     }
 
+    /// Every topic that messages were published to, by name.
+    pub fn topics(&self) -> Result<Vec<(String, TopicSeen)>> {
+        self.scan_prefix(&[N])
+            .map(|item| {
+                let (key, value) = item?;
+                let topic = String::from_utf8_lossy(key.get(1..).unwrap_or_default()).into_owned();
+                Ok((topic, decode_value(&value)?))
+            })
+            .collect()
+    }
+
     /// The lowest offset still pending or dead-lettered in any inbox. Reads every entry.
     pub fn min_live_offset(&self) -> Result<Option<Offset>> {
         let mut min: Option<u64> = None;
@@ -603,6 +617,10 @@ impl Index {
                     let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
                     snap.subscriptions
                         .insert((agent, topic), Offset(u64_le(&value)));
+                }
+                Some(N) => {
+                    let topic = String::from_utf8_lossy(rest).into_owned();
+                    snap.topics.insert(topic, decode_value(&value)?);
                 }
                 _ => {}
             }

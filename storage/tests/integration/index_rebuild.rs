@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use courier_storage::index::{EntryState, TimerKind};
+use courier_storage::index::{EntryState, TimerKind, TopicSeen};
 use courier_storage::{
     Agent, DeadLetter, DeadReason, Lease, Log, Message, Offset, Record, Release, Slot,
 };
@@ -159,6 +159,20 @@ fn part_two(log: &Log) {
     .unwrap();
     log.append(990, vec![message("late", "b", 4, b"[1,2]")])
         .unwrap();
+    // Two messages to a topic: one routed to b, one to nobody; both count for the topic.
+    let to_topic = |id: &str, destinations: Vec<String>| {
+        let mut record = message(id, "b", 4, b"1");
+        if let Record::Message(m) = &mut record {
+            m.to = "topic:news.eu".into();
+            m.destinations = destinations;
+        }
+        record
+    };
+    log.append(
+        995,
+        vec![to_topic("t1", vec!["b".into()]), to_topic("t2", Vec::new())],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -233,6 +247,22 @@ fn index_records_change_delivery_state_as_documented() {
             (70_003, TimerKind::Due, 3),
             (90_000, TimerKind::Due, 5)
         ]
+    );
+    let last = Offset(log.durable_end().0 - 1);
+    assert_eq!(
+        index.topics().unwrap(),
+        vec![(
+            "news.eu".into(),
+            TopicSeen {
+                messages: 2,
+                last_offset: last
+            }
+        )]
+    );
+    assert_eq!(
+        index.inbox("b").count(),
+        2,
+        "the late message and the topic message routed to b"
     );
     assert_eq!(index.min_live_offset().unwrap(), Some(Offset(3)));
     assert_eq!(

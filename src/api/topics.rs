@@ -1,0 +1,149 @@
+//! Topics and subscriptions: `PUT`/`DELETE /v1/agents/{agent}/subscriptions/{pattern}`,
+//! `GET /v1/agents/{agent}/subscriptions` and `GET /v1/topics`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::error::{parse_json, ApiError, JsonBody};
+use super::{agent_id, AppState};
+use crate::broker::Start;
+use crate::ids::{AgentId, TopicPattern};
+
+/// Body of `PUT /v1/agents/{agent}/subscriptions/{pattern}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeBody {
+    /// `latest` (the default) or `earliest`.
+    start: Option<String>,
+}
+
+/// A subscription as clients see it.
+#[derive(Debug, Serialize)]
+struct SubscriptionJson<'a> {
+    agent: &'a str,
+    pattern: &'a str,
+    start: &'static str,
+}
+
+/// `{"subscriptions": [{"pattern": ...}]}`.
+#[derive(Debug, Serialize)]
+struct SubscriptionList<'a> {
+    subscriptions: Vec<PatternJson<'a>>,
+}
+
+/// One pattern of a listing.
+#[derive(Debug, Serialize)]
+struct PatternJson<'a> {
+    pattern: &'a str,
+}
+
+/// `{"topics": [...]}`.
+#[derive(Debug, Serialize)]
+struct TopicList<'a> {
+    topics: Vec<TopicJson<'a>>,
+}
+
+/// A topic as clients see it.
+#[derive(Debug, Serialize)]
+struct TopicJson<'a> {
+    name: &'a str,
+    messages: u64,
+    last_offset: u64,
+    subscribers: usize,
+}
+
+fn pattern(agent: &str, text: &str) -> Result<(AgentId, TopicPattern), ApiError> {
+    let id = agent_id(agent)?;
+    let pattern =
+        TopicPattern::parse(text).map_err(|e| ApiError::bad_request("invalid_pattern", e))?;
+    Ok((id, pattern))
+}
+
+/// `PUT /v1/agents/{agent}/subscriptions/{pattern}` → 201 subscribed / 200 already was.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    Path((agent, text)): Path<(String, String)>,
+    JsonBody(bytes): JsonBody,
+) -> Result<Response, ApiError> {
+    let (id, pattern) = pattern(&agent, &text)?;
+    let body: SubscribeBody = parse_json(&bytes)?;
+    let start = match body.start.as_deref() {
+        None | Some("latest") => Start::Latest,
+        Some("earliest") => {
+            return Err(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_implemented",
+                "`start: earliest` is not in this build yet; subscribe with `latest` (the default), which routes every message published after the subscription",
+            ))
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!("`start` is {other:?}: use \"latest\" or \"earliest\""),
+            ))
+        }
+    };
+    let created = state.broker.subscribe(&id, &pattern, start).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let json = SubscriptionJson {
+        agent: id.as_str(),
+        pattern: pattern.as_str(),
+        start: "latest",
+    };
+    Ok((status, Json(json)).into_response())
+}
+
+/// `DELETE /v1/agents/{agent}/subscriptions/{pattern}` → 204, or 404 if there was none.
+pub async fn unsubscribe(
+    State(state): State<AppState>,
+    Path((agent, text)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let (id, pattern) = pattern(&agent, &text)?;
+    if state.broker.unsubscribe(&id, &pattern).await? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_subscription",
+            format!("agent `{id}` is not subscribed to \"{pattern}\"; GET /v1/agents/{id}/subscriptions lists its patterns"),
+        ))
+    }
+}
+
+/// `GET /v1/agents/{agent}/subscriptions`.
+pub async fn list(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    let patterns = state.broker.subscriptions(&id)?;
+    let subscriptions = patterns
+        .iter()
+        .map(|p| PatternJson {
+            pattern: p.as_str(),
+        })
+        .collect();
+    Ok(Json(SubscriptionList { subscriptions }).into_response())
+}
+
+/// `GET /v1/topics`: the topics messages were published to, with their subscriber counts.
+pub async fn topics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let views = state.broker.topics();
+    let topics = views
+        .iter()
+        .map(|t| TopicJson {
+            name: &t.name,
+            messages: t.seen.messages,
+            last_offset: t.seen.last_offset.0,
+            subscribers: t.subscribers,
+        })
+        .collect();
+    Ok(Json(TopicList { topics }).into_response())
+}
