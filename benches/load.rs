@@ -5,6 +5,7 @@
 //! cargo bench --bench load -- fill    URL AGENT COUNT [BATCH] [THREADS]  publish 1 KiB messages in batches
 //! cargo bench --bench load -- drain   URL AGENT COUNT [CONSUMERS]        receive (max 100) + ack until COUNT acked
 //! cargo bench --bench load -- latency URL AGENT RATE SECONDS [ACKS]      publish → delivery at a steady rate
+//! cargo bench --bench load -- fanout  URL TOPIC COUNT [SUBSCRIBERS]      1 KiB to a topic, every subscriber drains
 //! ```
 //!
 //! `ACKS` is `pipelined` (the default: a second connection acks while the consumer is back in
@@ -41,8 +42,12 @@ impl Conn {
     }
 
     fn post(&mut self, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        self.send("POST", path, body)
+    }
+
+    fn send(&mut self, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             self.host,
             body.len()
         );
@@ -288,6 +293,96 @@ fn latency(url: &str, agent: &str, rate: u64, seconds: u64, acks: Acks) {
     }
 }
 
+/// The log's `bytes_written` from `/v1/stats`.
+fn bytes_written(conn: &mut Conn) -> u64 {
+    let (status, body) = conn.send("GET", "/v1/stats", b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let stats: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    stats["log"]["bytes_written"].as_u64().expect("bytes_written")
+}
+
+/// Fan-out: `subscribers` agents subscribe to `topic`; `count` 1 KiB messages are published
+/// to it one by one on 8 connections; then every subscriber drains its copies (one consumer
+/// each). Prints the publish rate, the log bytes written per message (one record, however
+/// many subscribers) and the deliveries per second of the drain.
+fn fanout(url: &str, topic: &str, count: u64, subscribers: u64) {
+    let mut conn = Conn::open(url);
+    let agents: Vec<String> = (0..subscribers).map(|i| format!("fan-{i}")).collect();
+    for agent in &agents {
+        let (status, body) = conn.send("PUT", &format!("/v1/agents/{agent}"), b"{}");
+        assert!(status == 200 || status == 201, "{}", String::from_utf8_lossy(&body));
+        let path = format!("/v1/agents/{agent}/subscriptions/{topic}");
+        let (status, body) = conn.send("PUT", &path, b"{}");
+        assert!(status == 200 || status == 201, "{}", String::from_utf8_lossy(&body));
+    }
+    let before = bytes_written(&mut conn);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let publishers: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, topic, next) = (url.to_owned(), topic.to_owned(), next.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                let pad = pad();
+                while next.fetch_add(1, Ordering::Relaxed) < count {
+                    let body = format!(
+                        r#"{{"to":"topic:{topic}","from":"loadgen","body":{{"pad":"{pad}"}}}}"#
+                    );
+                    let (status, reply) = conn.post("/v1/messages", body.as_bytes());
+                    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().expect("publisher");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = bytes_written(&mut conn) - before;
+    println!(
+        "fanout publish: {count} messages to {subscribers} subscribers in {secs:.2} s = {:.0} msg/s; {:.0} log bytes per message",
+        count as f64 / secs,
+        bytes as f64 / count as f64
+    );
+    let start = Instant::now();
+    let consumers: Vec<_> = agents
+        .into_iter()
+        .map(|agent| {
+            let url = url.to_owned();
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                let deadline = Instant::now() + Duration::from_secs(600);
+                let mut acked = 0;
+                while acked < count && Instant::now() < deadline {
+                    let (status, body) = conn.post(
+                        &format!("/v1/agents/{agent}/receive"),
+                        br#"{"max": 100, "wait_ms": 1000}"#,
+                    );
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                    let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                    let receipts: Vec<&str> = reply["messages"]
+                        .as_array()
+                        .expect("messages")
+                        .iter()
+                        .filter_map(|m| m["receipt"].as_str())
+                        .collect();
+                    if !receipts.is_empty() {
+                        ack(&mut conn, &agent, &receipts);
+                        acked += receipts.len() as u64;
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    let delivered: u64 = consumers.into_iter().map(|c| c.join().expect("consumer")).sum();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "fanout drain: {delivered} deliveries received and acked in {secs:.2} s = {:.0} deliveries/s ({subscribers} consumers, max 100)",
+        delivered as f64 / secs
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -318,6 +413,12 @@ fn main() {
                 "pipelined" => Acks::Pipelined,
                 other => panic!("ACKS is sequential or pipelined, not {other:?}"),
             },
+        ),
+        "fanout" => fanout(
+            &url,
+            &agent,
+            arg(&args, 3, Some(10_000)),
+            arg(&args, 4, Some(100)),
         ),
         other => eprintln!("unknown scenario {other:?}; see benches/load.rs"),
     }

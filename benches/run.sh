@@ -45,6 +45,11 @@ start_server
 "$LOAD" drain $URL bench 200000 8
 stop_server
 
+echo "== courier: fan-out, 10,000 x 1 KiB to a topic with 100 subscribers, each drains its copies"
+start_server
+"$LOAD" fanout $URL bench.fanout 10000 100
+stop_server
+
 for acks in pipelined sequential; do
   echo "== courier: publish -> delivery latency at a steady 1,000 msg/s for 10 s, $acks acks"
   start_server
