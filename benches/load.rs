@@ -298,7 +298,9 @@ fn bytes_written(conn: &mut Conn) -> u64 {
     let (status, body) = conn.send("GET", "/v1/stats", b"");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let stats: serde_json::Value = serde_json::from_slice(&body).expect("json");
-    stats["log"]["bytes_written"].as_u64().expect("bytes_written")
+    stats["log"]["bytes_written"]
+        .as_u64()
+        .expect("bytes_written")
 }
 
 /// Fan-out: `subscribers` agents subscribe to `topic`; `count` 1 KiB messages are published
@@ -310,10 +312,18 @@ fn fanout(url: &str, topic: &str, count: u64, subscribers: u64) {
     let agents: Vec<String> = (0..subscribers).map(|i| format!("fan-{i}")).collect();
     for agent in &agents {
         let (status, body) = conn.send("PUT", &format!("/v1/agents/{agent}"), b"{}");
-        assert!(status == 200 || status == 201, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            status == 200 || status == 201,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
         let path = format!("/v1/agents/{agent}/subscriptions/{topic}");
         let (status, body) = conn.send("PUT", &path, b"{}");
-        assert!(status == 200 || status == 201, "{}", String::from_utf8_lossy(&body));
+        assert!(
+            status == 200 || status == 201,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
     }
     let before = bytes_written(&mut conn);
     let next = Arc::new(AtomicU64::new(0));
@@ -375,7 +385,10 @@ fn fanout(url: &str, topic: &str, count: u64, subscribers: u64) {
             })
         })
         .collect();
-    let delivered: u64 = consumers.into_iter().map(|c| c.join().expect("consumer")).sum();
+    let delivered: u64 = consumers
+        .into_iter()
+        .map(|c| c.join().expect("consumer"))
+        .sum();
     let secs = start.elapsed().as_secs_f64();
     println!(
         "fanout drain: {delivered} deliveries received and acked in {secs:.2} s = {:.0} deliveries/s ({subscribers} consumers, max 100)",

@@ -1,16 +1,17 @@
-//! T10: seeded random sequences of publish (some with client ids, so with duplicates) /
-//! receive / ack / nack / extend / time passing and sweeps / redrive / checkpoint / power
-//! loss, over several inboxes, driven through the broker's real commit path
-//! (`Broker::publish`, `receive`, `settle`, `sweep`, `redrive`, with a manual clock) on the
+//! T10: seeded random sequences of publish (to agents and to topics, some with client ids, so
+//! with duplicates) / subscribe / unsubscribe / receive / ack / nack / extend / time passing
+//! and sweeps / redrive / checkpoint / power loss, over several inboxes, driven through the
+//! broker's real commit path (`Broker::publish`, `subscribe`, `unsubscribe`, `receive`,
+//! `settle`, `sweep`, `redrive`, with a manual clock) on the
 //! real storage engine (on `SimDisk`, so a crash is a power loss), and checked after every
 //! step against a small reference model written independently of the core.
 //!
 //! A crash drops the broker with its log, skipping the closing checkpoint (as a crash leaves
 //! the index: at its last checkpoint), tears the simulated disk, reopens the log and builds
 //! a new broker, exactly as the server's start-up does. Checked: every answer (offsets and
-//! duplicates, leases and attempts, settle outcomes, redrive counts) equals the model's, and
-//! so does the delivery state of every message in every inbox (so attempt counts never
-//! reset); every `max_attempts` dead letter had exactly `max_attempts` deliveries; nothing
+//! duplicates, topic destinations, leases and attempts, settle outcomes, redrive counts)
+//! equals the model's, and so do every agent's subscriptions and the delivery state of every
+//! message in every inbox (so attempt counts never reset); every `max_attempts` dead letter had exactly `max_attempts` deliveries; nothing
 //! is both acked and dead-lettered.
 //!
 //! CI runs 1,000 seeds; `COURIER_SOAK=1` runs 100,000. A failure prints its seed; replay it
@@ -22,11 +23,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use courier::broker::Start;
 use courier::broker::{Broker, Outgoing, ReceiveRequest};
 use courier::clock::Clock;
 use courier::config::{Backoff, Config, RawConfig};
 use courier::delivery::{backoff, Outcome, Settle};
-use courier::ids::{Address, AgentId};
+use courier::ids::{Address, AgentId, TopicName, TopicPattern};
 use courier_storage::index::EntryState;
 use courier_storage::sim::{SimDisk, TEAR_MODES};
 use courier_storage::{Agent, DeadReason, FsyncPolicy, Log, LogOptions, Message, Offset, Slot};
@@ -41,6 +43,21 @@ const MAX_ATTEMPTS: u32 = 3;
 const LEASE_MS: u64 = 100;
 const WINDOW_MS: u64 = 400;
 const STEPS: usize = 60;
+/// The topics published to and the patterns subscribed with.
+const TOPICS: [&str; 3] = ["t.a", "t.b.c", "u.x"];
+const PATTERNS: [&str; 4] = ["t.a", "t.*", "t.>", "u.*"];
+
+/// Whether `topic` matches `pattern` (`*` one segment, a final `>` one or more): the model's
+/// own reading of SPEC §2, independent of `TopicPattern::matches`.
+fn model_matches(pattern: &str, topic: &str) -> bool {
+    let p: Vec<&str> = pattern.split('.').collect();
+    let t: Vec<&str> = topic.split('.').collect();
+    if p.last() == Some(&">") {
+        let fixed = p.len() - 1;
+        return t.len() > fixed && p[..fixed].iter().zip(&t).all(|(a, b)| *a == "*" || a == b);
+    }
+    p.len() == t.len() && p.iter().zip(&t).all(|(a, b)| *a == "*" || a == b)
+}
 
 fn backoff_policy() -> Backoff {
     Backoff {
@@ -206,12 +223,14 @@ impl Inbox {
     }
 }
 
-/// The whole model: every inbox, and the client ids remembered for dedupe.
+/// The whole model: every inbox, the client ids remembered for dedupe, the subscriptions.
 #[derive(Debug, Default)]
 struct Model {
     inboxes: BTreeMap<&'static str, Inbox>,
     /// Client id → (offset of its first publish, remembered until).
     ids: BTreeMap<String, (u64, u64)>,
+    /// Agent → its patterns.
+    subscriptions: BTreeMap<&'static str, BTreeSet<&'static str>>,
 }
 
 impl Model {
@@ -219,6 +238,15 @@ impl Model {
     fn duplicate_of(&self, id: Option<&str>, now: u64) -> Option<u64> {
         let (offset, until) = self.ids.get(id?)?;
         (*until > now).then_some(*offset)
+    }
+
+    /// The agents a message to `topic` goes to now.
+    fn subscribers(&self, topic: &str) -> Vec<&'static str> {
+        self.subscriptions
+            .iter()
+            .filter(|(_, patterns)| patterns.iter().any(|p| model_matches(p, topic)))
+            .map(|(agent, _)| *agent)
+            .collect()
     }
 }
 
@@ -284,22 +312,29 @@ impl System {
             .expect("register");
     }
 
-    /// Publishes one message; (offset, duplicate).
+    /// Publishes one message to `agent:<to>`, or `topic:<to>` if `to` has a dot; (offset,
+    /// duplicate, destinations).
     fn publish(
         &self,
-        agent: &str,
+        to: &str,
         priority: u8,
         delay_ms: u64,
         ttl_ms: u64,
         id: Option<String>,
-    ) -> (u64, bool) {
+    ) -> (u64, bool, usize) {
+        let (address, text) = if to.contains('.') {
+            let topic = TopicName::parse(to).expect("a valid topic");
+            (Address::Topic(topic), format!("topic:{to}"))
+        } else {
+            (Address::Agent(agent_id(to)), format!("agent:{to}"))
+        };
         let outgoing = Outgoing {
             client_id: id,
-            to: Address::Agent(agent_id(agent)),
+            to: address,
             message: Message {
                 id: String::new(),
                 from: "model".into(),
-                to: format!("agent:{agent}"),
+                to: text,
                 destinations: vec![],
                 kind: None,
                 priority,
@@ -318,7 +353,31 @@ impl System {
             .runtime
             .block_on(self.broker.publish(vec![outgoing]))
             .expect("publish");
-        (published[0].offset, published[0].duplicate)
+        let p = &published[0];
+        (p.offset, p.duplicate, p.destinations)
+    }
+
+    /// Subscribes (`on`) or unsubscribes; whether anything changed.
+    fn subscription(&self, agent: &str, pattern: &str, on: bool) -> bool {
+        let pattern = TopicPattern::parse(pattern).expect("a valid pattern");
+        let id = agent_id(agent);
+        let changed = if on {
+            self.runtime
+                .block_on(self.broker.subscribe(&id, &pattern, Start::Latest))
+        } else {
+            self.runtime
+                .block_on(self.broker.unsubscribe(&id, &pattern))
+        };
+        changed.expect("subscription")
+    }
+
+    /// The patterns `agent` is subscribed to, sorted.
+    fn patterns(&self, agent: &str) -> Vec<String> {
+        let patterns = self
+            .broker
+            .subscriptions(&agent_id(agent))
+            .expect("registered");
+        patterns.iter().map(ToString::to_string).collect()
     }
 
     /// Receives without waiting: (offset, attempt, receipt) per delivery.
@@ -386,8 +445,26 @@ impl System {
     }
 }
 
-/// The delivery state of every inbox equals the model, message by message.
+/// Every agent's subscriptions equal the model's.
+fn check_subscriptions(system: &System, model: &Model, context: &str) {
+    for agent in AGENTS {
+        let expected: Vec<String> = model
+            .subscriptions
+            .get(agent)
+            .map(|p| p.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            system.patterns(agent),
+            expected,
+            "{context}: {agent}'s subscriptions"
+        );
+    }
+}
+
+/// Every agent's subscriptions and the delivery state of every inbox equal the model,
+/// message by message.
 fn check(system: &System, model: &Model, context: &str) {
+    check_subscriptions(system, model, context);
     let now = system.now();
     system.broker.inspect_delivery(|state| {
         for (agent, inbox) in &model.inboxes {
@@ -489,12 +566,18 @@ fn run_seed(seed: u64) {
         model.inboxes.insert(agent, Inbox::default());
     }
     for step in 0..STEPS {
-        let op = rng.below(100);
+        let op = rng.below(110);
         let agent = AGENTS[rng.below(AGENTS.len() as u64) as usize];
         let now = system.now();
         let context = format!("seed {seed} step {step} op {op} agent {agent}");
         match op {
             0..=24 => {
+                // One publish in five goes to a topic.
+                let to = if rng.below(5) == 0 {
+                    TOPICS[rng.below(TOPICS.len() as u64) as usize]
+                } else {
+                    agent
+                };
                 let priority = rng.below(10) as u8;
                 let delay = if rng.below(4) == 0 { rng.below(300) } else { 0 };
                 let ttl = if rng.below(5) == 0 {
@@ -504,7 +587,8 @@ fn run_seed(seed: u64) {
                 };
                 let id = (rng.below(3) == 0).then(|| format!("id-{}", rng.below(5)));
                 let expected = model.duplicate_of(id.as_deref(), now);
-                let (offset, duplicate) = system.publish(agent, priority, delay, ttl, id.clone());
+                let (offset, duplicate, destinations) =
+                    system.publish(to, priority, delay, ttl, id.clone());
                 assert_eq!(duplicate, expected.is_some(), "{context}: publish {id:?}");
                 if let Some(original) = expected {
                     assert_eq!(offset, original, "{context}: duplicate of {id:?}");
@@ -512,17 +596,25 @@ fn run_seed(seed: u64) {
                     if let Some(id) = id {
                         model.ids.insert(id, (offset, now + WINDOW_MS));
                     }
-                    let message = ModelMessage {
-                        priority,
-                        attempts: 0,
-                        deliveries: 0,
-                        expires_at: (ttl > 0).then(|| now + ttl),
-                        status: Status::Ready {
-                            not_before: now + delay,
-                        },
+                    let inboxes = if to.contains('.') {
+                        model.subscribers(to)
+                    } else {
+                        vec![agent]
                     };
-                    let inbox = model.inboxes.get_mut(agent).expect("inbox");
-                    inbox.messages.insert(offset, message);
+                    assert_eq!(destinations, inboxes.len(), "{context}: publish to {to}");
+                    for inbox in inboxes {
+                        let message = ModelMessage {
+                            priority,
+                            attempts: 0,
+                            deliveries: 0,
+                            expires_at: (ttl > 0).then(|| now + ttl),
+                            status: Status::Ready {
+                                not_before: now + delay,
+                            },
+                        };
+                        let inbox = model.inboxes.get_mut(inbox).expect("inbox");
+                        inbox.messages.insert(offset, message);
+                    }
                 }
             }
             25..=44 => {
@@ -578,9 +670,22 @@ fn run_seed(seed: u64) {
             90..=93 => {
                 system.broker.log().checkpoint().expect("checkpoint");
             }
-            _ => {
+            100..=109 => {
+                let pattern = PATTERNS[rng.below(PATTERNS.len() as u64) as usize];
+                let on = op < 106;
+                let patterns = model.subscriptions.entry(agent).or_default();
+                let expected = if on {
+                    patterns.insert(pattern)
+                } else {
+                    patterns.remove(pattern)
+                };
+                let changed = system.subscription(agent, pattern, on);
+                assert_eq!(changed, expected, "{context}: subscription {on} {pattern}");
+            }
+            94..=99 => {
                 system = system.crash(&mut rng);
             }
+            _ => unreachable!("op {op} is below 110"),
         }
         check(&system, &model, &context);
     }
