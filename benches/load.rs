@@ -354,6 +354,11 @@ fn fanout(url: &str, topic: &str, count: u64, subscribers: u64) {
         count as f64 / secs,
         bytes as f64 / count as f64
     );
+    drain_each(url, agents, count, subscribers);
+}
+
+/// One consumer per agent receives (max 100) and acks until it has `count`.
+fn drain_each(url: &str, agents: Vec<String>, count: u64, subscribers: u64) {
     let start = Instant::now();
     let consumers: Vec<_> = agents
         .into_iter()
