@@ -34,6 +34,7 @@ pub async fn run(
     let config = Arc::new(config);
     let clock = Clock::start();
     let broker = open(&config, clock).await?;
+    broker.resume_backfills();
     let sweeper = tokio::spawn(broker.clone().run_sweeper());
     let retention = tokio::spawn(broker.clone().run_retention(retention_interval(&config)));
     let state = AppState {

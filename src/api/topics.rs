@@ -72,13 +72,7 @@ pub async fn subscribe(
     let body: SubscribeBody = parse_json(&bytes)?;
     let start = match body.start.as_deref() {
         None | Some("latest") => Start::Latest,
-        Some("earliest") => {
-            return Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_implemented",
-                "`start: earliest` is not in this build yet; subscribe with `latest` (the default), which routes every message published after the subscription",
-            ))
-        }
+        Some("earliest") => Start::Earliest,
         Some(other) => {
             return Err(ApiError::bad_request(
                 "invalid_request",
@@ -95,7 +89,10 @@ pub async fn subscribe(
     let json = SubscriptionJson {
         agent: id.as_str(),
         pattern: pattern.as_str(),
-        start: "latest",
+        start: match start {
+            Start::Latest => "latest",
+            Start::Earliest => "earliest",
+        },
     };
     Ok((status, Json(json)).into_response())
 }

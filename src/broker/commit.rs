@@ -6,8 +6,9 @@
 //! in-memory state:
 //!
 //! - [`Broker::commit_now`]: applied at once, before the lock is released. For records that
-//!   touch only messages already in memory (leases, acks, releases, dead letters, redrives):
-//!   applying them now gives the state that applying the log in order gives.
+//!   touch only messages whose offsets are known (leases, acks, releases, dead letters,
+//!   redrives, backfills): applying them now gives the state that applying the log in order
+//!   gives.
 //! - [`Broker::commit_when_durable`]: applied by the log's completion callback, in commit
 //!   order. For records that need their own offset (messages) or must not be seen before
 //!   they are durable (registrations).
@@ -48,6 +49,7 @@ pub(super) const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.dur
 pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
 pub(super) const SUBSCRIPTION: CrashPoints =
     points("subscription.submitted", "subscription.durable");
+pub(super) const BACKFILL: CrashPoints = points("backfill.submitted", "backfill.durable");
 
 type AppendRx = oneshot::Receiver<std::result::Result<Appended, courier_storage::Error>>;
 

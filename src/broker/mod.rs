@@ -273,6 +273,9 @@ pub fn recover_state(
     for (name, seen) in index.topics()? {
         state.load_topic(&name, seen);
     }
+    for (agent, pattern, next, end) in index.backfills()? {
+        state.load_backfill(&agent, &pattern, next, end);
+    }
     state.load_clock(index.clock()?);
     Ok((state, agents))
 }

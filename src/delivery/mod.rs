@@ -110,6 +110,8 @@ pub struct State {
     subscriptions: BTreeMap<String, BTreeMap<TopicPattern, Offset>>,
     /// Topics that messages were published to, by name.
     topics: BTreeMap<String, TopicSeen>,
+    /// Backfills under way: (agent, pattern) → (next offset, end).
+    backfills: BTreeMap<(String, String), (Offset, Offset)>,
 }
 
 /// What a sweeper tick decided.

@@ -59,6 +59,25 @@ impl State {
             .collect()
     }
 
+    /// Where the backfill of `agent`'s subscription to `pattern` stands, if one is under way:
+    /// the next offset to consider and the end (exclusive).
+    pub fn backfill_of(&self, agent: &str, pattern: &str) -> Option<(Offset, Offset)> {
+        self.backfills
+            .get(&(agent.to_owned(), pattern.to_owned()))
+            .copied()
+    }
+
+    /// Every backfill under way: (agent, pattern).
+    pub fn backfills(&self) -> Vec<(String, String)> {
+        self.backfills.keys().cloned().collect()
+    }
+
+    /// Loads a backfill under way as the index holds it (start-up).
+    pub fn load_backfill(&mut self, agent: &str, pattern: &str, next: Offset, end: Offset) {
+        self.backfills
+            .insert((agent.to_owned(), pattern.to_owned()), (next, end));
+    }
+
     /// Loads a subscription as the index holds it (start-up).
     pub fn load_subscription(&mut self, agent: &str, pattern: &str, start: Offset) {
         self.add_subscription(agent, pattern, start);

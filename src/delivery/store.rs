@@ -203,6 +203,7 @@ impl Store for State {
 
     fn delete_agent(&mut self, agent: &str) -> Result<(), Infallible> {
         self.remove_subscriptions(agent);
+        self.backfills.retain(|(a, _), _| a != agent);
         if let Some(inbox) = self.inboxes.remove(agent) {
             let name: Arc<str> = Arc::from(agent);
             for (k, value) in &inbox.entries {
@@ -226,6 +227,28 @@ impl Store for State {
 
     fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Infallible> {
         self.count_topic(topic, offset);
+        Ok(())
+    }
+
+    fn backfill(
+        &mut self,
+        agent: &str,
+        pattern: &str,
+    ) -> Result<Option<(Offset, Offset)>, Infallible> {
+        Ok(self.backfill_of(agent, pattern))
+    }
+
+    fn set_backfill(
+        &mut self,
+        agent: &str,
+        pattern: &str,
+        cursor: Option<(Offset, Offset)>,
+    ) -> Result<(), Infallible> {
+        let key = (agent.to_owned(), pattern.to_owned());
+        match cursor {
+            Some(cursor) => self.backfills.insert(key, cursor),
+            None => self.backfills.remove(&key),
+        };
         Ok(())
     }
 

@@ -49,7 +49,9 @@ pub use error::{Corruption, Error, Result};
 pub use index::{Index, IndexSnapshot};
 pub use log::Log;
 pub use options::{FsyncPolicy, LogOptions, Retention};
-pub use record::{Agent, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot};
+pub use record::{
+    Agent, Backfill, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot,
+};
 pub use recovery::{replay_into, RecoveryReport, Truncation};
 pub use shared::{Appended, LogStats};
 

@@ -99,13 +99,16 @@ pub enum Record {
         /// The agent's id.
         agent: String,
     },
-    /// An agent subscribed to a topic.
+    /// An agent subscribed to the topics a pattern matches.
     Subscribed {
         /// The subscriber.
         agent: String,
-        /// The topic name.
+        /// The pattern.
         topic: String,
-        /// The first offset the subscription covers.
+        /// The first offset the subscription covers. Below this record's own offset (`0` for
+        /// `start: earliest`), the matching messages from `start` up to the record are
+        /// backfilled into the agent's inbox ([`Record::Backfilled`]); at or above it
+        /// (`latest`), nothing is.
         start: Offset,
     },
     /// An agent unsubscribed from a topic.
@@ -126,6 +129,29 @@ pub enum Record {
         /// The first offset that is kept.
         below: Offset,
     },
+    /// Earlier messages of a subscription's topics entered the subscriber's inbox (a step of
+    /// the backfill of a `start: earliest` subscription).
+    Backfilled {
+        /// The subscriber's inbox.
+        inbox: String,
+        /// The subscription's pattern.
+        pattern: String,
+        /// The messages, in offset order.
+        messages: Vec<Backfill>,
+        /// Every message of the topics below this offset has been considered.
+        through: Offset,
+    },
+}
+
+/// One earlier message backfilled into an inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Backfill {
+    /// The message.
+    pub slot: Slot,
+    /// Its delay, as published.
+    pub not_before_ms: Option<u64>,
+    /// Its ttl's end, as published.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A published message as stored.

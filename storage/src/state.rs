@@ -202,7 +202,7 @@ pub trait Store {
 
     /// Registers or updates an agent; its inbox exists from now on.
     fn upsert_agent(&mut self, agent: &Agent) -> Result<(), Self::Error>;
-    /// Removes an agent with its inbox, dead letters and subscriptions.
+    /// Removes an agent with its inbox, dead letters, subscriptions and backfills.
     fn delete_agent(&mut self, agent: &str) -> Result<(), Self::Error>;
     /// Adds (or moves the start of) a subscription.
     fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<(), Self::Error>;
@@ -210,6 +210,20 @@ pub trait Store {
     fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Self::Error>;
     /// A message was published to `topic` at `offset`.
     fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Self::Error>;
+    /// Where the backfill of `agent`'s subscription to `pattern` stands: the next offset to
+    /// consider and the end (exclusive), if one is under way.
+    fn backfill(
+        &mut self,
+        agent: &str,
+        pattern: &str,
+    ) -> Result<Option<(Offset, Offset)>, Self::Error>;
+    /// Sets (or, with `None`, ends) the backfill of `agent`'s subscription to `pattern`.
+    fn set_backfill(
+        &mut self,
+        agent: &str,
+        pattern: &str,
+        cursor: Option<(Offset, Offset)>,
+    ) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, dead
     /// letters and remembered ids of messages there (and any location of those records).
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
@@ -254,11 +268,33 @@ pub fn apply<'r, S: Store + ?Sized>(
             start,
         } => {
             store.subscribe(agent, topic, *start)?;
+            if *start < offset {
+                store.set_backfill(agent, topic, Some((*start, offset)))?;
+            }
             Ok(&[])
         }
         Record::Unsubscribed { agent, topic } => {
             store.unsubscribe(agent, topic)?;
+            store.set_backfill(agent, topic, None)?;
             Ok(&[])
+        }
+        Record::Backfilled {
+            inbox,
+            pattern,
+            messages,
+            through,
+        } => {
+            for m in messages {
+                if store.entry(inbox, m.slot)?.is_none() {
+                    let value = published(m.not_before_ms, m.expires_at_ms);
+                    store.put_entry(inbox, m.slot, &value, Was::Absent)?;
+                }
+            }
+            if let Some((_, end)) = store.backfill(inbox, pattern)? {
+                let cursor = (*through < end).then_some((*through, end));
+                store.set_backfill(inbox, pattern, cursor)?;
+            }
+            Ok(std::slice::from_ref(inbox))
         }
         Record::Truncated { below } => {
             store.forget_below(*below)?;

@@ -225,3 +225,74 @@ fn a_panicking_writer_thread_fails_writes_and_a_restart_recovers() {
     let messages = server.receive("planner", json!({"max": 10, "wait_ms": 0}));
     assert_eq!(crate::support::offsets(&messages), [kept]);
 }
+
+/// A backfill crashed after its first chunk was durable (the fail point
+/// `backfill.durable`, second pass) resumes at the next start from its durable cursor: every
+/// message of the topic reaches the subscriber exactly once.
+#[test]
+fn a_backfill_crashed_between_chunks_resumes_and_delivers_each_message_once() {
+    let mut server = TestServer::start(&[]);
+    server.register("late", json!({}));
+    let mut expected = Vec::new();
+    for chunk in 0..5 {
+        let messages: Vec<_> = (0..500)
+            .map(|n| json!({"to": "topic:bulk.items", "from": "tester", "body": chunk * 500 + n}))
+            .collect();
+        let response = server.post("/v1/messages/batch", json!({ "messages": messages }));
+        assert_eq!(response.status, 201, "{response:?}");
+        expected.extend(
+            response.json["results"]
+                .as_array()
+                .expect("results")
+                .iter()
+                .map(|r| r["offset"].as_u64().expect("offset")),
+        );
+    }
+    server.set_env("FAILPOINTS", Some("backfill.durable=1*off->return"));
+    server.restart();
+    let response = server.put(
+        "/v1/agents/late/subscriptions/bulk.%3E",
+        json!({"start": "earliest"}),
+    );
+    assert_eq!(response.status, 201, "{response:?}");
+    let status = server.wait_exit(Duration::from_secs(20));
+    assert!(
+        status.is_some(),
+        "the backfill never reached its second chunk"
+    );
+    assert!(server
+        .logs()
+        .contains("crashing at fail point backfill.durable"));
+    server.set_env("FAILPOINTS", None);
+    server.restart();
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        let response = server.post(
+            "/v1/agents/late/receive",
+            json!({"max": 1000, "wait_ms": 300}),
+        );
+        let messages = response.json["messages"]
+            .as_array()
+            .expect("messages")
+            .clone();
+        if messages.is_empty() && got.len() >= expected.len() {
+            break;
+        }
+        let receipts: Vec<&str> = messages
+            .iter()
+            .map(|m| m["receipt"].as_str().expect("receipt"))
+            .collect();
+        if !receipts.is_empty() {
+            let acked = server.post("/v1/agents/late/ack", json!({ "receipts": receipts }));
+            assert_eq!(acked.status, 200);
+        }
+        got.extend(
+            messages
+                .iter()
+                .map(|m| m["offset"].as_u64().expect("offset")),
+        );
+    }
+    got.sort_unstable();
+    assert_eq!(got, expected, "every message once");
+    assert!(server.logs().contains("resuming the backfill"));
+}

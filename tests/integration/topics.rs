@@ -259,3 +259,104 @@ fn bad_topic_names_and_patterns_are_refused_and_nothing_is_written() {
     assert_eq!(next_offset(&server), before, "nothing was written");
     assert!(patterns(&server, "w").is_empty());
 }
+
+/// Receives (and acks) from `agent` until `want` messages came (or 60 long-polls passed),
+/// then once more to see that nothing else comes; the offsets in the order they came.
+fn drain_offsets(server: &TestServer, agent: &str, want: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    // At most 60 long-polls of up to half a second each.
+    for _ in 0..60 {
+        if got.len() >= want {
+            break;
+        }
+        let messages = server.receive(agent, json!({"max": 1000, "wait_ms": 500}));
+        let r = receipts(&messages);
+        if !r.is_empty() {
+            let refs: Vec<&str> = r.iter().map(String::as_str).collect();
+            server.settle(agent, "ack", json!({}), &refs);
+        }
+        got.extend(offsets(&messages));
+    }
+    // Nothing more comes: every message once.
+    got.extend(offsets(
+        &server.receive(agent, json!({"max": 1000, "wait_ms": 300})),
+    ));
+    got
+}
+
+#[test]
+fn earliest_backfills_every_matching_message_still_in_the_log_once() {
+    let server = TestServer::start(&[]);
+    server.register("late", json!({}));
+    let mut expected = Vec::new();
+    let mut other = Vec::new();
+    for n in 0..3 {
+        expected.push(
+            publish_topic(&server, "t.a", json!(n))["offset"]
+                .as_u64()
+                .unwrap(),
+        );
+        expected.push(
+            publish_topic(&server, "t.b.c", json!(n))["offset"]
+                .as_u64()
+                .unwrap(),
+        );
+        other.push(
+            publish_topic(&server, "u.x", json!(n))["offset"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    // Already routed to the agent by another pattern: not backfilled again.
+    assert_eq!(subscribe(&server, "late", "t.a"), 201);
+    let routed = publish_topic(&server, "t.a", json!("routed"))["offset"]
+        .as_u64()
+        .unwrap();
+    let path = format!("/v1/agents/late/subscriptions/{}", segment("t.>"));
+    let response = server.put(&path, json!({"start": "earliest"}));
+    assert_eq!(response.status, 201, "{response:?}");
+    assert_eq!(response.json["start"], "earliest");
+    let after = publish_topic(&server, "t.b.d", json!("after"))["offset"]
+        .as_u64()
+        .unwrap();
+    expected.extend([routed, after]);
+    let mut got = drain_offsets(&server, "late", expected.len());
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "every t.* message once, no u.x ({other:?})");
+    // Subscribing again changes nothing and backfills nothing.
+    assert_eq!(server.put(&path, json!({"start": "earliest"})).status, 200);
+    assert!(server.receive("late", json!({"wait_ms": 300})).is_empty());
+}
+
+#[test]
+fn a_backfill_cut_by_sigkill_resumes_and_delivers_each_message_once() {
+    let mut server = TestServer::start(&[]);
+    server.register("late", json!({}));
+    let count = 2500;
+    let mut expected = Vec::new();
+    for chunk in 0..(count / 500) {
+        let messages: Vec<Value> = (0..500)
+            .map(|n| json!({"to": "topic:bulk.items", "from": "tester", "body": chunk * 500 + n}))
+            .collect();
+        let response = server.post("/v1/messages/batch", json!({"messages": messages}));
+        assert_eq!(response.status, 201, "{response:?}");
+        expected.extend(
+            response.json["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["offset"].as_u64().unwrap()),
+        );
+    }
+    let path = format!("/v1/agents/late/subscriptions/{}", segment("bulk.>"));
+    assert_eq!(server.put(&path, json!({"start": "earliest"})).status, 201);
+    // Cut wherever the backfill stands (its chunks are 1,000 messages).
+    server.kill9();
+    server.restart();
+    let mut got = drain_offsets(&server, "late", expected.len());
+    got.sort_unstable();
+    assert_eq!(got.len(), expected.len(), "each message once");
+    assert_eq!(got, expected);
+    assert_eq!(patterns(&server, "late"), ["bulk.>"]);
+}

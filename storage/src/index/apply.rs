@@ -5,9 +5,9 @@
 use std::ops::Bound;
 
 use super::keys::{
-    be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix, parse_slot_key,
-    positions_key, slot_key, subscription_key, timer_key, trailing_offset, u64_le, with_prefix, A,
-    CLOCK_KEY, D, I, N, P, S, U, X,
+    backfill_key, be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix,
+    parse_slot_key, positions_key, slot_key, subscription_key, timer_key, topic_offset_key,
+    trailing_offset, u64_le, with_prefix, A, B, CLOCK_KEY, D, I, N, O, P, S, U, X,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -172,6 +172,7 @@ impl Store for Txn<'_> {
             self.remove(key);
         }
         self.remove_prefix(&inbox_prefix(D, agent))?;
+        self.remove_prefix(&inbox_prefix(B, agent))?;
         self.remove_prefix(&inbox_prefix(S, agent))
     }
 
@@ -187,6 +188,7 @@ impl Store for Txn<'_> {
     }
 
     fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<()> {
+        self.insert_new(topic_offset_key(topic, offset), Vec::new());
         let key = with_prefix(N, topic.as_bytes());
         let mut seen: TopicSeen = self
             .get(&key)?
@@ -199,7 +201,38 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
+    fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<(Offset, Offset)>> {
+        Ok(self.get(&backfill_key(agent, pattern))?.map(|v| {
+            let next = u64_le(v.get(..8).unwrap_or_default());
+            let end = u64_le(v.get(8..16).unwrap_or_default());
+            (Offset(next), Offset(end))
+        }))
+    }
+
+    fn set_backfill(
+        &mut self,
+        agent: &str,
+        pattern: &str,
+        cursor: Option<(Offset, Offset)>,
+    ) -> Result<()> {
+        let key = backfill_key(agent, pattern);
+        match cursor {
+            Some((next, end)) => {
+                let mut value = next.0.to_le_bytes().to_vec();
+                value.extend_from_slice(&end.0.to_le_bytes());
+                self.insert(key, value);
+            }
+            None => self.remove(key),
+        }
+        Ok(())
+    }
+
     fn forget_below(&mut self, below: Offset) -> Result<()> {
+        for (key, _) in self.scan_prefix(&[O])? {
+            if trailing_offset(&key) < below.0 {
+                self.remove(key);
+            }
+        }
         for (key, value) in self.scan_prefix(&[I])? {
             let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) else {
                 continue;

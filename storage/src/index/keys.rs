@@ -17,6 +17,8 @@ pub(super) const X: u8 = b'x';
 pub(super) const A: u8 = b'a';
 pub(super) const S: u8 = b's';
 pub(super) const N: u8 = b'n';
+pub(super) const O: u8 = b'o';
+pub(super) const B: u8 = b'b';
 
 #[expect(
     clippy::big_endian_bytes,
@@ -137,6 +139,20 @@ pub(super) fn dead_key(inbox: &str, offset: Offset) -> Vec<u8> {
 pub(super) fn subscription_key(agent: &str, topic: &str) -> Vec<u8> {
     let mut key = inbox_prefix(S, agent);
     push_str(&mut key, topic);
+    key
+}
+
+/// `o`, topic, offset: the messages of a topic in offset order.
+pub(super) fn topic_offset_key(topic: &str, offset: Offset) -> Vec<u8> {
+    let mut key = inbox_prefix(O, topic);
+    key.extend_from_slice(&be64(offset.0));
+    key
+}
+
+/// `b`, agent, pattern: where the backfill of a subscription stands.
+pub(super) fn backfill_key(agent: &str, pattern: &str) -> Vec<u8> {
+    let mut key = inbox_prefix(B, agent);
+    push_str(&mut key, pattern);
     key
 }
 

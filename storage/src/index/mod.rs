@@ -18,6 +18,8 @@
 //! | `a` | agent id | [`Agent`] (bincode) |
 //! | `s` | agent, topic | start offset (u64 LE) |
 //! | `n` | topic name | [`TopicSeen`] (bincode): messages published to it, the latest offset |
+//! | `o` | topic, offset (u64 BE) | empty: the messages of a topic still in the log |
+//! | `b` | agent, pattern | next offset, end (u64 LE each): a backfill under way |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
@@ -42,8 +44,8 @@ pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
 use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
-    slot_key, take_str, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, CLOCK_KEY, D, I, N,
-    P, S, T, U,
+    slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
+    CLOCK_KEY, D, I, N, O, P, S, T, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -98,6 +100,10 @@ pub struct IndexSnapshot {
     pub subscriptions: BTreeMap<(String, String), Offset>,
     /// Topics that messages were published to.
     pub topics: BTreeMap<String, TopicSeen>,
+    /// The messages of each topic still in the log, in offset order.
+    pub topic_offsets: BTreeMap<String, Vec<Offset>>,
+    /// Backfills under way: (agent, pattern) → (next offset, end).
+    pub backfills: BTreeMap<(String, String), (Offset, Offset)>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -558,6 +564,36 @@ impl Index {
             .collect()
     }
 
+    /// Up to `limit` offsets of messages to `topic` in `from..to`, in order.
+    pub fn topic_offsets(
+        &self,
+        topic: &str,
+        from: Offset,
+        to: Offset,
+        limit: usize,
+    ) -> Result<Vec<Offset>> {
+        let start = Bound::Included(topic_offset_key(topic, from));
+        let end = Bound::Excluded(topic_offset_key(topic, to));
+        self.range(start, end)
+            .take(limit)
+            .map(|item| Ok(Offset(trailing_offset(&item?.0))))
+            .collect()
+    }
+
+    /// Every backfill under way: (agent, pattern, next offset, end).
+    pub fn backfills(&self) -> Result<Vec<(String, String, Offset, Offset)>> {
+        let mut out = Vec::new();
+        for item in self.scan_prefix(&[B]) {
+            let (key, value) = item?;
+            let (agent, rest) = take_str(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)?;
+            let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
+            let next = Offset(u64_le(&value));
+            let end = Offset(u64_le(value.get(8..).unwrap_or_default()));
+            out.push((agent, pattern, next, end));
+        }
+        Ok(out)
+    }
+
     /// The lowest offset still pending or dead-lettered in any inbox. Reads every entry.
     pub fn min_live_offset(&self) -> Result<Option<Offset>> {
         let mut min: Option<u64> = None;
@@ -621,6 +657,20 @@ impl Index {
                 Some(N) => {
                     let topic = String::from_utf8_lossy(rest).into_owned();
                     snap.topics.insert(topic, decode_value(&value)?);
+                }
+                Some(O) => {
+                    let (topic, offset) = take_str(rest).ok_or_else(bad_key)?;
+                    let offset = Offset(from_be64(offset));
+                    snap.topic_offsets.entry(topic).or_default().push(offset);
+                }
+                Some(B) => {
+                    let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
+                    let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
+                    let cursor = (
+                        Offset(u64_le(&value)),
+                        Offset(u64_le(value.get(8..).unwrap_or_default())),
+                    );
+                    snap.backfills.insert((agent, pattern), cursor);
                 }
                 _ => {}
             }

@@ -3,7 +3,7 @@
 
 use courier_storage::record::{self, Decoded, HEADER_BYTES};
 use courier_storage::{
-    Agent, DeadLetter, DeadReason, Lease, Message, Offset, Record, Release, Slot,
+    Agent, Backfill, DeadLetter, DeadReason, Lease, Message, Offset, Record, Release, Slot,
 };
 use proptest::prelude::*;
 
@@ -136,6 +136,32 @@ fn record() -> impl Strategy<Value = Record> {
         (text(), text()).prop_map(|(agent, topic)| Record::Unsubscribed { agent, topic }),
         text().prop_map(|file| Record::Quarantined { file }),
         any::<u64>().prop_map(|b| Record::Truncated { below: Offset(b) }),
+        (
+            text(),
+            text(),
+            proptest::collection::vec(
+                (
+                    slot(),
+                    proptest::option::of(any::<u64>()),
+                    proptest::option::of(any::<u64>())
+                ),
+                0..5
+            ),
+            any::<u64>()
+        )
+            .prop_map(|(inbox, pattern, m, through)| Record::Backfilled {
+                inbox,
+                pattern,
+                messages: m
+                    .into_iter()
+                    .map(|(slot, not_before_ms, expires_at_ms)| Backfill {
+                        slot,
+                        not_before_ms,
+                        expires_at_ms
+                    })
+                    .collect(),
+                through: Offset(through),
+            }),
     ]
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use courier_storage::index::{EntryState, TimerKind, TopicSeen};
 use courier_storage::{
-    Agent, DeadLetter, DeadReason, Lease, Log, Message, Offset, Record, Release, Slot,
+    Agent, Backfill, DeadLetter, DeadReason, Lease, Log, Message, Offset, Record, Release, Slot,
 };
 
 use crate::support::{body, message, open_real};
@@ -173,6 +173,36 @@ fn part_two(log: &Log) {
         vec![to_topic("t1", vec!["b".into()]), to_topic("t2", Vec::new())],
     )
     .unwrap();
+    // b subscribes to news.* from the earliest message: a backfill from 0 to the record's
+    // offset, of which one step (the message routed to nobody) is done.
+    let subscribed = log
+        .append(
+            996,
+            vec![Record::Subscribed {
+                agent: "b".into(),
+                topic: "news.*".into(),
+                start: Offset(0),
+            }],
+        )
+        .unwrap();
+    let topic_message = Offset(subscribed.first.0 - 1);
+    log.append(
+        997,
+        vec![Record::Backfilled {
+            inbox: "b".into(),
+            pattern: "news.*".into(),
+            messages: vec![Backfill {
+                slot: Slot {
+                    offset: topic_message,
+                    priority: 4,
+                },
+                not_before_ms: None,
+                expires_at_ms: None,
+            }],
+            through: Offset(subscribed.first.0 - 2),
+        }],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -233,8 +263,21 @@ fn index_records_change_delivery_state_as_documented() {
     assert_eq!(index.agents().unwrap().len(), 2);
     assert_eq!(
         index.subscriptions().unwrap(),
-        vec![("b".into(), "news".into(), Offset(0))]
+        vec![
+            ("b".into(), "news".into(), Offset(0)),
+            ("b".into(), "news.*".into(), Offset(0))
+        ]
     );
+    let (_, _, next, end) = index.backfills().unwrap().pop().expect("a backfill");
+    assert_eq!(
+        end.0 - next.0,
+        2,
+        "the backfill stands two offsets before its end"
+    );
+    let news = index
+        .topic_offsets("news.eu", Offset(0), Offset(u64::MAX), 10)
+        .unwrap();
+    assert_eq!(news.len(), 2, "both topic messages are indexed by topic");
     let timers: Vec<_> = index.timers().map(Result::unwrap).collect();
     let kinds: Vec<(u64, TimerKind, u64)> = timers
         .iter()
@@ -248,7 +291,8 @@ fn index_records_change_delivery_state_as_documented() {
             (90_000, TimerKind::Due, 5)
         ]
     );
-    let last = Offset(log.durable_end().0 - 1);
+    // The last topic message is just below the Subscribed and Backfilled records.
+    let last = Offset(log.durable_end().0 - 3);
     assert_eq!(
         index.topics().unwrap(),
         vec![(
@@ -261,8 +305,8 @@ fn index_records_change_delivery_state_as_documented() {
     );
     assert_eq!(
         index.inbox("b").count(),
-        2,
-        "the late message and the topic message routed to b"
+        3,
+        "the late message, the topic message routed to b and the backfilled one"
     );
     assert_eq!(index.min_live_offset().unwrap(), Some(Offset(3)));
     assert_eq!(
