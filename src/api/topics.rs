@@ -80,8 +80,8 @@ pub async fn subscribe(
             ))
         }
     };
-    let created = state.broker.subscribe(&id, &pattern, start).await?;
-    let status = if created {
+    let subscription = state.broker.subscribe(&id, &pattern, start).await?;
+    let status = if subscription.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -89,7 +89,7 @@ pub async fn subscribe(
     let json = SubscriptionJson {
         agent: id.as_str(),
         pattern: pattern.as_str(),
-        start: match start {
+        start: match subscription.start {
             Start::Latest => "latest",
             Start::Earliest => "earliest",
         },

@@ -7,8 +7,8 @@
 //!
 //! - [`Broker::commit_now`]: applied at once, before the lock is released. For records that
 //!   touch only messages whose offsets are known (leases, acks, releases, dead letters,
-//!   redrives, backfills): applying them now gives the state that applying the log in order
-//!   gives.
+//!   redrives, backfills) and for subscriptions, which change routing at their decision:
+//!   applying them now gives the state that applying the log in order gives.
 //! - [`Broker::commit_when_durable`]: applied by the log's completion callback, in commit
 //!   order. For records that need their own offset (messages) or must not be seen before
 //!   they are durable (registrations).

@@ -38,7 +38,7 @@ use crate::delivery::{self, Depth, Policy};
 pub use consume::{DeadView, Delivered, ReceiveRequest};
 pub use publish::{Outgoing, Published};
 pub use registry::AgentView;
-pub use topics::Start;
+pub use topics::{Start, Subscription};
 
 /// Why the broker refused a request; the API turns each into a status and an error code.
 #[derive(Debug, thiserror::Error)]
@@ -273,8 +273,9 @@ pub fn recover_state(
     for (name, seen) in index.topics()? {
         state.load_topic(&name, seen);
     }
-    for (agent, pattern, next, end) in index.backfills()? {
-        state.load_backfill(&agent, &pattern, next, end);
+    state.load_truncated_below(index.truncated_below()?);
+    for (agent, pattern, next) in index.backfills()? {
+        state.load_backfill(&agent, &pattern, next);
     }
     state.load_clock(index.clock()?);
     Ok((state, agents))

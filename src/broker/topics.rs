@@ -2,26 +2,43 @@
 //! topics seen. Which agents a topic message goes to is decided in [`super::publish`], from
 //! the subscriptions in the delivery state when the publish is decided.
 //!
-//! **Backfill.** An `earliest` subscription is routed from its decision on (applied at
-//! once), so every message decided after it lands after its `Subscribed` record in the log
-//! and is routed to the agent, and every message below the record was decided before it.
-//! Once the record is durable, its offset is the end of a backfill cursor (in the delivery
-//! state and the index alike): a task reads the matching topics' messages below the end from
-//! the index's topic keys, a chunk at a time, and appends `Backfilled` records that put into
-//! the inbox those not already routed to the agent (by another pattern) and not past their
-//! ttl, moving the cursor. The cursor is durable, so a restart resumes where it stood.
+//! **Subscriptions change routing at their decision**: `Subscribed` and `Unsubscribed`
+//! records go through `commit_now`, so every message decided after a subscription lands after
+//! its record in the log and is routed by it, and every message decided before it lands
+//! before. Memory and the log agree by construction (decision order is log order), and the
+//! answer still waits for durability.
+//!
+//! **Backfill.** A `start: earliest` subscription opens a backfill cursor at offset 0 (in the
+//! delivery state and the index alike). A task reads the matching topics' messages from the
+//! cursor up to the durable end it finds at its first step (the index keeps each topic's
+//! offsets, key `o`), a chunk at a time, and appends `Backfilled` records that put into the
+//! inbox those not already routed to the agent (their `destinations` name it: every one
+//! published after the subscription), not matching another `earliest` pattern of the agent
+//! (whose own backfill takes them), not past their ttl and not below retention's truncation;
+//! each record moves the cursor, the last one ends it. The cursor is durable, so a restart
+//! resumes where it stood.
 
 use std::sync::Arc;
 
+use courier_storage::state::{BACKFILL_DONE, LATEST};
 use courier_storage::{Backfill, Offset, Record, Slot};
 
-use super::commit::{Commit, BACKFILL, SUBSCRIPTION};
-use super::{Broker, Core, Refusal, Result};
+use super::commit::{BACKFILL, SUBSCRIPTION};
+use super::{Broker, Refusal, Result};
 use crate::delivery::TopicView;
 use crate::ids::{AgentId, TopicName, TopicPattern};
 
 /// Most messages one `Backfilled` record considers.
 const BACKFILL_CHUNK: usize = 1000;
+
+/// What a subscribe did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subscription {
+    /// Whether it is new (an existing one is left as it is, and nothing is written).
+    pub created: bool,
+    /// Where the subscription started (the existing one's, if it existed).
+    pub start: Start,
+}
 
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,39 +57,97 @@ impl Broker {
         agent: &AgentId,
         pattern: &TopicPattern,
         start: Start,
+    ) -> Result<Subscription> {
+        let now = self.clock.now_ms();
+        let commit = {
+            let mut core = self.lock();
+            core.registry.get(agent.as_str())?;
+            if let Some(existing) = core.delivery.subscription_start(agent.as_str(), pattern) {
+                let start = if existing == LATEST {
+                    Start::Latest
+                } else {
+                    Start::Earliest
+                };
+                return Ok(Subscription {
+                    created: false,
+                    start,
+                });
+            }
+            let record = Record::Subscribed {
+                agent: agent.to_string(),
+                topic: pattern.to_string(),
+                start: match start {
+                    Start::Latest => LATEST,
+                    Start::Earliest => Offset(0),
+                },
+            };
+            self.commit_now(&mut core, SUBSCRIPTION, now, vec![record])?
+        };
+        if start == Start::Earliest {
+            // The backfill starts once the record is durable, whether or not this caller
+            // still waits for the answer.
+            let broker = self.clone();
+            let (agent, pattern) = (agent.to_string(), pattern.to_string());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let durable = commit.durable().await.map(|_| ());
+                let ok = durable.is_ok();
+                let _ = tx.send(durable);
+                if ok {
+                    broker.run_backfill(agent, pattern).await;
+                }
+            });
+            rx.await.map_err(|_| {
+                Refusal::Unavailable("the subscription's commit was dropped; retry".into())
+            })??;
+        } else {
+            commit.durable().await?;
+        }
+        Ok(Subscription {
+            created: true,
+            start,
+        })
+    }
+
+    /// Ends a subscription of `agent`; `false` if it had none to `pattern`. Messages already
+    /// routed to the agent stay in its inbox until settled.
+    pub async fn unsubscribe(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        pattern: &TopicPattern,
     ) -> Result<bool> {
         let now = self.clock.now_ms();
         let commit = {
             let mut core = self.lock();
             core.registry.get(agent.as_str())?;
-            if core.delivery.is_subscribed(agent.as_str(), pattern) {
+            if !core.delivery.is_subscribed(agent.as_str(), pattern) {
                 return Ok(false);
             }
-            let start_offset = match start {
-                Start::Latest => self.log.durable_end(),
-                Start::Earliest => Offset(0),
-            };
-            let record = Record::Subscribed {
+            let record = Record::Unsubscribed {
                 agent: agent.to_string(),
                 topic: pattern.to_string(),
-                start: start_offset,
             };
-            if start == Start::Earliest {
-                self.check_writable()?;
-                // Routed from now on (see the module's doc); applied again with its offset
-                // once durable, which sets the backfill's end.
-                core.delivery.apply(&record, Offset(0), now);
-            }
-            self.commit_subscription(&mut core, now, record)?
+            self.commit_now(&mut core, SUBSCRIPTION, now, vec![record])?
         };
         commit.durable().await?;
-        if start == Start::Earliest {
-            tokio::spawn(
-                self.clone()
-                    .run_backfill(agent.to_string(), pattern.to_string()),
-            );
-        }
         Ok(true)
+    }
+
+    /// The patterns `agent` is subscribed to, sorted.
+    pub fn subscriptions(&self, agent: &AgentId) -> Result<Vec<TopicPattern>> {
+        let core = self.lock();
+        core.registry.get(agent.as_str())?;
+        Ok(core
+            .delivery
+            .subscriptions_of(agent.as_str())
+            .into_iter()
+            .map(|(pattern, _)| pattern)
+            .collect())
+    }
+
+    /// Every topic that messages were published to, by name, with its subscriber count.
+    pub fn topics(&self) -> Vec<TopicView> {
+        self.lock().delivery.topics()
     }
 
     /// Resumes the backfills that were under way when the server stopped (start-up).
@@ -104,8 +179,11 @@ impl Broker {
         let Ok(parsed) = TopicPattern::parse(pattern) else {
             return Ok(false);
         };
-        let (cursor, topics) = {
+        let (next, topics, others) = {
             let core = self.lock();
+            let Some(next) = core.delivery.backfill_of(agent, pattern) else {
+                return Ok(false);
+            };
             let topics: Vec<String> = core
                 .delivery
                 .topics()
@@ -113,14 +191,20 @@ impl Broker {
                 .filter(|t| TopicName::parse(&t.name).is_ok_and(|n| parsed.matches(&n)))
                 .map(|t| t.name)
                 .collect();
-            (core.delivery.backfill_of(agent, pattern), topics)
+            // The agent's other `earliest` patterns: their own backfills take what they match.
+            let others: Vec<TopicPattern> = core
+                .delivery
+                .subscriptions_of(agent)
+                .into_iter()
+                .filter(|(p, start)| *p != parsed && *start != LATEST)
+                .map(|(p, _)| p)
+                .collect();
+            (next, topics, others)
         };
-        let Some((next, end)) = cursor else {
-            return Ok(false);
-        };
+        // Every message decided before the subscription is below the durable end now.
+        let end = self.log.durable_end();
         let broker = self.clone();
         let (offsets, frames, through) = tokio::task::spawn_blocking(move || {
-            // Every message below `end` is durable; the index has them once it caught up.
             let index = broker.log.index();
             let mut offsets = Vec::new();
             for topic in &topics {
@@ -129,10 +213,10 @@ impl Broker {
             offsets.sort_unstable();
             offsets.truncate(BACKFILL_CHUNK);
             // Each topic gave all of its offsets below its chunk's last, so everything below
-            // the merged chunk's last has been seen.
+            // the merged chunk's last has been seen; a short chunk saw everything.
             let through = match offsets.last() {
                 Some(last) if offsets.len() == BACKFILL_CHUNK => Offset(last.0 + 1),
-                _ => end,
+                _ => BACKFILL_DONE,
             };
             let frames = broker.log.read_many(&offsets);
             Ok::<_, courier_storage::Error>((offsets, frames, through))
@@ -141,11 +225,11 @@ impl Broker {
         .map_err(|e| Refusal::Unavailable(format!("a backfill failed: {e}")))?
         .map_err(|e| Refusal::Unavailable(format!("a backfill could not read the index: {e}")))?;
         let now = self.clock.now_ms();
-        let messages = to_backfill(agent, offsets, frames, now)?;
+        let messages = to_backfill(agent, &others, offsets, frames, now)?;
         let commit = {
             let mut core = self.lock();
             // Unsubscribed, deleted or moved on meanwhile: this step is not wanted.
-            if core.delivery.backfill_of(agent, pattern) != Some((next, end))
+            if core.delivery.backfill_of(agent, pattern) != Some(next)
                 || !core.registry.contains(agent)
             {
                 return Ok(false);
@@ -159,70 +243,16 @@ impl Broker {
             self.commit_now(&mut core, BACKFILL, now, vec![record])?
         };
         commit.durable().await?;
-        Ok(through < end)
-    }
-
-    /// Ends a subscription of `agent`; `false` if it had none to `pattern`. Messages already
-    /// routed to the agent stay in its inbox until settled.
-    pub async fn unsubscribe(
-        self: &Arc<Self>,
-        agent: &AgentId,
-        pattern: &TopicPattern,
-    ) -> Result<bool> {
-        let now = self.clock.now_ms();
-        let commit = {
-            let mut core = self.lock();
-            core.registry.get(agent.as_str())?;
-            if !core.delivery.is_subscribed(agent.as_str(), pattern) {
-                return Ok(false);
-            }
-            let record = Record::Unsubscribed {
-                agent: agent.to_string(),
-                topic: pattern.to_string(),
-            };
-            self.commit_subscription(&mut core, now, record)?
-        };
-        commit.durable().await?;
-        Ok(true)
-    }
-
-    /// The patterns `agent` is subscribed to, sorted.
-    pub fn subscriptions(&self, agent: &AgentId) -> Result<Vec<TopicPattern>> {
-        let core = self.lock();
-        core.registry.get(agent.as_str())?;
-        Ok(core
-            .delivery
-            .subscriptions_of(agent.as_str())
-            .into_iter()
-            .map(|(pattern, _)| pattern)
-            .collect())
-    }
-
-    /// Every topic that messages were published to, by name, with its subscriber count.
-    pub fn topics(&self) -> Vec<TopicView> {
-        self.lock().delivery.topics()
-    }
-
-    /// Commits a subscription change; applied to the delivery state once durable, so a
-    /// publish routes by it only after it is on disk (and after it in the log).
-    fn commit_subscription(
-        self: &Arc<Self>,
-        core: &mut Core,
-        now: u64,
-        record: Record,
-    ) -> Result<Commit> {
-        let records = vec![record.clone()];
-        self.commit_when_durable(core, SUBSCRIPTION, now, records, move |core, appended| {
-            core.delivery.apply(&record, appended.first, now);
-            Vec::new()
-        })
+        Ok(through != BACKFILL_DONE)
     }
 }
 
 /// The messages of a backfill chunk that enter `agent`'s inbox: those still in the log, not
-/// routed to it already (by another pattern) and not past their ttl.
+/// routed to it already, not matching its `others` `earliest` patterns and not past their
+/// ttl.
 fn to_backfill(
     agent: &str,
+    others: &[TopicPattern],
     offsets: Vec<Offset>,
     frames: Vec<courier_storage::Result<courier_storage::Frame>>,
     now: u64,
@@ -243,8 +273,11 @@ fn to_backfill(
             }
         };
         let routed = message.destinations.iter().any(|d| d == agent);
+        let elsewhere = courier_storage::state::topic_of(&message)
+            .and_then(|t| TopicName::parse(t).ok())
+            .is_some_and(|t| others.iter().any(|p| p.matches(&t)));
         let expired = message.expires_at_ms.is_some_and(|t| t <= now);
-        if !routed && !expired {
+        if !routed && !elsewhere && !expired {
             messages.push(Backfill {
                 slot: Slot {
                     offset,

@@ -110,8 +110,10 @@ pub struct State {
     subscriptions: BTreeMap<String, BTreeMap<TopicPattern, Offset>>,
     /// Topics that messages were published to, by name.
     topics: BTreeMap<String, TopicSeen>,
-    /// Backfills under way: (agent, pattern) → (next offset, end).
-    backfills: BTreeMap<(String, String), (Offset, Offset)>,
+    /// Backfills under way: (agent, pattern) → the next offset to consider.
+    backfills: BTreeMap<(String, String), Offset>,
+    /// The highest point retention truncated the log at.
+    truncated_below: Offset,
 }
 
 /// What a sweeper tick decided.

@@ -38,6 +38,11 @@ impl State {
             .unwrap_or_default()
     }
 
+    /// The start of `agent`'s subscription to `pattern`, if it has one.
+    pub fn subscription_start(&self, agent: &str, pattern: &TopicPattern) -> Option<Offset> {
+        self.subscriptions.get(agent)?.get(pattern).copied()
+    }
+
     /// Whether `agent` is subscribed to `pattern`.
     pub fn is_subscribed(&self, agent: &str, pattern: &TopicPattern) -> bool {
         self.subscriptions
@@ -59,9 +64,9 @@ impl State {
             .collect()
     }
 
-    /// Where the backfill of `agent`'s subscription to `pattern` stands, if one is under way:
-    /// the next offset to consider and the end (exclusive).
-    pub fn backfill_of(&self, agent: &str, pattern: &str) -> Option<(Offset, Offset)> {
+    /// Where the backfill of `agent`'s subscription to `pattern` stands (the next offset to
+    /// consider), if one is under way.
+    pub fn backfill_of(&self, agent: &str, pattern: &str) -> Option<Offset> {
         self.backfills
             .get(&(agent.to_owned(), pattern.to_owned()))
             .copied()
@@ -73,9 +78,9 @@ impl State {
     }
 
     /// Loads a backfill under way as the index holds it (start-up).
-    pub fn load_backfill(&mut self, agent: &str, pattern: &str, next: Offset, end: Offset) {
+    pub fn load_backfill(&mut self, agent: &str, pattern: &str, next: Offset) {
         self.backfills
-            .insert((agent.to_owned(), pattern.to_owned()), (next, end));
+            .insert((agent.to_owned(), pattern.to_owned()), next);
     }
 
     /// Loads a subscription as the index holds it (start-up).

@@ -29,6 +29,11 @@ impl State {
         let Ok(()) = self.remember(id, offset, until_ms);
     }
 
+    /// Sets the truncation mark as the index holds it (start-up).
+    pub fn load_truncated_below(&mut self, below: Offset) {
+        self.truncated_below = below;
+    }
+
     /// Sets the record clock as the index holds it (start-up).
     pub fn load_clock(&mut self, clock_ms: u64) {
         self.clock_ms = clock_ms;
@@ -230,11 +235,7 @@ impl Store for State {
         Ok(())
     }
 
-    fn backfill(
-        &mut self,
-        agent: &str,
-        pattern: &str,
-    ) -> Result<Option<(Offset, Offset)>, Infallible> {
+    fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Infallible> {
         Ok(self.backfill_of(agent, pattern))
     }
 
@@ -242,17 +243,22 @@ impl Store for State {
         &mut self,
         agent: &str,
         pattern: &str,
-        cursor: Option<(Offset, Offset)>,
+        next: Option<Offset>,
     ) -> Result<(), Infallible> {
         let key = (agent.to_owned(), pattern.to_owned());
-        match cursor {
-            Some(cursor) => self.backfills.insert(key, cursor),
+        match next {
+            Some(next) => self.backfills.insert(key, next),
             None => self.backfills.remove(&key),
         };
         Ok(())
     }
 
+    fn truncated_below(&mut self) -> Result<Offset, Infallible> {
+        Ok(self.truncated_below)
+    }
+
     fn forget_below(&mut self, below: Offset) -> Result<(), Infallible> {
+        self.truncated_below = self.truncated_below.max(below);
         let names: Vec<Arc<str>> = self.inboxes.keys().cloned().collect();
         for name in names {
             let doomed: Vec<Key> = self.inboxes[&name]

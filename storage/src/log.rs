@@ -323,7 +323,7 @@ impl Log {
                     stretch.push((offset, next));
                 }
             }
-            match self.read_span(first.segment, first.position, span_end) {
+            match self.read_span(offset, first.segment, first.position, span_end) {
                 Ok((segment, buf)) => {
                     for (offset, place) in stretch {
                         let from = usize::try_from(place.position - first.position);
@@ -344,7 +344,8 @@ impl Log {
                 Err(e) if stretch.len() == 1 => frames.push(Err(e)),
                 Err(_) => frames.extend(stretch.into_iter().map(|(offset, place)| {
                     let end = place.position + place.len;
-                    let (segment, buf) = self.read_span(place.segment, place.position, end)?;
+                    let (segment, buf) =
+                        self.read_span(offset, place.segment, place.position, end)?;
                     decode_at(&segment.path, offset, place.position, &buf)
                 })),
             }
@@ -352,14 +353,21 @@ impl Log {
         frames
     }
 
-    /// The bytes `from..to` of the segment based at `base`.
-    fn read_span(&self, base: Offset, from: u64, to: u64) -> Result<(Arc<Segment>, Vec<u8>)> {
+    /// The bytes `from..to` of the segment based at `base`, where the record at `offset`
+    /// starts (the one a missing segment is reported for).
+    fn read_span(
+        &self,
+        offset: Offset,
+        base: Offset,
+        from: u64,
+        to: u64,
+    ) -> Result<(Arc<Segment>, Vec<u8>)> {
         let segment = self
             .shared
             .segments
             .get(base)
-            .ok_or(Error::NotFound(base.0))?;
-        let len = usize::try_from(to - from).map_err(|_| Error::NotFound(base.0))?;
+            .ok_or(Error::NotFound(offset.0))?;
+        let len = usize::try_from(to - from).map_err(|_| Error::NotFound(offset.0))?;
         let mut buf = vec![0u8; len];
         segment
             .file

@@ -105,10 +105,9 @@ pub enum Record {
         agent: String,
         /// The pattern.
         topic: String,
-        /// The first offset the subscription covers. Below this record's own offset (`0` for
-        /// `start: earliest`), the matching messages from `start` up to the record are
-        /// backfilled into the agent's inbox ([`Record::Backfilled`]); at or above it
-        /// (`latest`), nothing is.
+        /// Where its backfill starts ([`Record::Backfilled`]): `0` for `start: earliest`
+        /// (every matching message still in the log), [`crate::state::LATEST`] for `latest`
+        /// (none: only the messages published after it).
         start: Offset,
     },
     /// An agent unsubscribed from a topic.
@@ -138,7 +137,8 @@ pub enum Record {
         pattern: String,
         /// The messages, in offset order.
         messages: Vec<Backfill>,
-        /// Every message of the topics below this offset has been considered.
+        /// Every message of the topics below this offset has been considered; the backfill
+        /// goes on from here, or ends with [`crate::state::BACKFILL_DONE`].
         through: Offset,
     },
 }

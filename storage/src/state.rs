@@ -131,6 +131,12 @@ impl Arrival {
     }
 }
 
+/// The `start` of a `Subscribed` record that backfills nothing (`start: latest`).
+pub const LATEST: Offset = Offset(u64::MAX);
+
+/// The `through` of the `Backfilled` record that ends a backfill.
+pub const BACKFILL_DONE: Offset = Offset(u64::MAX);
+
 /// The topic of a message published to `topic:<name>`.
 pub fn topic_of(message: &Message) -> Option<&str> {
     message.to.strip_prefix("topic:")
@@ -210,23 +216,22 @@ pub trait Store {
     fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Self::Error>;
     /// A message was published to `topic` at `offset`.
     fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Self::Error>;
-    /// Where the backfill of `agent`'s subscription to `pattern` stands: the next offset to
-    /// consider and the end (exclusive), if one is under way.
-    fn backfill(
-        &mut self,
-        agent: &str,
-        pattern: &str,
-    ) -> Result<Option<(Offset, Offset)>, Self::Error>;
+    /// Where the backfill of `agent`'s subscription to `pattern` stands (the next offset to
+    /// consider), if one is under way.
+    fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Self::Error>;
     /// Sets (or, with `None`, ends) the backfill of `agent`'s subscription to `pattern`.
     fn set_backfill(
         &mut self,
         agent: &str,
         pattern: &str,
-        cursor: Option<(Offset, Offset)>,
+        next: Option<Offset>,
     ) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, dead
-    /// letters and remembered ids of messages there (and any location of those records).
+    /// letters and remembered ids of messages there (and any location of those records), and
+    /// remembers `below` as [`Store::truncated_below`].
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
+    /// The highest `below` retention truncated the log at (0 if it never did).
+    fn truncated_below(&mut self) -> Result<Offset, Self::Error>;
 }
 
 /// Applies one record, committed at `offset` and written at `timestamp_ms`, to `store`.
@@ -268,8 +273,8 @@ pub fn apply<'r, S: Store + ?Sized>(
             start,
         } => {
             store.subscribe(agent, topic, *start)?;
-            if *start < offset {
-                store.set_backfill(agent, topic, Some((*start, offset)))?;
+            if *start != LATEST {
+                store.set_backfill(agent, topic, Some(*start))?;
             }
             Ok(&[])
         }
@@ -284,16 +289,20 @@ pub fn apply<'r, S: Store + ?Sized>(
             messages,
             through,
         } => {
-            for m in messages {
+            // Only a backfill under way takes messages, and never one that retention deleted
+            // meanwhile (the step read it before the `Truncated` record).
+            if store.backfill(inbox, pattern)?.is_none() {
+                return Ok(&[]);
+            }
+            let kept = store.truncated_below()?;
+            for m in messages.iter().filter(|m| m.slot.offset >= kept) {
                 if store.entry(inbox, m.slot)?.is_none() {
                     let value = published(m.not_before_ms, m.expires_at_ms);
                     store.put_entry(inbox, m.slot, &value, Was::Absent)?;
                 }
             }
-            if let Some((_, end)) = store.backfill(inbox, pattern)? {
-                let cursor = (*through < end).then_some((*through, end));
-                store.set_backfill(inbox, pattern, cursor)?;
-            }
+            let next = (*through != BACKFILL_DONE).then_some(*through);
+            store.set_backfill(inbox, pattern, next)?;
             Ok(std::slice::from_ref(inbox))
         }
         Record::Truncated { below } => {

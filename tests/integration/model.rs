@@ -364,6 +364,7 @@ impl System {
         let changed = if on {
             self.runtime
                 .block_on(self.broker.subscribe(&id, &pattern, Start::Latest))
+                .map(|s| s.created)
         } else {
             self.runtime
                 .block_on(self.broker.unsubscribe(&id, &pattern))

@@ -324,9 +324,29 @@ fn earliest_backfills_every_matching_message_still_in_the_log_once() {
     got.sort_unstable();
     expected.sort_unstable();
     assert_eq!(got, expected, "every t.* message once, no u.x ({other:?})");
-    // Subscribing again changes nothing and backfills nothing.
-    assert_eq!(server.put(&path, json!({"start": "earliest"})).status, 200);
+    // Subscribing again changes nothing and backfills nothing; it answers the existing start.
+    let again = server.put(&path, json!({"start": "latest"}));
+    assert_eq!(
+        (again.status, again.json["start"].as_str()),
+        (200, Some("earliest"))
+    );
     assert!(server.receive("late", json!({"wait_ms": 300})).is_empty());
+    // An overlapping `earliest` pattern backfills only what the first one does not match,
+    // even though the first one's copies were acked (gone from the inbox).
+    let deep = publish_topic(&server, "t.b.c.d", json!("deep"))["offset"]
+        .as_u64()
+        .unwrap();
+    let wider = format!("/v1/agents/late/subscriptions/{}", segment(">"));
+    assert_eq!(server.put(&wider, json!({"start": "earliest"})).status, 201);
+    let mut more = drain_offsets(&server, "late", 4);
+    more.sort_unstable();
+    let mut want = other.clone();
+    want.push(deep);
+    want.sort_unstable();
+    assert_eq!(
+        more, want,
+        "the u.x messages and the one published since, once"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::ops::Bound;
 use super::keys::{
     backfill_key, be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix,
     parse_slot_key, positions_key, slot_key, subscription_key, timer_key, topic_offset_key,
-    trailing_offset, u64_le, with_prefix, A, B, CLOCK_KEY, D, I, N, O, P, S, U, X,
+    trailing_offset, u64_le, with_prefix, A, B, CLOCK_KEY, D, I, N, O, P, S, TRUNCATED_KEY, U, X,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -201,33 +201,29 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
-    fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<(Offset, Offset)>> {
-        Ok(self.get(&backfill_key(agent, pattern))?.map(|v| {
-            let next = u64_le(v.get(..8).unwrap_or_default());
-            let end = u64_le(v.get(8..16).unwrap_or_default());
-            (Offset(next), Offset(end))
-        }))
+    fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>> {
+        Ok(self
+            .get(&backfill_key(agent, pattern))?
+            .map(|v| Offset(u64_le(&v))))
     }
 
-    fn set_backfill(
-        &mut self,
-        agent: &str,
-        pattern: &str,
-        cursor: Option<(Offset, Offset)>,
-    ) -> Result<()> {
+    fn set_backfill(&mut self, agent: &str, pattern: &str, next: Option<Offset>) -> Result<()> {
         let key = backfill_key(agent, pattern);
-        match cursor {
-            Some((next, end)) => {
-                let mut value = next.0.to_le_bytes().to_vec();
-                value.extend_from_slice(&end.0.to_le_bytes());
-                self.insert(key, value);
-            }
+        match next {
+            Some(next) => self.insert(key, next.0.to_le_bytes().to_vec()),
             None => self.remove(key),
         }
         Ok(())
     }
 
+    fn truncated_below(&mut self) -> Result<Offset> {
+        Ok(Offset(self.get(TRUNCATED_KEY)?.map_or(0, |v| u64_le(&v))))
+    }
+
     fn forget_below(&mut self, below: Offset) -> Result<()> {
+        if below > self.truncated_below()? {
+            self.insert(TRUNCATED_KEY.to_vec(), below.0.to_le_bytes().to_vec());
+        }
         for (key, _) in self.scan_prefix(&[O])? {
             if trailing_offset(&key) < below.0 {
                 self.remove(key);

@@ -8,6 +8,7 @@ use super::TimerKind;
 
 pub(super) const APPLIED_KEY: &[u8] = b"mapplied";
 pub(super) const CLOCK_KEY: &[u8] = b"mclock";
+pub(super) const TRUNCATED_KEY: &[u8] = b"mtruncated";
 pub(super) const P: u8 = b'p';
 pub(super) const I: u8 = b'i';
 pub(super) const T: u8 = b't';

@@ -8,7 +8,7 @@
 //!
 //! | prefix | key after the prefix | value |
 //! |---|---|---|
-//! | `m` | `applied`, `clock` | last applied offset; latest record timestamp (u64 LE) |
+//! | `m` | `applied`, `clock`, `truncated` | last applied offset; latest record timestamp; highest truncation point (u64 LE) |
 //! | `p` | first offset (u64 BE) | segment base (u64 LE), then count+1 positions (u32 LE) |
 //! | `i` | inbox, 9 − priority, offset ≫ 10 (a bucket, see [`store`]) | bincode list of (offset, [`EntryValue`]) |
 //! | `t` | due ms (u64 BE), timer kind, slot key | empty |
@@ -19,7 +19,7 @@
 //! | `s` | agent, topic | start offset (u64 LE) |
 //! | `n` | topic name | [`TopicSeen`] (bincode): messages published to it, the latest offset |
 //! | `o` | topic, offset (u64 BE) | empty: the messages of a topic still in the log |
-//! | `b` | agent, pattern | next offset, end (u64 LE each): a backfill under way |
+//! | `b` | agent, pattern | next offset (u64 LE): a backfill under way |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
@@ -45,7 +45,7 @@ use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    CLOCK_KEY, D, I, N, O, P, S, T, U,
+    CLOCK_KEY, D, I, N, O, P, S, T, TRUNCATED_KEY, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -102,8 +102,8 @@ pub struct IndexSnapshot {
     pub topics: BTreeMap<String, TopicSeen>,
     /// The messages of each topic still in the log, in offset order.
     pub topic_offsets: BTreeMap<String, Vec<Offset>>,
-    /// Backfills under way: (agent, pattern) → (next offset, end).
-    pub backfills: BTreeMap<(String, String), (Offset, Offset)>,
+    /// Backfills under way: (agent, pattern) → next offset.
+    pub backfills: BTreeMap<(String, String), Offset>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -580,16 +580,19 @@ impl Index {
             .collect()
     }
 
-    /// Every backfill under way: (agent, pattern, next offset, end).
-    pub fn backfills(&self) -> Result<Vec<(String, String, Offset, Offset)>> {
+    /// The highest point retention truncated the log at (0 if it never did).
+    pub fn truncated_below(&self) -> Result<Offset> {
+        Ok(Offset(self.get(TRUNCATED_KEY)?.map_or(0, |v| u64_le(&v))))
+    }
+
+    /// Every backfill under way: (agent, pattern, next offset).
+    pub fn backfills(&self) -> Result<Vec<(String, String, Offset)>> {
         let mut out = Vec::new();
         for item in self.scan_prefix(&[B]) {
             let (key, value) = item?;
             let (agent, rest) = take_str(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)?;
             let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
-            let next = Offset(u64_le(&value));
-            let end = Offset(u64_le(value.get(8..).unwrap_or_default()));
-            out.push((agent, pattern, next, end));
+            out.push((agent, pattern, Offset(u64_le(&value))));
         }
         Ok(out)
     }
@@ -666,11 +669,8 @@ impl Index {
                 Some(B) => {
                     let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
                     let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
-                    let cursor = (
-                        Offset(u64_le(&value)),
-                        Offset(u64_le(value.get(8..).unwrap_or_default())),
-                    );
-                    snap.backfills.insert((agent, pattern), cursor);
+                    snap.backfills
+                        .insert((agent, pattern), Offset(u64_le(&value)));
                 }
                 _ => {}
             }
