@@ -91,6 +91,9 @@ struct Core {
     admission: admission::Admission,
     /// Long-poll wake-ups per inbox.
     waiters: waiters::Waiters,
+    /// Subscriptions decided (and routing) but not durable yet, by (agent, pattern): a
+    /// repeated subscribe answers only once the first one is durable.
+    subscribing: std::collections::HashMap<(String, String), watch::Receiver<bool>>,
 }
 
 /// The broker: one per server. Shared by the HTTP handlers and the sweeper.

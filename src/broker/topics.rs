@@ -23,6 +23,8 @@ use std::sync::Arc;
 use courier_storage::state::{BACKFILL_DONE, LATEST};
 use courier_storage::{Backfill, Offset, Record, Slot};
 
+use tokio::sync::watch;
+
 use super::commit::{BACKFILL, SUBSCRIPTION};
 use super::{Broker, Refusal, Result};
 use crate::delivery::TopicView;
@@ -59,50 +61,66 @@ impl Broker {
         start: Start,
     ) -> Result<Subscription> {
         let now = self.clock.now_ms();
-        let commit = {
+        let key = (agent.to_string(), pattern.to_string());
+        let decided = {
             let mut core = self.lock();
             core.registry.get(agent.as_str())?;
             if let Some(existing) = core.delivery.subscription_start(agent.as_str(), pattern) {
-                let start = if existing == LATEST {
+                let existing = if existing == LATEST {
                     Start::Latest
                 } else {
                     Start::Earliest
                 };
+                Err((existing, core.subscribing.get(&key).cloned()))
+            } else {
+                let record = Record::Subscribed {
+                    agent: key.0.clone(),
+                    topic: key.1.clone(),
+                    start: match start {
+                        Start::Latest => LATEST,
+                        Start::Earliest => Offset(0),
+                    },
+                };
+                let commit = self.commit_now(&mut core, SUBSCRIPTION, now, vec![record])?;
+                let (tx, rx) = watch::channel(false);
+                core.subscribing.insert(key.clone(), rx);
+                Ok((commit, tx))
+            }
+        };
+        let (commit, durable_tx) = match decided {
+            Ok(decided) => decided,
+            Err((existing, pending)) => {
+                // Decided by another call and not durable yet: answer once it is.
+                if let Some(mut pending) = pending {
+                    pending.wait_for(|durable| *durable).await.map_err(|_| {
+                        Refusal::Unavailable("the subscription's commit failed; retry".into())
+                    })?;
+                }
                 return Ok(Subscription {
                     created: false,
-                    start,
+                    start: existing,
                 });
             }
-            let record = Record::Subscribed {
-                agent: agent.to_string(),
-                topic: pattern.to_string(),
-                start: match start {
-                    Start::Latest => LATEST,
-                    Start::Earliest => Offset(0),
-                },
-            };
-            self.commit_now(&mut core, SUBSCRIPTION, now, vec![record])?
         };
-        if start == Start::Earliest {
-            // The backfill starts once the record is durable, whether or not this caller
-            // still waits for the answer.
-            let broker = self.clone();
-            let (agent, pattern) = (agent.to_string(), pattern.to_string());
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            tokio::spawn(async move {
-                let durable = commit.durable().await.map(|_| ());
-                let ok = durable.is_ok();
-                let _ = tx.send(durable);
-                if ok {
-                    broker.run_backfill(agent, pattern).await;
-                }
-            });
-            rx.await.map_err(|_| {
-                Refusal::Unavailable("the subscription's commit was dropped; retry".into())
-            })??;
-        } else {
-            commit.durable().await?;
-        }
+        // Awaited by a task of its own, so that a backfill starts once the record is durable
+        // whether or not this caller still waits for the answer.
+        let broker = self.clone();
+        let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let durable = commit.durable().await.map(|_| ());
+            let ok = durable.is_ok();
+            broker.lock().subscribing.remove(&key);
+            if ok {
+                durable_tx.send_replace(true);
+            }
+            let _ = answer_tx.send(durable);
+            if ok && start == Start::Earliest {
+                broker.run_backfill(key.0, key.1).await;
+            }
+        });
+        answer_rx.await.map_err(|_| {
+            Refusal::Unavailable("the subscription's commit was dropped; retry".into())
+        })??;
         Ok(Subscription {
             created: true,
             start,
