@@ -25,7 +25,7 @@ use courier_storage::{Backfill, Offset, Record, Slot};
 
 use tokio::sync::watch;
 
-use super::commit::{BACKFILL, SUBSCRIPTION};
+use super::commit::{Commit, BACKFILL, SUBSCRIPTION};
 use super::{Broker, Refusal, Result};
 use crate::delivery::TopicView;
 use crate::ids::{AgentId, TopicName, TopicPattern};
@@ -52,8 +52,9 @@ pub enum Start {
 }
 
 impl Broker {
-    /// Subscribes `agent` to the topics `pattern` matches; returns whether the subscription
-    /// is new (an existing one is left as it is, and nothing is written).
+    /// Subscribes `agent` to the topics `pattern` matches, once the record is durable. An
+    /// existing subscription is left as it is (nothing is written) and answered with its own
+    /// start.
     pub async fn subscribe(
         self: &Arc<Self>,
         agent: &AgentId,
@@ -83,11 +84,11 @@ impl Broker {
                 };
                 let commit = self.commit_now(&mut core, SUBSCRIPTION, now, vec![record])?;
                 let (tx, rx) = watch::channel(false);
-                core.subscribing.insert(key.clone(), rx);
-                Ok((commit, tx))
+                core.subscribing.insert(key.clone(), rx.clone());
+                Ok((commit, (tx, rx)))
             }
         };
-        let (commit, durable_tx) = match decided {
+        let (commit, (durable_tx, mine)) = match decided {
             Ok(decided) => decided,
             Err((existing, pending)) => {
                 // Decided by another call and not durable yet: answer once it is.
@@ -107,12 +108,8 @@ impl Broker {
         let broker = self.clone();
         let (answer_tx, answer_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let durable = commit.durable().await.map(|_| ());
+            let durable = broker.subscribed(&key, commit, durable_tx, &mine).await;
             let ok = durable.is_ok();
-            broker.lock().subscribing.remove(&key);
-            if ok {
-                durable_tx.send_replace(true);
-            }
             let _ = answer_tx.send(durable);
             if ok && start == Start::Earliest {
                 broker.run_backfill(key.0, key.1).await;
@@ -125,6 +122,32 @@ impl Broker {
             created: true,
             start,
         })
+    }
+
+    /// Waits for a subscription's record to be durable, then tells the calls waiting on it.
+    async fn subscribed(
+        &self,
+        key: &(String, String),
+        commit: Commit,
+        durable_tx: watch::Sender<bool>,
+        mine: &watch::Receiver<bool>,
+    ) -> Result<()> {
+        let durable = commit.durable().await.map(|_| ());
+        {
+            // Unless a later subscription of the same pattern took the place meanwhile.
+            let mut core = self.lock();
+            if core
+                .subscribing
+                .get(key)
+                .is_some_and(|rx| rx.same_channel(mine))
+            {
+                core.subscribing.remove(key);
+            }
+        }
+        if durable.is_ok() {
+            durable_tx.send_replace(true);
+        }
+        durable
     }
 
     /// Ends a subscription of `agent`; `false` if it had none to `pattern`. Messages already
