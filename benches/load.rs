@@ -130,6 +130,26 @@ fn fill(url: &str, agent: &str, count: u64, batch: u64, threads: u64) {
     println!("fill: {count} messages in {secs:.2} s = {:.0} msg/s (batches of {batch}, {threads} connections)", count as f64 / secs);
 }
 
+/// One long-poll receive (max 100, up to 1 s) of `agent` and the ack of what came; how many.
+fn receive_and_ack(conn: &mut Conn, agent: &str) -> u64 {
+    let (status, body) = conn.post(
+        &format!("/v1/agents/{agent}/receive"),
+        br#"{"max": 100, "wait_ms": 1000}"#,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    let receipts: Vec<&str> = reply["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["receipt"].as_str())
+        .collect();
+    if !receipts.is_empty() {
+        ack(conn, agent, &receipts);
+    }
+    receipts.len() as u64
+}
+
 fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
     let acked = Arc::new(AtomicU64::new(0));
     // When the last ack was answered: the consumers still in a long-poll then (the inbox is
@@ -144,24 +164,12 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
             std::thread::spawn(move || {
                 let mut conn = Conn::open(&url);
                 while acked.load(Ordering::Relaxed) < count && Instant::now() < deadline {
-                    let (status, body) = conn.post(
-                        &format!("/v1/agents/{agent}/receive"),
-                        br#"{"max": 100, "wait_ms": 1000}"#,
-                    );
-                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                    let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
-                    let receipts: Vec<&str> = reply["messages"]
-                        .as_array()
-                        .expect("messages")
-                        .iter()
-                        .filter_map(|m| m["receipt"].as_str())
-                        .collect();
-                    if receipts.is_empty() {
+                    let n = receive_and_ack(&mut conn, &agent);
+                    if n == 0 {
                         continue;
                     }
-                    ack(&mut conn, &agent, &receipts);
-                    let before = acked.fetch_add(receipts.len() as u64, Ordering::Relaxed);
-                    if before < count && before + receipts.len() as u64 >= count {
+                    let before = acked.fetch_add(n, Ordering::Relaxed);
+                    if before < count && before + n >= count {
                         *finished.lock().expect("finished") = Some(Instant::now());
                     }
                 }
@@ -369,22 +377,7 @@ fn drain_each(url: &str, agents: Vec<String>, count: u64, subscribers: u64) {
                 let deadline = Instant::now() + Duration::from_secs(600);
                 let mut acked = 0;
                 while acked < count && Instant::now() < deadline {
-                    let (status, body) = conn.post(
-                        &format!("/v1/agents/{agent}/receive"),
-                        br#"{"max": 100, "wait_ms": 1000}"#,
-                    );
-                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                    let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
-                    let receipts: Vec<&str> = reply["messages"]
-                        .as_array()
-                        .expect("messages")
-                        .iter()
-                        .filter_map(|m| m["receipt"].as_str())
-                        .collect();
-                    if !receipts.is_empty() {
-                        ack(&mut conn, &agent, &receipts);
-                        acked += receipts.len() as u64;
-                    }
+                    acked += receive_and_ack(&mut conn, &agent);
                 }
                 acked
             })

@@ -225,13 +225,7 @@ impl Broker {
             let Some(next) = core.delivery.backfill_of(agent, pattern) else {
                 return Ok(false);
             };
-            let topics: Vec<String> = core
-                .delivery
-                .topics()
-                .into_iter()
-                .filter(|t| TopicName::parse(&t.name).is_ok_and(|n| parsed.matches(&n)))
-                .map(|t| t.name)
-                .collect();
+            let topics = core.delivery.topics_matching(&parsed);
             // The agent's other `earliest` patterns: their own backfills take what they match.
             let others: Vec<TopicPattern> = core
                 .delivery

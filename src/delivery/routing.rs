@@ -77,6 +77,15 @@ impl State {
         self.backfills.keys().cloned().collect()
     }
 
+    /// The names of the topics seen that `pattern` matches.
+    pub fn topics_matching(&self, pattern: &TopicPattern) -> Vec<String> {
+        self.topics
+            .keys()
+            .filter(|name| TopicName::parse(name).is_ok_and(|topic| pattern.matches(&topic)))
+            .cloned()
+            .collect()
+    }
+
     /// Loads a backfill under way as the index holds it (start-up).
     pub fn load_backfill(&mut self, agent: &str, pattern: &str, next: Offset) {
         self.backfills

@@ -204,31 +204,23 @@ impl Log {
     /// located with one index lookup, and records that lie next to each other in a segment
     /// are read with one `pread` (the messages of one receive, mostly).
     pub fn read_many(&self, offsets: &[Offset]) -> Vec<Result<Frame>> {
-        let mut located = self.locate_recent(offsets);
-        let unknown: Vec<Offset> = offsets
-            .iter()
-            .zip(&located)
-            .filter(|(_, l)| l.is_none())
-            .map(|(o, _)| *o)
-            .collect();
-        if !unknown.is_empty() {
-            let mut from_index = match self.shared.index.locations(&unknown) {
+        let located = self.locate(offsets, |unknown| {
+            match self.shared.index.locations(unknown) {
                 Ok(found) => found
                     .into_iter()
-                    .zip(&unknown)
-                    .map(|(l, o)| l.ok_or(Error::NotFound(o.0)))
+                    .zip(unknown)
+                    .map(|(l, o)| Some(l.ok_or(Error::NotFound(o.0))))
                     .collect(),
                 // Each offset gets its own error (errors are not `Clone`).
                 Err(_) => unknown
                     .iter()
-                    .map(|o| self.shared.index.location(*o)?.ok_or(Error::NotFound(o.0)))
-                    .collect::<Vec<_>>(),
+                    .map(|o| {
+                        let location = self.shared.index.location(*o);
+                        Some(location.and_then(|l| l.ok_or(Error::NotFound(o.0))))
+                    })
+                    .collect(),
             }
-            .into_iter();
-            for slot in located.iter_mut().filter(|l| l.is_none()) {
-                *slot = from_index.next();
-            }
-        }
+        });
         let wanted = offsets
             .iter()
             .zip(located)
@@ -242,26 +234,15 @@ impl Log {
     /// an async thread. `None` for those only sled knows the place of: read them with
     /// [`Log::read_many`] on a blocking thread.
     pub fn read_many_recent(&self, offsets: &[Offset]) -> Vec<Option<Result<Frame>>> {
-        let mut located = self.locate_recent(offsets);
-        let unknown: Vec<Offset> = offsets
-            .iter()
-            .zip(&located)
-            .filter(|(_, l)| l.is_none())
-            .map(|(o, _)| *o)
-            .collect();
-        if !unknown.is_empty() {
-            let mut in_memory = self
-                .shared
+        let located = self.locate(offsets, |unknown| {
+            self.shared
                 .index
-                .locations_in_memory(&unknown)
+                .locations_in_memory(unknown)
                 .into_iter()
-                .zip(&unknown);
-            for slot in located.iter_mut().filter(|l| l.is_none()) {
-                *slot = in_memory
-                    .next()
-                    .and_then(|(l, o)| l.map(|l| l.ok_or(Error::NotFound(o.0))));
-            }
-        }
+                .zip(unknown)
+                .map(|(l, o)| l.map(|l| l.ok_or(Error::NotFound(o.0))))
+                .collect()
+        });
         let known: Vec<bool> = located.iter().map(Option::is_some).collect();
         let wanted = offsets
             .iter()
@@ -275,9 +256,28 @@ impl Log {
             .collect()
     }
 
-    /// [`Log::read_many_recent`] of one offset.
-    pub fn read_recent(&self, offset: Offset) -> Option<Result<Frame>> {
-        self.read_many_recent(&[offset]).pop().flatten()
+    /// Where each of `offsets` is: from the durable end and the recent runs, and for the
+    /// rest from `index`, asked once with those offsets in order (one answer each; `None`:
+    /// not known there either).
+    fn locate(
+        &self,
+        offsets: &[Offset],
+        index: impl FnOnce(&[Offset]) -> Vec<Option<Result<Location>>>,
+    ) -> Vec<Option<Result<Location>>> {
+        let mut located = self.locate_recent(offsets);
+        let unknown: Vec<Offset> = offsets
+            .iter()
+            .zip(&located)
+            .filter(|(_, l)| l.is_none())
+            .map(|(o, _)| *o)
+            .collect();
+        if !unknown.is_empty() {
+            let mut answers = index(&unknown).into_iter();
+            for slot in located.iter_mut().filter(|l| l.is_none()) {
+                *slot = answers.next().flatten();
+            }
+        }
+        located
     }
 
     /// Where each of `offsets` is as far as the durable end and the recent runs say:
