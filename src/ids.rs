@@ -57,7 +57,7 @@ pub enum Address {
     /// `topic:<name>`: every subscriber of the topic.
     Topic(TopicName),
     /// `capability:<name>`: one of the agents that declare the capability.
-    Capability(String),
+    Capability(CapabilityName),
 }
 
 impl Address {
@@ -72,13 +72,35 @@ impl Address {
         match kind {
             "agent" => AgentId::parse(name).map(Self::Agent),
             "topic" => TopicName::parse(name).map(Self::Topic),
-            "capability" => {
-                check_name("capability", name).map(|()| Self::Capability(name.to_owned()))
-            }
+            "capability" => CapabilityName::parse(name).map(Self::Capability),
             _ => Err(format!(
                 "`to` {text:?} has the unknown kind {kind:?}: use agent:, topic: or capability:"
             )),
         }
+    }
+}
+
+/// A capability name: 1–128 chars of `[a-z0-9._/:-]`, starting with a letter or digit. An
+/// agent declares capabilities by these names, and `capability:<name>` addresses the queue
+/// of one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CapabilityName(String);
+
+impl CapabilityName {
+    /// Checks `text`; the error says what is wrong and what would be right.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        check_name("capability", text).map(|()| Self(text.to_owned()))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CapabilityName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -218,7 +240,9 @@ mod tests {
         );
         assert_eq!(
             Address::parse("capability:summarize"),
-            Ok(Address::Capability("summarize".into()))
+            Ok(Address::Capability(
+                CapabilityName::parse("summarize").unwrap()
+            ))
         );
         for bad in [
             "planner",

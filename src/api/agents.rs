@@ -13,12 +13,11 @@ use super::wire::{check_json_depth, in_range, AgentBody};
 use super::{agent_id, AppState};
 use crate::broker::{AgentView, Refusal};
 use crate::clock::rfc3339;
+use crate::ids::CapabilityName;
 use courier_storage::Agent;
 
 /// Most capabilities per agent.
 pub const MAX_CAPABILITIES: usize = 64;
-/// Longest capability name, bytes.
-pub const MAX_CAPABILITY_BYTES: usize = 128;
 /// Largest metadata object, bytes.
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
@@ -95,16 +94,10 @@ pub async fn upsert(
             format!("an agent declares at most {MAX_CAPABILITIES} capabilities"),
         ));
     }
+    // Every declared capability must be addressable as capability:<name>.
     for capability in &capabilities {
-        if capability.is_empty()
-            || capability.len() > MAX_CAPABILITY_BYTES
-            || capability.chars().any(char::is_control)
-        {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!("capability {capability:?} must be 1-{MAX_CAPABILITY_BYTES} bytes without control characters"),
-            ));
-        }
+        CapabilityName::parse(capability)
+            .map_err(|e| ApiError::bad_request("invalid_request", e))?;
     }
     if let Some(metadata) = &body.metadata {
         check_json_depth(

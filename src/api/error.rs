@@ -90,6 +90,9 @@ impl From<Refusal> for ApiError {
         let message = refusal.to_string();
         match refusal {
             Refusal::UnknownAgent(_) => Self::new(StatusCode::NOT_FOUND, "unknown_agent", message),
+            Refusal::UnknownCapability(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_capability", message)
+            }
             Refusal::InboxFull { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "inbox_full", message).retry_after(1)
             }
@@ -99,9 +102,6 @@ impl From<Refusal> for ApiError {
             Refusal::TooManyReceivers { .. } => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_receivers", message)
                     .retry_after(1)
-            }
-            Refusal::NotRouted(_) => {
-                Self::new(StatusCode::NOT_IMPLEMENTED, "not_implemented", message)
             }
             Refusal::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)

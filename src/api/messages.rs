@@ -15,7 +15,7 @@ use super::wire::{
     Redriven, Results, SettledView,
 };
 use super::{agent_id, AppState};
-use crate::broker::ReceiveRequest;
+use crate::broker::{InboxRef, ReceiveRequest};
 use crate::delivery::{Outcome, Settle};
 
 /// Most messages one receive returns.
@@ -203,15 +203,7 @@ pub async fn dead_letters(
     query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let agent = agent_id(&agent)?;
-    let Query(query) =
-        query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
-    let limit = in_range("limit", query.limit, 1, MAX_DEAD_LETTERS)?.unwrap_or(100) as usize;
-    let dead = state
-        .broker
-        .dead_letters(&agent, query.after, limit)
-        .await?;
-    let dead_letters = dead.iter().filter_map(DeadLetterView::of).collect();
-    Ok(Json(DeadLetters { dead_letters }).into_response())
+    list_dead_letters(&state, InboxRef::Agent(&agent), query).await
 }
 
 /// `POST /v1/agents/{agent}/dead-letters/redrive`: `{"offsets": [...]}` or `{"all": true}`.
@@ -221,7 +213,30 @@ pub async fn redrive(
     JsonBody(bytes): JsonBody,
 ) -> Result<Response, ApiError> {
     let agent = agent_id(&agent)?;
-    let body: RedriveBody = parse_json(&bytes)?;
+    redrive_dead_letters(&state, InboxRef::Agent(&agent), &bytes).await
+}
+
+/// Lists the dead letters of an agent's inbox or a capability's queue.
+pub async fn list_dead_letters(
+    state: &AppState,
+    inbox: InboxRef<'_>,
+    query: Result<Query<DeadLetterQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::bad_request("invalid_request", e.body_text()))?;
+    let limit = in_range("limit", query.limit, 1, MAX_DEAD_LETTERS)?.unwrap_or(100) as usize;
+    let dead = state.broker.dead_letters(inbox, query.after, limit).await?;
+    let dead_letters = dead.iter().filter_map(DeadLetterView::of).collect();
+    Ok(Json(DeadLetters { dead_letters }).into_response())
+}
+
+/// Redrives dead letters of an agent's inbox or a capability's queue.
+pub async fn redrive_dead_letters(
+    state: &AppState,
+    inbox: InboxRef<'_>,
+    bytes: &[u8],
+) -> Result<Response, ApiError> {
+    let body: RedriveBody = parse_json(bytes)?;
     let offsets = match (body.offsets, body.all) {
         (Some(offsets), None | Some(false)) if !offsets.is_empty() && offsets.len() <= 10_000 => {
             Some(offsets)
@@ -234,6 +249,6 @@ pub async fn redrive(
             ))
         }
     };
-    let count = state.broker.redrive(&agent, offsets.as_deref()).await?;
+    let count = state.broker.redrive(inbox, offsets.as_deref()).await?;
     Ok(Json(Redriven { redriven: count }).into_response())
 }

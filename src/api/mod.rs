@@ -4,6 +4,7 @@
 //! [`error::ApiError`], including unknown routes and wrong methods.
 
 pub mod agents;
+pub mod capabilities;
 pub mod error;
 pub mod messages;
 pub mod ops;
@@ -69,6 +70,16 @@ pub fn router(state: AppState) -> Router {
             put(topics::subscribe).delete(topics::unsubscribe),
         )
         .route("/v1/topics", get(topics::topics))
+        .route("/v1/capabilities", get(capabilities::list))
+        .route("/v1/capabilities/{name}", get(capabilities::get))
+        .route(
+            "/v1/capabilities/{name}/dead-letters",
+            get(capabilities::dead_letters),
+        )
+        .route(
+            "/v1/capabilities/{name}/dead-letters/redrive",
+            post(capabilities::redrive),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/stats", get(ops::stats))

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier_storage::index::DeadEntry;
-use courier_storage::{Agent, Frame, Lease, Offset, Record};
+use courier_storage::state::queue_inbox;
+use courier_storage::{Agent, Frame, Offset, Record};
+use tokio::sync::Notify;
 
 use super::commit::{Commit, ACK, DEAD_LETTER, EXTEND, LEASE, NACK, REDRIVE};
-use super::{millis, Broker, Refusal, Result};
-use crate::delivery::{Outcome, Receipt, Settle};
-use crate::ids::AgentId;
+use super::{millis, Broker, Core, Refusal, Result};
+use crate::delivery::{self, Draw, Outcome, Receipt, Settle};
+use crate::ids::{AgentId, CapabilityName};
 
 /// What a receive asks for.
 #[derive(Debug, Clone, Copy)]
@@ -62,19 +64,20 @@ impl Drop for OpenReceive<'_> {
 }
 
 impl Broker {
-    /// Long-poll: leases up to `max` ready messages of `agent`, waiting up to `wait` for the
-    /// first. Wakes on the commit that makes a message ready, never by polling.
+    /// Long-poll: leases up to `max` ready messages of `agent`'s inbox and of the queues of
+    /// the capabilities it declares, waiting up to `wait` for the first. Wakes on the commit
+    /// that makes a message ready in one of them (or changes the agent), never by polling.
     pub async fn receive(
         self: &Arc<Self>,
         agent: &AgentId,
         request: ReceiveRequest,
     ) -> Result<Vec<Delivered>> {
-        let notify = {
+        let mut notifies = {
             let mut core = self.lock();
             let now = self.clock.now_ms();
             let max = self.config.limits.max_receivers;
             core.registry.open_receive(agent.as_str(), max, now)?;
-            core.waiters.of(agent.as_str())
+            wake_ups(&mut core, agent)
         };
         let _open = OpenReceive {
             broker: self,
@@ -83,9 +86,10 @@ impl Broker {
         let mut closing = self.closing.subscribe();
         let deadline = tokio::time::Instant::now() + request.wait;
         loop {
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            let mut notified: Vec<_> = notifies.iter().map(|n| Box::pin(n.notified())).collect();
+            for n in &mut notified {
+                n.as_mut().enable();
+            }
             if let Some(leased) = self.try_lease(agent, request)? {
                 return self.deliver(leased).await;
             }
@@ -93,10 +97,13 @@ impl Broker {
                 return Ok(Vec::new());
             }
             tokio::select! {
-                () = &mut notified => {}
+                _ = futures_util::future::select_all(notified.iter_mut()) => {}
                 () = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
                 _ = closing.changed() => return Ok(Vec::new()),
             }
+            drop(notified);
+            // The agent's capabilities may have changed: wait on its queues of now.
+            notifies = wake_ups(&mut self.lock(), agent);
         }
     }
 
@@ -105,7 +112,7 @@ impl Broker {
         self: &Arc<Self>,
         agent: &AgentId,
         request: ReceiveRequest,
-    ) -> Result<Option<(Vec<Lease>, Commit)>> {
+    ) -> Result<Option<(Vec<Draw>, Commit)>> {
         let now = self.clock.now_ms();
         let mut core = self.lock();
         let registered = core.registry.get(agent.as_str())?;
@@ -113,18 +120,21 @@ impl Broker {
         let lease_ms = request
             .lease_ms
             .unwrap_or_else(|| self.lease_of(&registered.agent));
-        let leases = core
-            .delivery
-            .lease(agent.as_str(), request.max, now, lease_ms, &policy);
-        if leases.is_empty() {
+        let queues: Vec<String> = registered
+            .agent
+            .capabilities
+            .iter()
+            .map(|c| queue_inbox(c))
+            .collect();
+        let draws =
+            core.delivery
+                .lease(agent.as_str(), &queues, request.max, now, lease_ms, &policy);
+        if draws.is_empty() {
             return Ok(None);
         }
-        let record = Record::Leased {
-            inbox: agent.to_string(),
-            leases: leases.clone(),
-        };
-        let commit = self.commit_now(&mut core, LEASE, now, vec![record])?;
-        Ok(Some((leases, commit)))
+        let records = delivery::State::lease_records(agent.as_str(), &draws);
+        let commit = self.commit_now(&mut core, LEASE, now, records)?;
+        Ok(Some((draws, commit)))
     }
 
     /// The lease an extend without `lease_ms` gets: the agent's, else the server's.
@@ -143,26 +153,22 @@ impl Broker {
     /// Waits for a lease to be durable, then reads its messages.
     async fn deliver(
         self: &Arc<Self>,
-        (leases, commit): (Vec<Lease>, Commit),
+        (draws, commit): (Vec<Draw>, Commit),
     ) -> Result<Vec<Delivered>> {
         commit.durable().await?;
-        let offsets = leases.iter().map(|l| l.slot.offset).collect();
+        let offsets = draws.iter().map(|d| d.lease.slot.offset).collect();
         let frames = self.read_messages(offsets).await?;
-        let mut delivered = Vec::with_capacity(leases.len());
-        for (lease, frame) in leases.into_iter().zip(frames) {
+        let mut delivered = Vec::with_capacity(draws.len());
+        for (draw, frame) in draws.into_iter().zip(frames) {
             // A message that age retention deleted meanwhile is gone: nothing to deliver.
             let Some(frame) = frame else {
                 continue;
             };
             delivered.push(Delivered {
                 frame,
-                attempt: lease.attempt,
-                receipt: Receipt {
-                    slot: lease.slot,
-                    attempt: lease.attempt,
-                }
-                .encode(),
-                lease_deadline_ms: lease.deadline_ms,
+                attempt: draw.lease.attempt,
+                receipt: draw.receipt().encode(),
+                lease_deadline_ms: draw.lease.deadline_ms,
             });
         }
         Ok(delivered)
@@ -212,7 +218,8 @@ impl Broker {
         Ok(frames)
     }
 
-    /// Acks, nacks or extends leases of `agent`; one outcome per receipt, once durable.
+    /// Acks, nacks or extends leases of `agent` (of its inbox, or queue leases it holds);
+    /// one outcome per receipt, once durable.
     pub async fn settle(
         self: &Arc<Self>,
         agent: &AgentId,
@@ -223,10 +230,11 @@ impl Broker {
         let parsed: Vec<Option<Receipt>> = receipts.iter().map(|r| Receipt::parse(r)).collect();
         let (outcomes, commit) = {
             let mut core = self.lock();
-            let policy = self.policy(Some(&core.registry.get(agent.as_str())?.agent));
+            core.registry.get(agent.as_str())?;
+            let policy_of = |inbox: &str| self.policy(core.registry.agent(inbox));
             let (outcomes, records) =
                 core.delivery
-                    .settle(agent.as_str(), &parsed, how, now, &policy);
+                    .settle(agent.as_str(), &parsed, how, now, policy_of);
             if records.is_empty() {
                 return Ok(outcomes);
             }
@@ -244,17 +252,17 @@ impl Broker {
         Ok(outcomes)
     }
 
-    /// Dead letters of `agent` above `after`, oldest first, at most `limit`.
+    /// Dead letters of an inbox above `after`, oldest first, at most `limit`.
     pub async fn dead_letters(
         self: &Arc<Self>,
-        agent: &AgentId,
+        inbox: InboxRef<'_>,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<DeadView>> {
         let dead = {
             let core = self.lock();
-            core.registry.get(agent.as_str())?;
-            core.delivery.dead_letters(agent.as_str(), after, limit)
+            let name = inbox.check(&core)?;
+            core.delivery.dead_letters(&name, after, limit)
         };
         let offsets = dead.iter().map(|d| d.slot.offset).collect();
         let frames = self.read_messages(offsets).await?;
@@ -270,17 +278,17 @@ impl Broker {
             .collect())
     }
 
-    /// Moves dead letters back into the inbox with attempts reset; `None` redrives all.
+    /// Moves dead letters back into their inbox with attempts reset; `None` redrives all.
     pub async fn redrive(
         self: &Arc<Self>,
-        agent: &AgentId,
+        inbox: InboxRef<'_>,
         offsets: Option<&[u64]>,
     ) -> Result<usize> {
         let now = self.clock.now_ms();
         let (count, commit) = {
             let mut core = self.lock();
-            core.registry.get(agent.as_str())?;
-            let Some(record) = core.delivery.redrive(agent.as_str(), offsets) else {
+            let name = inbox.check(&core)?;
+            let Some(record) = core.delivery.redrive(&name, offsets) else {
                 return Ok(0);
             };
             let count = match &record {
@@ -288,12 +296,54 @@ impl Broker {
                 _ => 0,
             };
             let commit = self.commit_now(&mut core, REDRIVE, now, vec![record])?;
-            tracing::info!(agent = %agent, count, "redrove dead letters");
+            tracing::info!(inbox = %name, count, "redrove dead letters");
             (count, commit)
         };
         commit.durable().await?;
         Ok(count)
     }
+}
+
+/// An inbox named by a request: an agent's, or a capability's queue.
+#[derive(Debug, Clone, Copy)]
+pub enum InboxRef<'a> {
+    /// The inbox of a registered agent.
+    Agent(&'a AgentId),
+    /// The queue of a capability.
+    Capability(&'a CapabilityName),
+}
+
+impl InboxRef<'_> {
+    /// The inbox's name, if it exists: a registered agent, or a capability that an agent
+    /// declares or a message was sent to.
+    fn check(self, core: &Core) -> Result<String> {
+        match self {
+            Self::Agent(agent) => {
+                core.registry.get(agent.as_str())?;
+                Ok(agent.to_string())
+            }
+            Self::Capability(capability) => {
+                let queue = queue_inbox(capability.as_str());
+                if core.delivery.has_inbox(&queue) || core.registry.declared(capability.as_str()) {
+                    Ok(queue)
+                } else {
+                    Err(Refusal::UnknownCapability(capability.to_string()))
+                }
+            }
+        }
+    }
+}
+
+/// The wake-ups a receive of `agent` waits on: its inbox's and its capability queues'.
+fn wake_ups(core: &mut Core, agent: &AgentId) -> Vec<Arc<Notify>> {
+    let queues: Vec<String> = core
+        .registry
+        .agent(agent.as_str())
+        .map(|a| a.capabilities.iter().map(|c| queue_inbox(c)).collect())
+        .unwrap_or_default();
+    let mut notifies = vec![core.waiters.of(agent.as_str())];
+    notifies.extend(queues.iter().map(|q| core.waiters.of(q)));
+    notifies
 }
 
 /// A read message, `None` if retention deleted its segment, or the refusal for a failed read.

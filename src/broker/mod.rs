@@ -7,6 +7,7 @@
 //! - [`registry`]: registered agents and their presence;
 //! - [`admission`]: what a publish must pass (destinations, depth, rate, dedupe);
 //! - [`publish`] and [`consume`]: the operations of producers and of consumers;
+//! - [`topics`] and [`capabilities`]: subscriptions, and the views of capability queues;
 //! - [`waiters`]: long-poll wake-ups; [`sweeper`]: timers; [`retention`]: old segments.
 //!
 //! **Invariant:** the log order equals the order of decisions, because records are submitted
@@ -15,6 +16,7 @@
 //! all others at decision time, and both go through `courier_storage::state::apply`.
 
 mod admission;
+mod capabilities;
 mod commit;
 mod consume;
 mod publish;
@@ -35,7 +37,8 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{self, Depth, Policy};
 
-pub use consume::{DeadView, Delivered, ReceiveRequest};
+pub use capabilities::CapabilityView;
+pub use consume::{DeadView, Delivered, InboxRef, ReceiveRequest};
 pub use publish::{Outgoing, Published};
 pub use registry::AgentView;
 pub use topics::{Start, Subscription};
@@ -70,9 +73,9 @@ pub enum Refusal {
         /// How many are open.
         open: u32,
     },
-    /// The address is of a kind this build does not route yet.
-    #[error("{0} addresses are not routed by this build yet; address an agent with agent:<id>")]
-    NotRouted(&'static str),
+    /// No agent declares the capability and no message was ever sent to its queue.
+    #[error("no agent declares capability `{0}` and no message was sent to capability:{0}; register an agent with it (PUT /v1/agents/{{id}} with \"capabilities\") or publish to it")]
+    UnknownCapability(String),
     /// The log cannot take writes (fail-stop after an I/O error, or shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -266,6 +269,19 @@ pub fn recover_state(
         for dead in index.dead_letters(&agent.id, None, usize::MAX)? {
             state.load_dead(&agent.id, dead);
         }
+    }
+    for queue in index.queues()? {
+        state.open_inbox(&queue);
+        for entry in index.inbox(&queue) {
+            let entry = entry?;
+            state.load_entry(&queue, entry.slot, entry.value);
+        }
+        for dead in index.dead_letters(&queue, None, usize::MAX)? {
+            state.load_dead(&queue, dead);
+        }
+    }
+    for (queue, slot, agent) in index.holders()? {
+        state.load_holder(&queue, slot, &agent);
     }
     for (id, offset, until_ms) in index.remembered()? {
         state.load_remembered(&id, offset, until_ms);

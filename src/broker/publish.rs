@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use courier_storage::state::Arrival;
+use courier_storage::state::{queue_inbox, Arrival};
 use courier_storage::{Message, Offset, Record};
 use tokio::sync::watch;
 
@@ -62,7 +62,8 @@ struct Staged {
 
 /// The inboxes an address stands for: where routing is decided, in one place. A topic goes
 /// to every registered agent subscribed to it now (each once), and to none if nobody is: the
-/// message is stored all the same.
+/// message is stored all the same. A capability goes to its queue, whether or not an agent
+/// declares it now.
 fn resolve(registry: &Registry, delivery: &State, to: &Address) -> Result<Vec<String>> {
     match to {
         Address::Agent(agent) => {
@@ -74,7 +75,8 @@ fn resolve(registry: &Registry, delivery: &State, to: &Address) -> Result<Vec<St
             subscribers.retain(|agent| registry.contains(agent));
             Ok(subscribers)
         }
-        Address::Capability(_) => Err(Refusal::NotRouted("capability:")),
+        // The queue: messages wait there until an agent that declares it receives them.
+        Address::Capability(capability) => Ok(vec![queue_inbox(capability.as_str())]),
     }
 }
 

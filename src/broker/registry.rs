@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use courier_storage::{Agent, Record};
 
-use super::commit::{Commit, AGENT};
+use super::commit::{Commit, AGENT, NACK};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::delivery::Depth;
 use crate::ids::AgentId;
@@ -99,6 +99,38 @@ impl Registry {
         self.agents.remove(id);
     }
 
+    /// Whether a registered agent declares `capability`.
+    pub(super) fn declared(&self, capability: &str) -> bool {
+        self.agents
+            .values()
+            .any(|r| !r.deleting && r.agent.capabilities.iter().any(|c| c == capability))
+    }
+
+    /// The registered agents that declare `capability`, by id, with when each was last seen.
+    pub(super) fn declaring(&self, capability: &str) -> Vec<(String, Option<u64>)> {
+        let mut agents: Vec<(String, Option<u64>)> = self
+            .agents
+            .values()
+            .filter(|r| !r.deleting && r.agent.capabilities.iter().any(|c| c == capability))
+            .map(|r| (r.agent.id.clone(), r.last_seen_ms))
+            .collect();
+        agents.sort_unstable();
+        agents
+    }
+
+    /// Every capability that registered agents declare, sorted, each once.
+    pub(super) fn capabilities(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .agents
+            .values()
+            .filter(|r| !r.deleting)
+            .flat_map(|r| r.agent.capabilities.iter().cloned())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// Every registered id, sorted.
     pub(super) fn ids(&self) -> Vec<Arc<str>> {
         let mut ids: Vec<Arc<str>> = self
@@ -156,6 +188,8 @@ impl Broker {
             let record = Record::AgentUpserted(agent);
             let commit = self.commit_registration(&mut core, now, record, |core, record| {
                 if let Record::AgentUpserted(agent) = record {
+                    // Its open receives wait on the queues of its capabilities of now.
+                    core.waiters.wake(&[Arc::from(agent.id.as_str())]);
                     core.registry.upsert(agent);
                 }
             })?;
@@ -172,6 +206,11 @@ impl Broker {
             let mut core = self.lock();
             if !core.registry.contains(id.as_str()) {
                 return Ok(false);
+            }
+            // The queue leases it holds go back to their queues now, for the other agents.
+            let released = core.delivery.release_held(id.as_str(), now);
+            if !released.is_empty() {
+                self.commit_now(&mut core, NACK, now, released)?.detach();
             }
             let record = Record::AgentDeleted {
                 agent: id.to_string(),

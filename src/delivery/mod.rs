@@ -25,7 +25,7 @@ pub use routing::TopicView;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use courier_storage::state::{DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
+use courier_storage::state::{queue_of, DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
 use courier_storage::{DeadLetter, DeadReason, Lease, Offset, Record, Release, Slot};
 
 use crate::config::Backoff;
@@ -80,7 +80,7 @@ pub struct Depth {
     pub dead_letters: u64,
 }
 
-/// One agent's inbox.
+/// One inbox: an agent's, or a capability queue's (`capability:<name>`).
 #[derive(Debug, Default)]
 struct Inbox {
     /// Every pending message (ready, delayed or leased) and its state.
@@ -91,6 +91,8 @@ struct Inbox {
     in_flight: u64,
     /// Dead letters by offset.
     dead: BTreeMap<u64, DeadEntry>,
+    /// In a queue: the agent that holds each leased entry.
+    holders: HashMap<Key, Arc<str>>,
 }
 
 /// The delivery state of every inbox, the timers that drive the sweeper, and the client ids
@@ -114,6 +116,28 @@ pub struct State {
     backfills: BTreeMap<(String, String), Offset>,
     /// The highest point retention truncated the log at.
     truncated_below: Offset,
+    /// Queue leases held, by agent (counted against its `max_in_flight`).
+    held: HashMap<Arc<str>, u64>,
+}
+
+/// A message chosen by [`State::lease`]: from the agent's inbox, or from a capability queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Draw {
+    /// The queue's inbox name, or `None` for the agent's own inbox.
+    pub queue: Option<Arc<str>>,
+    /// The lease.
+    pub lease: Lease,
+}
+
+impl Draw {
+    /// The receipt that names this delivery.
+    pub fn receipt(&self) -> Receipt {
+        Receipt {
+            slot: self.lease.slot,
+            attempt: self.lease.attempt,
+            queue: self.queue.as_deref().map(str::to_owned),
+        }
+    }
 }
 
 /// What a sweeper tick decided.
@@ -176,57 +200,159 @@ impl State {
         woken
     }
 
-    /// Chooses up to `max` ready messages of `inbox` in delivery order and returns their
-    /// leases (attempt + 1, deadline `now + lease_ms`). Respects `max_in_flight`.
+    /// Chooses up to `max` ready messages of `agent`'s inbox and of the capability `queues`
+    /// (inbox names) it draws from, merged in delivery order (priority, then offset), and
+    /// returns their leases (attempt + 1, deadline `now + lease_ms`). Respects
+    /// `max_in_flight`, which counts the agent's queue leases too.
     pub fn lease(
         &mut self,
-        inbox: &str,
+        agent: &str,
+        queues: &[String],
         max: usize,
         now_ms: u64,
         lease_ms: u64,
         policy: &Policy,
-    ) -> Vec<Lease> {
+    ) -> Vec<Draw> {
         self.promote(now_ms);
-        let Some(state_inbox) = self.inboxes.get(inbox) else {
-            return Vec::new();
-        };
         let room = policy.max_in_flight.map_or(usize::MAX, |cap| {
-            usize::try_from(u64::from(cap).saturating_sub(state_inbox.in_flight))
+            usize::try_from(u64::from(cap).saturating_sub(self.in_flight_of(agent)))
                 .unwrap_or(usize::MAX)
         });
-        state_inbox
-            .ready
-            .iter()
-            .take(max.min(room))
-            .map(|k| Lease {
-                slot: slot(*k),
-                attempt: state_inbox.entries[k].attempts + 1,
-                deadline_ms: now_ms.saturating_add(lease_ms),
+        let want = max.min(room);
+        let mut chosen: Vec<(Key, Option<&Arc<str>>, &Inbox)> = Vec::new();
+        if let Some(inbox) = self.inboxes.get(agent) {
+            chosen.extend(inbox.ready.iter().take(want).map(|k| (*k, None, inbox)));
+        }
+        for queue in queues {
+            if let Some((name, inbox)) = self.inboxes.get_key_value(queue.as_str()) {
+                chosen.extend(
+                    inbox
+                        .ready
+                        .iter()
+                        .take(want)
+                        .map(|k| (*k, Some(name), inbox)),
+                );
+            }
+        }
+        if !queues.is_empty() {
+            chosen.sort_by_key(|(k, _, _)| *k);
+        }
+        chosen
+            .into_iter()
+            .take(want)
+            .map(|(k, queue, inbox)| Draw {
+                queue: queue.cloned(),
+                lease: Lease {
+                    slot: slot(k),
+                    attempt: inbox.entries[&k].attempts + 1,
+                    deadline_ms: now_ms.saturating_add(lease_ms),
+                },
             })
             .collect()
     }
 
-    /// Whether `inbox` is at its `max_in_flight` cap.
-    pub fn at_cap(&self, inbox: &str, policy: &Policy) -> bool {
-        let in_flight = self.inboxes.get(inbox).map_or(0, |i| i.in_flight);
-        policy
-            .max_in_flight
-            .is_some_and(|cap| in_flight >= u64::from(cap))
+    /// The records that carry out `agent`'s draws: `Leased` for its inbox, `LeasedTo` per
+    /// queue.
+    pub fn lease_records(agent: &str, draws: &[Draw]) -> Vec<Record> {
+        let mut own = Vec::new();
+        let mut per_queue: BTreeMap<&str, Vec<Lease>> = BTreeMap::new();
+        for draw in draws {
+            match &draw.queue {
+                None => own.push(draw.lease),
+                Some(queue) => per_queue.entry(queue).or_default().push(draw.lease),
+            }
+        }
+        let mut records = Vec::new();
+        if !own.is_empty() {
+            records.push(Record::Leased {
+                inbox: agent.to_owned(),
+                leases: own,
+            });
+        }
+        records.extend(
+            per_queue
+                .into_iter()
+                .map(|(queue, leases)| Record::LeasedTo {
+                    queue: queue.to_owned(),
+                    agent: agent.to_owned(),
+                    leases,
+                }),
+        );
+        records
     }
 
-    /// Decides `how` for each receipt: the outcome per receipt and the records to append.
+    /// How many messages `agent` holds leased: of its inbox, and of queues.
+    fn in_flight_of(&self, agent: &str) -> u64 {
+        let own = self.inboxes.get(agent).map_or(0, |i| i.in_flight);
+        own + self.held.get(agent).copied().unwrap_or(0)
+    }
+
+    /// Whether `agent` is at its `max_in_flight` cap.
+    pub fn at_cap(&self, agent: &str, policy: &Policy) -> bool {
+        policy
+            .max_in_flight
+            .is_some_and(|cap| self.in_flight_of(agent) >= u64::from(cap))
+    }
+
+    /// The agent that holds the lease of `s` in `queue`, if it is leased.
+    pub fn holder(&self, queue: &str, s: Slot) -> Option<&Arc<str>> {
+        self.inboxes.get(queue)?.holders.get(&key(s))
+    }
+
+    /// Decides to hand back every queue lease `agent` holds, ready at `now_ms` (on its
+    /// deletion: the messages go to other capable agents now, not when the leases end).
+    pub fn release_held(&self, agent: &str, now_ms: u64) -> Vec<Record> {
+        let mut per_queue: BTreeMap<&str, Vec<Release>> = BTreeMap::new();
+        for (name, inbox) in &self.inboxes {
+            for (k, holder) in &inbox.holders {
+                if &**holder == agent {
+                    per_queue.entry(name).or_default().push(Release {
+                        slot: slot(*k),
+                        not_before_ms: now_ms,
+                    });
+                }
+            }
+        }
+        per_queue
+            .into_iter()
+            .map(|(queue, mut releases)| {
+                releases.sort_by_key(|r| key(r.slot));
+                Record::Released {
+                    inbox: queue.to_owned(),
+                    releases,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether `inbox` exists: a registered agent's, or a queue that messages entered.
+    pub fn has_inbox(&self, inbox: &str) -> bool {
+        self.inboxes.contains_key(inbox)
+    }
+
+    /// Every capability queue that messages entered, by inbox name, with its counts.
+    pub fn queues(&self) -> Vec<(Arc<str>, Depth)> {
+        let mut queues: Vec<(Arc<str>, Depth)> = self
+            .inboxes
+            .keys()
+            .filter(|name| queue_of(name).is_some())
+            .map(|name| (name.clone(), self.depth(name)))
+            .collect();
+        queues.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        queues
+    }
+
+    /// Decides `how` for each of `agent`'s receipts — of its inbox, or of queue leases it
+    /// holds — with each inbox's policy: the outcome per receipt and the records to append.
     pub fn settle(
         &self,
-        inbox: &str,
+        agent: &str,
         receipts: &[Option<Receipt>],
         how: Settle,
         now_ms: u64,
-        policy: &Policy,
+        policy_of: impl Fn(&str) -> Policy,
     ) -> (Vec<Outcome>, Vec<Record>) {
-        let mut acked = Vec::new();
-        let mut released = Vec::new();
-        let mut leased = Vec::new();
-        let mut dead = Vec::new();
+        let mut decided: BTreeMap<&str, Decided> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         let outcomes = receipts
             .iter()
@@ -234,6 +360,7 @@ impl State {
                 let Some(receipt) = receipt else {
                     return Outcome::Unknown;
                 };
+                let inbox = receipt.queue.as_deref().unwrap_or(agent);
                 let k = key(receipt.slot);
                 let Some(entry) = self.entry(inbox, k) else {
                     let is_dead = self
@@ -246,50 +373,28 @@ impl State {
                         Outcome::Unknown
                     };
                 };
-                if entry.attempts != receipt.attempt || !seen.insert(k) {
+                // Another agent's queue lease is not this agent's to settle.
+                if self
+                    .holder(inbox, receipt.slot)
+                    .is_some_and(|h| &**h != agent)
+                {
+                    return Outcome::Unknown;
+                }
+                if entry.attempts != receipt.attempt || !seen.insert((inbox, k)) {
                     return Outcome::Stale;
                 }
-                let leased_now = matches!(entry.state, EntryState::Leased { .. });
-                match how {
-                    Settle::Ack => {
-                        acked.push(receipt.slot);
-                        Outcome::Acked
-                    }
-                    Settle::Extend { .. } | Settle::Nack { .. } if !leased_now => Outcome::Stale,
-                    Settle::Extend { lease_ms } => {
-                        leased.push(Lease {
-                            slot: receipt.slot,
-                            attempt: entry.attempts,
-                            deadline_ms: now_ms.saturating_add(lease_ms),
-                        });
-                        Outcome::Extended
-                    }
-                    Settle::Nack { dead_letter, .. }
-                        if dead_letter || entry.attempts >= policy.max_attempts =>
-                    {
-                        let reason = if dead_letter {
-                            DeadReason::Rejected
-                        } else {
-                            DeadReason::MaxAttempts
-                        };
-                        dead.push(DeadLetter {
-                            slot: receipt.slot,
-                            reason,
-                            attempts: entry.attempts,
-                        });
-                        Outcome::DeadLettered
-                    }
-                    Settle::Nack { delay_ms, .. } => {
-                        released.push(Release {
-                            slot: receipt.slot,
-                            not_before_ms: now_ms.saturating_add(delay_ms),
-                        });
-                        Outcome::Nacked
-                    }
-                }
+                let policy = policy_of(inbox);
+                let decided = decided.entry(inbox).or_default();
+                decided.decide(receipt.slot, entry, how, now_ms, &policy)
             })
             .collect();
-        let records = group(inbox, acked, released, leased, dead);
+        let records = decided
+            .into_iter()
+            .flat_map(|(inbox, d)| {
+                let holder = queue_of(inbox).map(|_| agent);
+                group(inbox, holder, d)
+            })
+            .collect();
         (outcomes, records)
     }
 
@@ -341,8 +446,12 @@ impl State {
         }
         let mut tick = Tick::default();
         for (name, (releases, letters)) in per_inbox {
-            tick.records
-                .extend(group(&name, Vec::new(), releases, Vec::new(), letters));
+            let decided = Decided {
+                releases,
+                letters,
+                ..Decided::default()
+            };
+            tick.records.extend(group(&name, None, decided));
         }
         tick
     }
@@ -396,14 +505,76 @@ impl State {
     }
 }
 
-/// The records that carry out one inbox's decisions, in a fixed order.
-fn group(
-    inbox: &str,
+/// What a settle decided for one inbox.
+#[derive(Debug, Default)]
+struct Decided {
     acked: Vec<Slot>,
     releases: Vec<Release>,
     leases: Vec<Lease>,
     letters: Vec<DeadLetter>,
-) -> Vec<Record> {
+}
+
+impl Decided {
+    /// Decides `how` for one pending `entry` at `slot`, whose receipt names its current
+    /// delivery.
+    fn decide(
+        &mut self,
+        slot: Slot,
+        entry: &EntryValue,
+        how: Settle,
+        now_ms: u64,
+        policy: &Policy,
+    ) -> Outcome {
+        let leased_now = entry.is_leased();
+        match how {
+            Settle::Ack => {
+                self.acked.push(slot);
+                Outcome::Acked
+            }
+            Settle::Extend { .. } | Settle::Nack { .. } if !leased_now => Outcome::Stale,
+            Settle::Extend { lease_ms } => {
+                self.leases.push(Lease {
+                    slot,
+                    attempt: entry.attempts,
+                    deadline_ms: now_ms.saturating_add(lease_ms),
+                });
+                Outcome::Extended
+            }
+            Settle::Nack { dead_letter, .. }
+                if dead_letter || entry.attempts >= policy.max_attempts =>
+            {
+                let reason = if dead_letter {
+                    DeadReason::Rejected
+                } else {
+                    DeadReason::MaxAttempts
+                };
+                self.letters.push(DeadLetter {
+                    slot,
+                    reason,
+                    attempts: entry.attempts,
+                });
+                Outcome::DeadLettered
+            }
+            Settle::Nack { delay_ms, .. } => {
+                self.releases.push(Release {
+                    slot,
+                    not_before_ms: now_ms.saturating_add(delay_ms),
+                });
+                Outcome::Nacked
+            }
+        }
+    }
+}
+
+/// The records that carry out one inbox's decisions, in a fixed order. Leases of a queue
+/// name their `holder`.
+fn group(inbox: &str, holder: Option<&str>, decided: Decided) -> Vec<Record> {
+    let Decided {
+        acked,
+        releases,
+        leases,
+        letters,
+    } = decided;
     let inbox = inbox.to_owned();
     let mut records = Vec::new();
     if !acked.is_empty() {
@@ -419,9 +590,16 @@ fn group(
         });
     }
     if !leases.is_empty() {
-        records.push(Record::Leased {
-            inbox: inbox.clone(),
-            leases,
+        records.push(match holder {
+            Some(agent) => Record::LeasedTo {
+                queue: inbox.clone(),
+                agent: agent.to_owned(),
+                leases,
+            },
+            None => Record::Leased {
+                inbox: inbox.clone(),
+                leases,
+            },
         });
     }
     if !letters.is_empty() {

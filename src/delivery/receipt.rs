@@ -1,40 +1,61 @@
 //! What consumers hold and send: receipts naming a delivery, how they settle one, and the
 //! answer per receipt.
 
+use courier_storage::state::{queue_inbox, queue_of};
 use courier_storage::{Offset, Slot};
 
-/// One lease handed to a consumer: opaque to clients, names the message and the delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+use crate::ids::CapabilityName;
+
+/// One lease handed to a consumer: opaque to clients, names the message, the delivery and,
+/// for a message of a capability queue, the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Receipt {
     /// The message.
     pub slot: Slot,
     /// The delivery it names (1 for the first).
     pub attempt: u32,
+    /// The queue's inbox name (`capability:<name>`) for a queue message; `None` for one of
+    /// the agent's own inbox.
+    pub queue: Option<String>,
 }
 
 impl Receipt {
-    /// 25 hex digits: offset (16), priority (1), attempt (8).
+    /// 25 hex digits: offset (16), priority (1), attempt (8); then, for a queue message,
+    /// `@` and the capability.
     pub fn encode(&self) -> String {
-        format!(
+        let mut text = format!(
             "{:016x}{:x}{:08x}",
             self.slot.offset.0, self.slot.priority, self.attempt
-        )
+        );
+        if let Some(capability) = self.queue.as_deref().and_then(queue_of) {
+            text.push('@');
+            text.push_str(capability);
+        }
+        text
     }
 
     /// The inverse of [`Receipt::encode`]; `None` for anything else.
     pub fn parse(text: &str) -> Option<Self> {
-        if text.len() != 25 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let (digits, queue) = match text.split_once('@') {
+            Some((digits, capability)) => {
+                let capability = CapabilityName::parse(capability).ok()?;
+                (digits, Some(queue_inbox(capability.as_str())))
+            }
+            None => (text, None),
+        };
+        if digits.len() != 25 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let offset = u64::from_str_radix(text.get(..16)?, 16).ok()?;
-        let priority = u8::from_str_radix(text.get(16..17)?, 16).ok()?;
-        let attempt = u32::from_str_radix(text.get(17..)?, 16).ok()?;
+        let offset = u64::from_str_radix(digits.get(..16)?, 16).ok()?;
+        let priority = u8::from_str_radix(digits.get(16..17)?, 16).ok()?;
+        let attempt = u32::from_str_radix(digits.get(17..)?, 16).ok()?;
         (priority <= 9 && attempt > 0).then_some(Self {
             slot: Slot {
                 offset: Offset(offset),
                 priority,
             },
             attempt,
+            queue,
         })
     }
 }
@@ -71,7 +92,8 @@ pub enum Outcome {
     Extended,
     /// The message was delivered again since (or dead-lettered): nothing changed.
     Stale,
-    /// The receipt names no pending message of this inbox: nothing changed.
+    /// The receipt names no pending message of this inbox, or a queue lease that another
+    /// agent holds: nothing changed.
     Unknown,
 }
 

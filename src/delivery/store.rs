@@ -29,6 +29,11 @@ impl State {
         let Ok(()) = self.remember(id, offset, until_ms);
     }
 
+    /// Loads the holder of a leased queue message as the index holds it (start-up).
+    pub fn load_holder(&mut self, queue: &str, slot: Slot, agent: &str) {
+        let Ok(()) = self.set_holder(queue, slot, Some(agent));
+    }
+
     /// Sets the truncation mark as the index holds it (start-up).
     pub fn load_truncated_below(&mut self, below: Offset) {
         self.truncated_below = below;
@@ -113,6 +118,16 @@ impl State {
         let woken = touched.iter().map(|inbox| self.name(inbox)).collect();
         self.advance_clock(timestamp_ms);
         woken
+    }
+
+    /// One queue lease of `agent` fewer.
+    fn unheld(&mut self, agent: &str) {
+        if let Some(count) = self.held.get_mut(agent) {
+            *count -= 1;
+            if *count == 0 {
+                self.held.remove(agent);
+            }
+        }
     }
 
     fn advance_clock(&mut self, timestamp_ms: u64) {
@@ -235,6 +250,37 @@ impl Store for State {
         Ok(())
     }
 
+    fn note_queue(&mut self, queue: &str) -> Result<(), Infallible> {
+        self.open_inbox(queue);
+        Ok(())
+    }
+
+    fn set_holder(
+        &mut self,
+        queue: &str,
+        slot: Slot,
+        agent: Option<&str>,
+    ) -> Result<(), Infallible> {
+        let k = key(slot);
+        let agent: Option<Arc<str>> = agent.map(|agent| {
+            self.held
+                .get_key_value(agent)
+                .map_or_else(|| Arc::from(agent), |(name, _)| name.clone())
+        });
+        if let Some(agent) = &agent {
+            *self.held.entry(agent.clone()).or_default() += 1;
+        }
+        let holders = &mut self.inbox_mut(queue).1.holders;
+        let old = match agent {
+            Some(agent) => holders.insert(k, agent),
+            None => holders.remove(&k),
+        };
+        if let Some(old) = old {
+            self.unheld(&old);
+        }
+        Ok(())
+    }
+
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Infallible> {
         Ok(self.backfill_of(agent, pattern))
     }
@@ -269,6 +315,9 @@ impl Store for State {
                 .collect();
             for k in doomed {
                 self.remove(&name, k);
+                if let Some(holder) = self.inbox_mut(&name).1.holders.remove(&k) {
+                    self.unheld(&holder);
+                }
             }
             let inbox = self.inbox_mut(&name).1;
             inbox.dead = inbox.dead.split_off(&below.0);

@@ -47,15 +47,11 @@ fn state_with(priorities: &[u8]) -> State {
 
 /// Decides and applies a lease, as the broker does.
 fn lease(state: &mut State, max: usize, now: u64, policy: &Policy) -> Vec<Lease> {
-    let leases = state.lease(INBOX, max, now, 1000, policy);
-    if !leases.is_empty() {
-        let record = Record::Leased {
-            inbox: INBOX.into(),
-            leases: leases.clone(),
-        };
+    let draws = state.lease(INBOX, &[], max, now, 1000, policy);
+    for record in State::lease_records(INBOX, &draws) {
         state.apply(&record, Offset(0), now);
     }
-    leases
+    draws.into_iter().map(|d| d.lease).collect()
 }
 
 fn run_tick(state: &mut State, now: u64, policy: &Policy) -> Vec<Record> {
@@ -93,8 +89,9 @@ fn max_in_flight_caps_leases_until_an_ack() {
     let receipt = Receipt {
         slot: first[0].slot,
         attempt: 1,
+        queue: None,
     };
-    let (outcomes, records) = state.settle(INBOX, &[Some(receipt)], Settle::Ack, 0, &p);
+    let (outcomes, records) = state.settle(INBOX, &[Some(receipt)], Settle::Ack, 0, |_| p);
     assert_eq!(outcomes, vec![Outcome::Acked]);
     for record in &records {
         state.apply(record, Offset(0), 0);
@@ -153,21 +150,32 @@ fn settle_answers_per_receipt() {
     let r0 = Receipt {
         slot: leases[0].slot,
         attempt: 1,
+        queue: None,
     };
-    let wrong_attempt = Receipt { attempt: 2, ..r0 };
+    let wrong_attempt = Receipt {
+        attempt: 2,
+        ..r0.clone()
+    };
     let never = Receipt {
         slot: Slot {
             offset: Offset(77),
             priority: 4,
         },
         attempt: 1,
+        queue: None,
     };
     let (outcomes, records) = state.settle(
         INBOX,
-        &[Some(r0), Some(wrong_attempt), Some(never), None, Some(r0)],
+        &[
+            Some(r0.clone()),
+            Some(wrong_attempt),
+            Some(never),
+            None,
+            Some(r0),
+        ],
         Settle::Ack,
         0,
-        &p,
+        |_| p,
     );
     assert_eq!(
         outcomes,
@@ -193,8 +201,9 @@ fn a_receipt_of_a_redelivered_message_is_stale() {
     let old = Receipt {
         slot: first.slot,
         attempt: 1,
+        queue: None,
     };
-    let (outcomes, records) = state.settle(INBOX, &[Some(old)], Settle::Ack, 10_000, &p);
+    let (outcomes, records) = state.settle(INBOX, &[Some(old)], Settle::Ack, 10_000, |_| p);
     assert_eq!((outcomes, records), (vec![Outcome::Stale], vec![]));
 }
 
@@ -207,13 +216,14 @@ fn nack_delays_or_rejects() {
         Some(Receipt {
             slot: l.slot,
             attempt: l.attempt,
+            queue: None,
         })
     };
     let delay = Settle::Nack {
         delay_ms: 500,
         dead_letter: false,
     };
-    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[0])], delay, 100, &p);
+    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[0])], delay, 100, |_| p);
     assert_eq!(outcomes, vec![Outcome::Nacked]);
     records.iter().for_each(|r| {
         state.apply(r, Offset(0), 100);
@@ -228,7 +238,7 @@ fn nack_delays_or_rejects() {
         delay_ms: 0,
         dead_letter: true,
     };
-    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[1])], reject, 700, &p);
+    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[1])], reject, 700, |_| p);
     assert_eq!(outcomes, vec![Outcome::DeadLettered]);
     records.iter().for_each(|r| {
         state.apply(r, Offset(0), 700);
@@ -294,8 +304,9 @@ fn receipts_round_trip_and_reject_garbage() {
             priority: 9,
         },
         attempt: 77,
+        queue: None,
     };
-    assert_eq!(Receipt::parse(&receipt.encode()), Some(receipt));
+    assert_eq!(Receipt::parse(&receipt.encode()), Some(receipt.clone()));
     for bad in [
         "",
         "zz",

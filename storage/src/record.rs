@@ -141,6 +141,17 @@ pub enum Record {
         /// goes on from here, or ends with [`crate::state::BACKFILL_DONE`].
         through: Offset,
     },
+    /// Messages of a capability queue handed to one of the agents that declare the
+    /// capability, under a lease (also used to extend such a lease). The queue's other
+    /// records (`Acked`, `Released`, `DeadLettered`, `Redriven`) name the queue as their inbox.
+    LeasedTo {
+        /// The queue's inbox name, `capability:<name>` ([`crate::state::queue_inbox`]).
+        queue: String,
+        /// The agent that holds the leases.
+        agent: String,
+        /// One entry per message.
+        leases: Vec<Lease>,
+    },
 }
 
 /// One earlier message backfilled into an inbox.

@@ -1,7 +1,8 @@
 //! Delivery state and what each record does to it: the one state machine of Courier.
 //!
-//! Delivery state is, per inbox, the pending messages (ready, delayed or leased, with their
-//! attempts and deadlines) and the dead letters; besides it, the remembered client ids
+//! Delivery state is, per inbox (an agent's, or a capability queue's, named
+//! `capability:<name>`), the pending messages (ready, delayed or leased, with their attempts
+//! and deadlines, and in a queue the agent that holds each lease) and the dead letters; besides it, the remembered client ids
 //! (dedupe), the registered agents and their subscriptions. [`apply`] is the effect of one
 //! record on that state, and [`prune_dedupe`] the forgetting of client ids whose window has
 //! ended. They are written once, here, and both holders of the state use them:
@@ -137,6 +138,20 @@ pub const LATEST: Offset = Offset(u64::MAX);
 /// The `through` of the `Backfilled` record that ends a backfill.
 pub const BACKFILL_DONE: Offset = Offset(u64::MAX);
 
+/// The prefix of a capability queue's inbox name. No agent id contains a `:`, so queue and
+/// agent inboxes never share a name.
+pub const QUEUE_PREFIX: &str = "capability:";
+
+/// The inbox name of the queue of capability `capability`: `capability:<name>`.
+pub fn queue_inbox(capability: &str) -> String {
+    format!("{QUEUE_PREFIX}{capability}")
+}
+
+/// The capability whose queue `inbox` is, if it is a queue.
+pub fn queue_of(inbox: &str) -> Option<&str> {
+    inbox.strip_prefix(QUEUE_PREFIX)
+}
+
 /// The topic of a message published to `topic:<name>`.
 pub fn topic_of(message: &Message) -> Option<&str> {
     message.to.strip_prefix("topic:")
@@ -216,6 +231,16 @@ pub trait Store {
     fn unsubscribe(&mut self, agent: &str, topic: &str) -> Result<(), Self::Error>;
     /// A message was published to `topic` at `offset`.
     fn note_topic(&mut self, topic: &str, offset: Offset) -> Result<(), Self::Error>;
+    /// A message entered the capability queue `queue` (an inbox name): the queue exists
+    /// from now on.
+    fn note_queue(&mut self, queue: &str) -> Result<(), Self::Error>;
+    /// Sets (or, with `None`, clears) the agent that holds the lease of `slot` in `queue`.
+    fn set_holder(
+        &mut self,
+        queue: &str,
+        slot: Slot,
+        agent: Option<&str>,
+    ) -> Result<(), Self::Error>;
     /// Where the backfill of `agent`'s subscription to `pattern` stands (the next offset to
     /// consider), if one is under way.
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Self::Error>;
@@ -226,8 +251,8 @@ pub trait Store {
         pattern: &str,
         next: Option<Offset>,
     ) -> Result<(), Self::Error>;
-    /// Retention removed the records below `below`: forgets the pending entries, dead
-    /// letters and remembered ids of messages there (and any location of those records), and
+    /// Retention removed the records below `below`: forgets the pending entries, lease
+    /// holders, dead letters and remembered ids of messages there (and any location of those records), and
     /// remembers `below` as [`Store::truncated_below`].
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
     /// The highest `below` retention truncated the log at (0 if it never did).
@@ -255,6 +280,7 @@ pub fn apply<'r, S: Store + ?Sized>(
             Ok(&m.destinations)
         }
         Record::Leased { .. }
+        | Record::LeasedTo { .. }
         | Record::Acked { .. }
         | Record::Released { .. }
         | Record::DeadLettered { .. }
@@ -322,24 +348,22 @@ fn apply_delivery<'r, S: Store + ?Sized>(
     let inbox_of = |inbox: &'r String| std::slice::from_ref(inbox);
     match record {
         Record::Leased { inbox, leases } => {
-            for lease in leases {
-                if let Some(old) = store.entry(inbox, lease.slot)? {
-                    let value = EntryValue {
-                        attempts: lease.attempt,
-                        state: EntryState::Leased {
-                            deadline_ms: lease.deadline_ms,
-                        },
-                        ..old
-                    };
-                    store.put_entry(inbox, lease.slot, &value, Was::Pending(&old))?;
-                }
-            }
+            lease(store, inbox, leases, None)?;
+            Ok(&[])
+        }
+        Record::LeasedTo {
+            queue,
+            agent,
+            leases,
+        } => {
+            lease(store, queue, leases, Some(agent))?;
             Ok(&[])
         }
         Record::Acked { inbox, slots } => {
             for slot in slots {
                 if let Some(old) = store.entry(inbox, *slot)? {
                     store.remove_entry(inbox, *slot, &old)?;
+                    unhold(store, inbox, *slot)?;
                 }
             }
             Ok(inbox_of(inbox))
@@ -354,6 +378,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
                         ..old
                     };
                     store.put_entry(inbox, release.slot, &value, Was::Pending(&old))?;
+                    unhold(store, inbox, release.slot)?;
                 }
             }
             Ok(inbox_of(inbox))
@@ -362,6 +387,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
             for letter in letters {
                 if let Some(old) = store.entry(inbox, letter.slot)? {
                     store.remove_entry(inbox, letter.slot, &old)?;
+                    unhold(store, inbox, letter.slot)?;
                     let dead = DeadEntry {
                         slot: letter.slot,
                         reason: letter.reason,
@@ -383,6 +409,41 @@ fn apply_delivery<'r, S: Store + ?Sized>(
         }
         _ => Ok(&[]),
     }
+}
+
+/// Leases messages of `inbox` (`Leased`), or of the queue `inbox` to `holder` (`LeasedTo`).
+/// A lease of a message that is no longer pending changes nothing.
+fn lease<S: Store + ?Sized>(
+    store: &mut S,
+    inbox: &str,
+    leases: &[crate::record::Lease],
+    holder: Option<&str>,
+) -> Result<(), S::Error> {
+    for lease in leases {
+        if let Some(old) = store.entry(inbox, lease.slot)? {
+            let value = EntryValue {
+                attempts: lease.attempt,
+                state: EntryState::Leased {
+                    deadline_ms: lease.deadline_ms,
+                },
+                ..old
+            };
+            store.put_entry(inbox, lease.slot, &value, Was::Pending(&old))?;
+            if holder.is_some() {
+                store.set_holder(inbox, lease.slot, holder)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A queue message's lease ended (ack, release, dead letter): nobody holds it any more. A
+/// lease holder exists exactly while a queue entry is leased.
+fn unhold<S: Store + ?Sized>(store: &mut S, inbox: &str, slot: Slot) -> Result<(), S::Error> {
+    if queue_of(inbox).is_some() {
+        store.set_holder(inbox, slot, None)?;
+    }
+    Ok(())
 }
 
 /// [`apply`] of a `Message` record given only its [`Arrival`] (the server keeps that, not
@@ -418,6 +479,9 @@ fn publish<S: Store + ?Sized>(
 ) -> Result<(), S::Error> {
     for inbox in destinations {
         store.put_entry(inbox, slot, value, Was::New)?;
+        if queue_of(inbox).is_some() {
+            store.note_queue(inbox)?;
+        }
     }
     if let Some((id, until_ms)) = dedupe {
         store.remember(id, slot.offset, until_ms)?;

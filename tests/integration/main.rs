@@ -22,6 +22,7 @@
 //!   (`powerfs`); `fsync=never` as the negative control.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
+mod capabilities;
 mod config;
 mod crash;
 mod delivery;

@@ -1,6 +1,8 @@
-//! T10: seeded random sequences of publish (to agents and to topics, some with client ids, so
-//! with duplicates) / subscribe / unsubscribe / receive / ack / nack / extend / time passing
-//! and sweeps / redrive / checkpoint / power loss, over several inboxes, driven through the
+//! T10: seeded random sequences of publish (to agents, to topics and to a capability queue,
+//! some with client ids, so with duplicates) / subscribe / unsubscribe / declaring or dropping
+//! the capability / receive (merging an agent's inbox with the queue) / ack / nack / extend /
+//! time passing and sweeps / redrive / checkpoint / power loss, over several inboxes, driven
+//! through the
 //! broker's real commit path (`Broker::publish`, `subscribe`, `unsubscribe`, `receive`,
 //! `settle`, `sweep`, `redrive`, with a manual clock) on the
 //! real storage engine (on `SimDisk`, so a crash is a power loss), and checked after every
@@ -11,7 +13,8 @@
 //! a new broker, exactly as the server's start-up does. Checked: every answer (offsets and
 //! duplicates, topic destinations, leases and attempts, settle outcomes, redrive counts)
 //! equals the model's, and so do every agent's subscriptions and the delivery state of every
-//! message in every inbox (so attempt counts never reset); every `max_attempts` dead letter had exactly `max_attempts` deliveries; nothing
+//! message in every inbox and in the queue, with the agent holding each queue lease (so
+//! attempt counts never reset); every `max_attempts` dead letter had exactly `max_attempts` deliveries; nothing
 //! is both acked and dead-lettered.
 //!
 //! CI runs 1,000 seeds; `COURIER_SOAK=1` runs 100,000. A failure prints its seed; replay it
@@ -24,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use courier::broker::Start;
-use courier::broker::{Broker, Outgoing, ReceiveRequest};
+use courier::broker::{Broker, InboxRef, Outgoing, ReceiveRequest, Refusal};
 use courier::clock::Clock;
 use courier::config::{Backoff, Config, RawConfig};
 use courier::delivery::{backoff, Outcome, Settle};
-use courier::ids::{Address, AgentId, TopicName, TopicPattern};
-use courier_storage::index::EntryState;
+use courier::ids::{Address, AgentId, CapabilityName, TopicName, TopicPattern};
+use courier_storage::index::{DeadEntry, EntryState, EntryValue};
 use courier_storage::sim::{SimDisk, TEAR_MODES};
 use courier_storage::{Agent, DeadReason, FsyncPolicy, Log, LogOptions, Message, Offset, Slot};
 
@@ -46,6 +49,9 @@ const STEPS: usize = 60;
 /// The topics published to and the patterns subscribed with.
 const TOPICS: [&str; 3] = ["t.a", "t.b.c", "u.x"];
 const PATTERNS: [&str; 4] = ["t.a", "t.*", "t.>", "u.*"];
+/// The capability of the model's queue, and its inbox name.
+const CAPABILITY: &str = "q";
+const QUEUE: &str = "capability:q";
 
 /// Whether `topic` matches `pattern` (`*` one segment, a final `>` one or more): the model's
 /// own reading of SPEC §2, independent of `TopicPattern::matches`.
@@ -96,6 +102,8 @@ struct ModelMessage {
     deliveries: u32,
     expires_at: Option<u64>,
     status: Status,
+    /// In the queue: the agent that holds its lease, while leased.
+    holder: Option<&'static str>,
 }
 
 /// One inbox of the model.
@@ -109,81 +117,80 @@ impl Inbox {
         matches!(m.status, Status::Ready { .. } | Status::Leased { .. })
     }
 
-    fn receive(&mut self, max: usize, now: u64) -> Vec<(u64, u32)> {
-        let mut ready: Vec<(u8, u64)> = self
-            .messages
+    /// The messages deliverable at `now`, in delivery order: (9 − priority, offset).
+    fn ready(&self, now: u64) -> Vec<(u8, u64)> {
+        self.messages
             .iter()
             .filter(|(_, m)| matches!(m.status, Status::Ready { not_before } if not_before <= now))
             .map(|(o, m)| (9 - m.priority, *o))
-            .collect();
-        ready.sort_unstable();
-        ready
-            .into_iter()
-            .take(max)
-            .map(|(_, offset)| {
-                let m = self.messages.get_mut(&offset).expect("listed");
-                m.attempts += 1;
-                m.deliveries += 1;
-                m.status = Status::Leased {
-                    deadline: now + LEASE_MS,
-                };
-                (offset, m.attempts)
-            })
             .collect()
     }
 
-    /// Each receipt is judged against the state before the call; a repeat is stale.
-    fn settle(&mut self, receipts: &[(u64, u32)], how: Settle, now: u64) -> Vec<Outcome> {
-        let before = self.messages.clone();
-        let mut seen = BTreeSet::new();
-        receipts
-            .iter()
-            .map(|(offset, attempt)| {
-                let Some(m) = before.get(offset) else {
-                    return Outcome::Unknown;
-                };
-                if !Self::pending(m) {
-                    return match m.status {
-                        Status::Dead(_) => Outcome::Stale,
-                        _ => Outcome::Unknown,
-                    };
-                }
-                if m.attempts != *attempt || !seen.insert(*offset) {
-                    return Outcome::Stale;
-                }
-                let leased = matches!(m.status, Status::Leased { .. });
-                let target = self.messages.get_mut(offset).expect("exists");
-                match how {
-                    Settle::Ack => {
-                        target.status = Status::Acked;
-                        Outcome::Acked
-                    }
-                    _ if !leased => Outcome::Stale,
-                    Settle::Extend { lease_ms } => {
-                        target.status = Status::Leased {
-                            deadline: now + lease_ms,
-                        };
-                        Outcome::Extended
-                    }
-                    Settle::Nack {
-                        dead_letter: true, ..
-                    } => {
-                        target.status = Status::Dead(DeadReason::Rejected);
-                        Outcome::DeadLettered
-                    }
-                    Settle::Nack { .. } if m.attempts >= MAX_ATTEMPTS => {
-                        target.status = Status::Dead(DeadReason::MaxAttempts);
-                        Outcome::DeadLettered
-                    }
-                    Settle::Nack { delay_ms, .. } => {
-                        target.status = Status::Ready {
-                            not_before: now + delay_ms,
-                        };
-                        Outcome::Nacked
-                    }
-                }
-            })
-            .collect()
+    /// Leases the message at `offset` to `holder`; its attempt.
+    fn lease(&mut self, offset: u64, now: u64, holder: Option<&'static str>) -> u32 {
+        let m = self.messages.get_mut(&offset).expect("listed");
+        m.attempts += 1;
+        m.deliveries += 1;
+        m.status = Status::Leased {
+            deadline: now + LEASE_MS,
+        };
+        m.holder = holder;
+        m.attempts
+    }
+
+    /// One receipt of `agent`, judged against `before`, the state before the call; a repeat
+    /// (in `seen`) is stale, and a queue lease that another agent holds is not `agent`'s.
+    fn settle_one(
+        &mut self,
+        before: &BTreeMap<u64, ModelMessage>,
+        seen: &mut BTreeSet<u64>,
+        (offset, attempt): (u64, u32),
+        agent: &str,
+        how: Settle,
+        now: u64,
+    ) -> Outcome {
+        let Some(m) = before.get(&offset) else {
+            return Outcome::Unknown;
+        };
+        if !Self::pending(m) {
+            return match m.status {
+                Status::Dead(_) => Outcome::Stale,
+                _ => Outcome::Unknown,
+            };
+        }
+        if m.holder.is_some_and(|h| h != agent) {
+            return Outcome::Unknown;
+        }
+        if m.attempts != attempt || !seen.insert(offset) {
+            return Outcome::Stale;
+        }
+        let leased = matches!(m.status, Status::Leased { .. });
+        let target = self.messages.get_mut(&offset).expect("exists");
+        let (status, outcome) = match how {
+            Settle::Ack => (Status::Acked, Outcome::Acked),
+            _ if !leased => return Outcome::Stale,
+            Settle::Extend { lease_ms } => {
+                let deadline = now + lease_ms;
+                (Status::Leased { deadline }, Outcome::Extended)
+            }
+            Settle::Nack {
+                dead_letter: true, ..
+            } => (Status::Dead(DeadReason::Rejected), Outcome::DeadLettered),
+            Settle::Nack { .. } if m.attempts >= MAX_ATTEMPTS => {
+                (Status::Dead(DeadReason::MaxAttempts), Outcome::DeadLettered)
+            }
+            Settle::Nack { delay_ms, .. } => (
+                Status::Ready {
+                    not_before: now + delay_ms,
+                },
+                Outcome::Nacked,
+            ),
+        };
+        target.status = status;
+        if !matches!(status, Status::Leased { .. }) {
+            target.holder = None;
+        }
+        outcome
     }
 
     fn sweep(&mut self, now: u64) {
@@ -193,8 +200,10 @@ impl Inbox {
             }
             if m.expires_at.is_some_and(|at| at <= now) {
                 m.status = Status::Dead(DeadReason::Expired);
+                m.holder = None;
             } else if let Status::Leased { deadline } = m.status {
                 if deadline <= now {
+                    m.holder = None;
                     m.status = if m.attempts >= MAX_ATTEMPTS {
                         Status::Dead(DeadReason::MaxAttempts)
                     } else {
@@ -223,10 +232,15 @@ impl Inbox {
     }
 }
 
-/// The whole model: every inbox, the client ids remembered for dedupe, the subscriptions.
+/// The whole model: every inbox, the queue and who declares its capability, the client ids
+/// remembered for dedupe, the subscriptions.
 #[derive(Debug, Default)]
 struct Model {
     inboxes: BTreeMap<&'static str, Inbox>,
+    /// The capability queue.
+    queue: Inbox,
+    /// The agents that declare the capability now.
+    capable: BTreeSet<&'static str>,
     /// Client id → (offset of its first publish, remembered until).
     ids: BTreeMap<String, (u64, u64)>,
     /// Agent → its patterns.
@@ -238,6 +252,61 @@ impl Model {
     fn duplicate_of(&self, id: Option<&str>, now: u64) -> Option<u64> {
         let (offset, until) = self.ids.get(id?)?;
         (*until > now).then_some(*offset)
+    }
+
+    /// A receive of `agent`: its inbox and, if it declares the capability, the queue, merged
+    /// by priority then offset; (offset, attempt, from the queue) per delivery.
+    fn receive(&mut self, agent: &'static str, max: usize, now: u64) -> Vec<(u64, u32, bool)> {
+        let inbox = self.inboxes.get_mut(agent).expect("inbox");
+        let mut ready: Vec<(u8, u64, bool)> = inbox
+            .ready(now)
+            .into_iter()
+            .map(|(rank, offset)| (rank, offset, false))
+            .collect();
+        if self.capable.contains(agent) {
+            let queued = self.queue.ready(now).into_iter();
+            ready.extend(queued.map(|(rank, offset)| (rank, offset, true)));
+        }
+        ready.sort_unstable();
+        ready
+            .into_iter()
+            .take(max)
+            .map(|(_, offset, queued)| {
+                let attempt = if queued {
+                    self.queue.lease(offset, now, Some(agent))
+                } else {
+                    inbox.lease(offset, now, None)
+                };
+                (offset, attempt, queued)
+            })
+            .collect()
+    }
+
+    /// `agent` settles receipts (offset, attempt, of the queue), each against the state
+    /// before the call.
+    fn settle(
+        &mut self,
+        agent: &'static str,
+        receipts: &[(u64, u32, bool)],
+        how: Settle,
+        now: u64,
+    ) -> Vec<Outcome> {
+        let inbox = self.inboxes.get_mut(agent).expect("inbox");
+        let before = (inbox.messages.clone(), self.queue.messages.clone());
+        let mut seen = (BTreeSet::new(), BTreeSet::new());
+        receipts
+            .iter()
+            .map(|&(offset, attempt, queued)| {
+                if queued {
+                    let (before, seen) = (&before.1, &mut seen.1);
+                    self.queue
+                        .settle_one(before, seen, (offset, attempt), agent, how, now)
+                } else {
+                    let (before, seen) = (&before.0, &mut seen.0);
+                    inbox.settle_one(before, seen, (offset, attempt), agent, how, now)
+                }
+            })
+            .collect()
     }
 
     /// The agents a message to `topic` goes to now.
@@ -297,10 +366,15 @@ impl System {
         self.time.load(Ordering::Acquire)
     }
 
-    fn register(&self, agent: &str) {
+    fn register(&self, agent: &str, capable: bool) {
+        let capabilities = if capable {
+            vec![CAPABILITY.to_owned()]
+        } else {
+            vec![]
+        };
         let agent = Agent {
             id: agent.into(),
-            capabilities: vec![],
+            capabilities,
             metadata: b"{}".to_vec(),
             lease_ms: None,
             max_attempts: None,
@@ -312,8 +386,8 @@ impl System {
             .expect("register");
     }
 
-    /// Publishes one message to `agent:<to>`, or `topic:<to>` if `to` has a dot; (offset,
-    /// duplicate, destinations).
+    /// Publishes one message to `agent:<to>`, or `topic:<to>` if `to` has a dot, or to
+    /// `to` itself if it is the queue's address; (offset, duplicate, destinations).
     fn publish(
         &self,
         to: &str,
@@ -322,7 +396,10 @@ impl System {
         ttl_ms: u64,
         id: Option<String>,
     ) -> (u64, bool, usize) {
-        let (address, text) = if to.contains('.') {
+        let (address, text) = if to == QUEUE {
+            let capability = CapabilityName::parse(CAPABILITY).expect("a valid capability");
+            (Address::Capability(capability), QUEUE.to_owned())
+        } else if to.contains('.') {
             let topic = TopicName::parse(to).expect("a valid topic");
             (Address::Topic(topic), format!("topic:{to}"))
         } else {
@@ -382,7 +459,7 @@ impl System {
     }
 
     /// Receives without waiting: (offset, attempt, receipt) per delivery.
-    fn receive(&self, agent: &str, max: usize) -> Vec<(u64, u32, String)> {
+    fn receive(&self, agent: &str, max: usize) -> Vec<Issued> {
         let request = ReceiveRequest {
             max,
             wait: Duration::ZERO,
@@ -394,7 +471,14 @@ impl System {
             .expect("receive");
         delivered
             .into_iter()
-            .map(|d| (d.frame.offset.0, d.attempt, d.receipt))
+            .map(|d| {
+                (
+                    d.frame.offset.0,
+                    d.attempt,
+                    d.receipt.contains('@'),
+                    d.receipt,
+                )
+            })
             .collect()
     }
 
@@ -411,10 +495,20 @@ impl System {
         self.publish(FENCE, 4, 0, 0, None);
     }
 
-    fn redrive(&self, agent: &str) -> usize {
-        self.runtime
-            .block_on(self.broker.redrive(&agent_id(agent), None))
-            .expect("redrive")
+    /// Redrives every dead letter of `agent`'s inbox, or of the queue if `agent` is `None`;
+    /// `None` if the queue is unknown (nobody declares it, nothing was sent to it).
+    fn redrive(&self, agent: Option<&str>) -> Option<usize> {
+        let id = agent.map(agent_id);
+        let capability = CapabilityName::parse(CAPABILITY).expect("a valid capability");
+        let inbox = match &id {
+            Some(id) => InboxRef::Agent(id),
+            None => InboxRef::Capability(&capability),
+        };
+        match self.runtime.block_on(self.broker.redrive(inbox, None)) {
+            Ok(n) => Some(n),
+            Err(Refusal::UnknownCapability(_)) if agent.is_none() => None,
+            Err(refusal) => panic!("redrive: {refusal}"),
+        }
     }
 
     /// A power loss: the broker and its log stop without a closing checkpoint, the disk
@@ -462,15 +556,16 @@ fn check_subscriptions(system: &System, model: &Model, context: &str) {
     }
 }
 
-/// Every agent's subscriptions and the delivery state of every inbox equal the model,
-/// message by message.
+/// Every agent's subscriptions and the delivery state of every inbox and of the queue equal
+/// the model, message by message.
 fn check(system: &System, model: &Model, context: &str) {
     check_subscriptions(system, model, context);
     let now = system.now();
     system.broker.inspect_delivery(|state| {
-        for (agent, inbox) in &model.inboxes {
+        let inboxes = model.inboxes.iter().map(|(agent, inbox)| (*agent, inbox));
+        for (name, inbox) in inboxes.chain([(QUEUE, &model.queue)]) {
             let dead: BTreeMap<u64, _> = state
-                .dead_letters(agent, None, usize::MAX)
+                .dead_letters(name, None, usize::MAX)
                 .into_iter()
                 .map(|d| (d.slot.offset.0, d))
                 .collect();
@@ -479,64 +574,77 @@ fn check(system: &System, model: &Model, context: &str) {
                     offset: Offset(*offset),
                     priority: m.priority,
                 };
-                let entry = state.entry_of(agent, slot);
+                let entry = state.entry_of(name, slot);
+                let holder = state.holder(name, slot).map(|h| h.to_string());
                 let what = format!(
-                    "{context}: {agent} message {offset}: model {m:?}, system {entry:?} / {:?}",
+                    "{context}: {name} message {offset}: model {m:?}, system {entry:?} / {:?} held by {holder:?}",
                     dead.get(offset)
                 );
-                match m.status {
-                    Status::Acked => {
-                        assert!(entry.is_none() && !dead.contains_key(offset), "{what}");
-                    }
-                    Status::Dead(reason) => {
-                        assert!(entry.is_none(), "{what}");
-                        let d = dead.get(offset).unwrap_or_else(|| panic!("{what}"));
-                        assert_eq!((d.reason, d.attempts), (reason, m.attempts), "{what}");
-                        if reason == DeadReason::MaxAttempts {
-                            assert_eq!(m.deliveries, MAX_ATTEMPTS, "{what}");
-                        }
-                    }
-                    Status::Ready { not_before } => {
-                        let e = entry.unwrap_or_else(|| panic!("{what}"));
-                        assert_eq!(
-                            (e.attempts, e.expires_at_ms),
-                            (m.attempts, m.expires_at),
-                            "{what}"
-                        );
-                        match e.state {
-                            EntryState::Ready {
-                                not_before_ms: None,
-                            } => assert!(not_before <= now, "{what}"),
-                            EntryState::Ready {
-                                not_before_ms: Some(t),
-                            } => {
-                                assert!(
-                                    t == not_before || (t <= now && not_before <= now),
-                                    "{what}"
-                                );
-                            }
-                            EntryState::Leased { .. } => panic!("{what}"),
-                        }
-                    }
-                    Status::Leased { deadline } => {
-                        let e = entry.unwrap_or_else(|| panic!("{what}"));
-                        assert_eq!(e.attempts, m.attempts, "{what}");
-                        assert_eq!(
-                            e.state,
-                            EntryState::Leased {
-                                deadline_ms: deadline
-                            },
-                            "{what}"
-                        );
-                    }
-                }
+                assert_eq!(holder.as_deref(), m.holder, "{what}");
+                check_message(m, entry, dead.get(offset), now, &what);
             }
         }
     });
 }
 
+/// One message of the model against its entry or dead letter in the system.
+fn check_message(
+    m: &ModelMessage,
+    entry: Option<EntryValue>,
+    dead: Option<&DeadEntry>,
+    now: u64,
+    what: &str,
+) {
+    match m.status {
+        Status::Acked => {
+            assert!(entry.is_none() && dead.is_none(), "{what}");
+        }
+        Status::Dead(reason) => {
+            assert!(entry.is_none(), "{what}");
+            let d = dead.unwrap_or_else(|| panic!("{what}"));
+            assert_eq!((d.reason, d.attempts), (reason, m.attempts), "{what}");
+            if reason == DeadReason::MaxAttempts {
+                assert_eq!(m.deliveries, MAX_ATTEMPTS, "{what}");
+            }
+        }
+        Status::Ready { not_before } => {
+            let e = entry.unwrap_or_else(|| panic!("{what}"));
+            assert_eq!(
+                (e.attempts, e.expires_at_ms),
+                (m.attempts, m.expires_at),
+                "{what}"
+            );
+            match e.state {
+                EntryState::Ready {
+                    not_before_ms: None,
+                } => assert!(not_before <= now, "{what}"),
+                EntryState::Ready {
+                    not_before_ms: Some(t),
+                } => {
+                    assert!(t == not_before || (t <= now && not_before <= now), "{what}");
+                }
+                EntryState::Leased { .. } => panic!("{what}"),
+            }
+        }
+        Status::Leased { deadline } => {
+            let e = entry.unwrap_or_else(|| panic!("{what}"));
+            assert_eq!(e.attempts, m.attempts, "{what}");
+            assert_eq!(
+                e.state,
+                EntryState::Leased {
+                    deadline_ms: deadline
+                },
+                "{what}"
+            );
+        }
+    }
+}
+
+/// A delivery as issued: offset, attempt, whether it came from the queue, receipt.
+type Issued = (u64, u32, bool, String);
+
 /// Up to three receipts issued to `agent` (repeats allowed: a repeat is stale).
-fn pick_receipts(rng: &mut Rng, issued: &[(u64, u32, String)]) -> Vec<(u64, u32, String)> {
+fn pick_receipts(rng: &mut Rng, issued: &[Issued]) -> Vec<Issued> {
     if issued.is_empty() {
         return Vec::new();
     }
@@ -559,25 +667,30 @@ fn run_seed(seed: u64) {
         time.clone(),
     );
     let mut model = Model::default();
-    let mut issued: BTreeMap<&str, Vec<(u64, u32, String)>> = BTreeMap::new();
+    let mut issued: BTreeMap<&str, Vec<Issued>> = BTreeMap::new();
+    // w0 and w1 declare the capability from the start; w2 may later.
     for agent in AGENTS.into_iter().chain([FENCE]) {
-        system.register(agent);
+        let capable = agent != "w2" && agent != FENCE;
+        system.register(agent, capable);
+        if capable {
+            model.capable.insert(agent);
+        }
     }
     for agent in AGENTS {
         model.inboxes.insert(agent, Inbox::default());
     }
     for step in 0..STEPS {
-        let op = rng.below(110);
+        let op = rng.below(116);
         let agent = AGENTS[rng.below(AGENTS.len() as u64) as usize];
         let now = system.now();
         let context = format!("seed {seed} step {step} op {op} agent {agent}");
         match op {
             0..=24 => {
-                // One publish in five goes to a topic.
-                let to = if rng.below(5) == 0 {
-                    TOPICS[rng.below(TOPICS.len() as u64) as usize]
-                } else {
-                    agent
+                // One publish in five goes to a topic, one in five to the queue.
+                let to = match rng.below(5) {
+                    0 => TOPICS[rng.below(TOPICS.len() as u64) as usize],
+                    1 => QUEUE,
+                    _ => agent,
                 };
                 let priority = rng.below(10) as u8;
                 let delay = if rng.below(4) == 0 { rng.below(300) } else { 0 };
@@ -597,7 +710,9 @@ fn run_seed(seed: u64) {
                     if let Some(id) = id {
                         model.ids.insert(id, (offset, now + WINDOW_MS));
                     }
-                    let inboxes = if to.contains('.') {
+                    let inboxes = if to == QUEUE {
+                        vec![QUEUE]
+                    } else if to.contains('.') {
                         model.subscribers(to)
                     } else {
                         vec![agent]
@@ -612,8 +727,13 @@ fn run_seed(seed: u64) {
                             status: Status::Ready {
                                 not_before: now + delay,
                             },
+                            holder: None,
                         };
-                        let inbox = model.inboxes.get_mut(inbox).expect("inbox");
+                        let inbox = if inbox == QUEUE {
+                            &mut model.queue
+                        } else {
+                            model.inboxes.get_mut(inbox).expect("inbox")
+                        };
                         inbox.messages.insert(offset, message);
                     }
                 }
@@ -621,13 +741,10 @@ fn run_seed(seed: u64) {
             25..=44 => {
                 let max = 1 + rng.below(4) as usize;
                 let got = system.receive(agent, max);
-                let expected = model
-                    .inboxes
-                    .get_mut(agent)
-                    .expect("inbox")
-                    .receive(max, now);
-                let pairs: Vec<(u64, u32)> = got.iter().map(|(o, a, _)| (*o, *a)).collect();
-                assert_eq!(pairs, expected, "{context}: receive");
+                let expected = model.receive(agent, max, now);
+                let triples: Vec<(u64, u32, bool)> =
+                    got.iter().map(|(o, a, q, _)| (*o, *a, *q)).collect();
+                assert_eq!(triples, expected, "{context}: receive");
                 issued.entry(agent).or_default().extend(got);
             }
             45..=69 => {
@@ -642,15 +759,12 @@ fn run_seed(seed: u64) {
                         lease_ms: 1 + rng.below(300),
                     },
                 };
-                let receipts: Vec<String> = chosen.iter().map(|(_, _, r)| r.clone()).collect();
+                let receipts: Vec<String> = chosen.iter().map(|(.., r)| r.clone()).collect();
                 let outcomes = system.settle(agent, &receipts, how);
-                let pairs: Vec<(u64, u32)> = chosen.iter().map(|(o, a, _)| (*o, *a)).collect();
-                let expected = model
-                    .inboxes
-                    .get_mut(agent)
-                    .expect("inbox")
-                    .settle(&pairs, how, now);
-                assert_eq!(outcomes, expected, "{context}: {how:?} of {pairs:?}");
+                let triples: Vec<(u64, u32, bool)> =
+                    chosen.iter().map(|(o, a, q, _)| (*o, *a, *q)).collect();
+                let expected = model.settle(agent, &triples, how, now);
+                assert_eq!(outcomes, expected, "{context}: {how:?} of {triples:?}");
             }
             70..=84 => {
                 time.fetch_add(rng.below(250), Ordering::AcqRel);
@@ -659,14 +773,19 @@ fn run_seed(seed: u64) {
                 for inbox in model.inboxes.values_mut() {
                     inbox.sweep(now);
                 }
+                model.queue.sweep(now);
             }
             85..=89 => {
-                let expected = model
-                    .inboxes
-                    .get_mut(agent)
-                    .expect("inbox")
-                    .redrive_all(now);
-                assert_eq!(system.redrive(agent), expected, "{context}: redrive");
+                // One redrive in three is of the queue.
+                let (inbox, name, known) = if rng.below(3) == 0 {
+                    let known = !model.capable.is_empty() || !model.queue.messages.is_empty();
+                    (&mut model.queue, None, known)
+                } else {
+                    let inbox = model.inboxes.get_mut(agent).expect("inbox");
+                    (inbox, Some(agent), true)
+                };
+                let expected = known.then(|| inbox.redrive_all(now));
+                assert_eq!(system.redrive(name), expected, "{context}: redrive");
             }
             90..=93 => {
                 system.broker.log().checkpoint().expect("checkpoint");
@@ -686,7 +805,18 @@ fn run_seed(seed: u64) {
             94..=99 => {
                 system = system.crash(&mut rng);
             }
-            _ => unreachable!("op {op} is below 110"),
+            110..=115 => {
+                // The agent declares the capability, or stops declaring it: its receives
+                // draw from the queue or not from now on; leases it holds stay its own.
+                let capable = rng.below(2) == 0;
+                system.register(agent, capable);
+                if capable {
+                    model.capable.insert(agent);
+                } else {
+                    model.capable.remove(agent);
+                }
+            }
+            _ => unreachable!("op {op} is below 116"),
         }
         check(&system, &model, &context);
     }

@@ -7,7 +7,8 @@ use std::ops::Bound;
 use super::keys::{
     backfill_key, be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix,
     parse_slot_key, positions_key, slot_key, subscription_key, timer_key, topic_offset_key,
-    trailing_offset, u64_le, with_prefix, A, B, CLOCK_KEY, D, I, N, O, P, S, TRUNCATED_KEY, U, X,
+    trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, N, O, P, S, TRUNCATED_KEY,
+    U, X,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -201,6 +202,20 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
+    fn note_queue(&mut self, queue: &str) -> Result<()> {
+        self.insert(with_prefix(C, queue.as_bytes()), Vec::new());
+        Ok(())
+    }
+
+    fn set_holder(&mut self, queue: &str, slot: Slot, agent: Option<&str>) -> Result<()> {
+        let key = slot_key(&[H], queue, slot);
+        match agent {
+            Some(agent) => self.insert(key, agent.as_bytes().to_vec()),
+            None => self.remove(key),
+        }
+        Ok(())
+    }
+
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>> {
         Ok(self
             .get(&backfill_key(agent, pattern))?
@@ -235,6 +250,11 @@ impl Store for Txn<'_> {
             };
             if slot.offset < below {
                 self.remove_timers(&inbox, slot, &decode_value(&value)?);
+                self.remove(key);
+            }
+        }
+        for (key, _) in self.scan_prefix(&[H])? {
+            if trailing_offset(&key) < below.0 {
                 self.remove(key);
             }
         }

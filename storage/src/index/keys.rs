@@ -20,6 +20,8 @@ pub(super) const S: u8 = b's';
 pub(super) const N: u8 = b'n';
 pub(super) const O: u8 = b'o';
 pub(super) const B: u8 = b'b';
+pub(super) const H: u8 = b'h';
+pub(super) const C: u8 = b'c';
 
 #[expect(
     clippy::big_endian_bytes,

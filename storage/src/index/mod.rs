@@ -20,6 +20,8 @@
 //! | `n` | topic name | [`TopicSeen`] (bincode): messages published to it, the latest offset |
 //! | `o` | topic, offset (u64 BE) | empty: the messages of a topic still in the log |
 //! | `b` | agent, pattern | next offset (u64 LE): a backfill under way |
+//! | `c` | queue inbox name (`capability:<name>`) | empty: a capability queue that messages entered |
+//! | `h` | queue inbox name, 9 − priority, offset | agent id: who holds the lease of a leased queue message |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
@@ -45,7 +47,7 @@ use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    CLOCK_KEY, D, I, N, O, P, S, T, TRUNCATED_KEY, U,
+    C, CLOCK_KEY, D, H, I, N, O, P, S, T, TRUNCATED_KEY, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -104,6 +106,10 @@ pub struct IndexSnapshot {
     pub topic_offsets: BTreeMap<String, Vec<Offset>>,
     /// Backfills under way: (agent, pattern) → next offset.
     pub backfills: BTreeMap<(String, String), Offset>,
+    /// Capability queues that messages entered, by inbox name.
+    pub queues: std::collections::BTreeSet<String>,
+    /// Leased queue messages: (queue, slot) → the agent that holds the lease.
+    pub holders: BTreeMap<(String, Slot), String>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -597,6 +603,29 @@ impl Index {
         Ok(out)
     }
 
+    /// Every capability queue that a message ever entered, by inbox name
+    /// (`capability:<name>`).
+    pub fn queues(&self) -> Result<Vec<String>> {
+        self.scan_prefix(&[C])
+            .map(|item| {
+                let (key, _) = item?;
+                Ok(String::from_utf8_lossy(key.get(1..).unwrap_or_default()).into_owned())
+            })
+            .collect()
+    }
+
+    /// Every leased queue message and the agent that holds its lease: (queue, slot, agent).
+    pub fn holders(&self) -> Result<Vec<(String, Slot, String)>> {
+        self.scan_prefix(&[H])
+            .map(|item| {
+                let (key, value) = item?;
+                let (queue, slot) =
+                    parse_slot_key(key.get(1..).unwrap_or_default()).ok_or_else(bad_key)?;
+                Ok((queue, slot, String::from_utf8_lossy(&value).into_owned()))
+            })
+            .collect()
+    }
+
     /// The lowest offset still pending or dead-lettered in any inbox. Reads every entry.
     pub fn min_live_offset(&self) -> Result<Option<Offset>> {
         let mut min: Option<u64> = None;
@@ -617,65 +646,83 @@ impl Index {
         };
         for item in self.range(Bound::Unbounded, Bound::Unbounded) {
             let (key, value) = item?;
-            let rest = key.get(1..).unwrap_or_default();
-            match key.first().copied() {
-                Some(P) => {
-                    let first = from_be64(rest);
-                    let count = value.len().saturating_sub(12) / 4;
-                    for i in 0..count as u64 {
-                        if let Some(loc) = decode_location(first, &value, Offset(first + i)) {
-                            snap.locations.insert(Offset(first + i), loc);
-                        }
-                    }
-                }
-                Some(I) => {
-                    let (inbox, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
-                    let value = decode_value(&value)?;
-                    snap.inboxes
-                        .entry(inbox)
-                        .or_default()
-                        .push(InboxEntry { slot, value });
-                }
-                Some(T) => snap.timers.push(parse_timer_key(rest).ok_or_else(bad_key)?),
-                Some(D) => {
-                    let (inbox, _) = take_str(rest).ok_or_else(bad_key)?;
-                    let dead = decode_value(&value)?;
-                    snap.dead_letters.entry(inbox).or_default().push(dead);
-                }
-                Some(U) => {
-                    let v: DedupeValue = decode_value(&value)?;
-                    let id = String::from_utf8_lossy(rest).into_owned();
-                    snap.dedupe.insert(id, (Offset(v.offset), v.until_ms));
-                }
-                Some(A) => {
-                    let agent: Agent = decode_value(&value)?;
-                    snap.agents.insert(agent.id.clone(), agent);
-                }
-                Some(S) => {
-                    let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
-                    let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
-                    snap.subscriptions
-                        .insert((agent, topic), Offset(u64_le(&value)));
-                }
-                Some(N) => {
-                    let topic = String::from_utf8_lossy(rest).into_owned();
-                    snap.topics.insert(topic, decode_value(&value)?);
-                }
-                Some(O) => {
-                    let (topic, offset) = take_str(rest).ok_or_else(bad_key)?;
-                    let offset = Offset(from_be64(offset));
-                    snap.topic_offsets.entry(topic).or_default().push(offset);
-                }
-                Some(B) => {
-                    let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
-                    let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
-                    snap.backfills
-                        .insert((agent, pattern), Offset(u64_le(&value)));
-                }
-                _ => {}
-            }
+            snap.add(&key, &value)?;
         }
         Ok(snap)
+    }
+}
+
+impl IndexSnapshot {
+    /// Adds what one stored key and value hold.
+    fn add(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let snap = self;
+        let rest = key.get(1..).unwrap_or_default();
+        match key.first().copied() {
+            Some(P) => {
+                let first = from_be64(rest);
+                let count = value.len().saturating_sub(12) / 4;
+                for i in 0..count as u64 {
+                    if let Some(loc) = decode_location(first, value, Offset(first + i)) {
+                        snap.locations.insert(Offset(first + i), loc);
+                    }
+                }
+            }
+            Some(I) => {
+                let (inbox, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
+                let value = decode_value(value)?;
+                snap.inboxes
+                    .entry(inbox)
+                    .or_default()
+                    .push(InboxEntry { slot, value });
+            }
+            Some(T) => snap.timers.push(parse_timer_key(rest).ok_or_else(bad_key)?),
+            Some(D) => {
+                let (inbox, _) = take_str(rest).ok_or_else(bad_key)?;
+                let dead = decode_value(value)?;
+                snap.dead_letters.entry(inbox).or_default().push(dead);
+            }
+            Some(U) => {
+                let v: DedupeValue = decode_value(value)?;
+                let id = String::from_utf8_lossy(rest).into_owned();
+                snap.dedupe.insert(id, (Offset(v.offset), v.until_ms));
+            }
+            Some(A) => {
+                let agent: Agent = decode_value(value)?;
+                snap.agents.insert(agent.id.clone(), agent);
+            }
+            Some(S) => {
+                let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
+                let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
+                snap.subscriptions
+                    .insert((agent, topic), Offset(u64_le(value)));
+            }
+            Some(N) => {
+                let topic = String::from_utf8_lossy(rest).into_owned();
+                snap.topics.insert(topic, decode_value(value)?);
+            }
+            Some(O) => {
+                let (topic, offset) = take_str(rest).ok_or_else(bad_key)?;
+                let offset = Offset(from_be64(offset));
+                snap.topic_offsets.entry(topic).or_default().push(offset);
+            }
+            Some(B) => {
+                let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
+                let (pattern, _) = take_str(rest).ok_or_else(bad_key)?;
+                snap.backfills
+                    .insert((agent, pattern), Offset(u64_le(value)));
+            }
+            Some(C) => {
+                snap.queues
+                    .insert(String::from_utf8_lossy(rest).into_owned());
+            }
+            Some(H) => {
+                let (queue, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
+                let agent = String::from_utf8_lossy(value).into_owned();
+                snap.holders.insert((queue, slot), agent);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 

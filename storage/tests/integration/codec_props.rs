@@ -78,6 +78,23 @@ fn record() -> impl Strategy<Value = Record> {
                     leases: leases.collect(),
                 }
             }),
+        (
+            text(),
+            text(),
+            proptest::collection::vec((slot(), any::<u32>(), any::<u64>()), 0..5)
+        )
+            .prop_map(|(queue, agent, l)| {
+                let leases = l.into_iter().map(|(slot, attempt, deadline_ms)| Lease {
+                    slot,
+                    attempt,
+                    deadline_ms,
+                });
+                Record::LeasedTo {
+                    queue,
+                    agent,
+                    leases: leases.collect(),
+                }
+            }),
         (text(), proptest::collection::vec(slot(), 0..5))
             .prop_map(|(inbox, slots)| Record::Acked { inbox, slots }),
         (

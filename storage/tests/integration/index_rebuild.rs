@@ -203,6 +203,47 @@ fn part_two(log: &Log) {
         }],
     )
     .unwrap();
+    // Three messages to a capability queue: two leased to a, of which one is acked.
+    let to_queue = |id: &str| {
+        let mut record = message(id, "b", 4, b"2");
+        if let Record::Message(m) = &mut record {
+            m.to = "capability:plan".into();
+            m.destinations = vec!["capability:plan".into()];
+        }
+        record
+    };
+    let queued = log
+        .append(998, vec![to_queue("q1"), to_queue("q2"), to_queue("q3")])
+        .unwrap();
+    let q = |n: u64| slot(queued.first.0 + n, 4);
+    log.append(
+        999,
+        vec![Record::LeasedTo {
+            queue: "capability:plan".into(),
+            agent: "a".into(),
+            leases: vec![
+                Lease {
+                    slot: q(0),
+                    attempt: 1,
+                    deadline_ms: 80_000,
+                },
+                Lease {
+                    slot: q(1),
+                    attempt: 1,
+                    deadline_ms: 80_000,
+                },
+            ],
+        }],
+    )
+    .unwrap();
+    log.append(
+        1000,
+        vec![Record::Acked {
+            inbox: "capability:plan".into(),
+            slots: vec![q(0)],
+        }],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -275,6 +316,7 @@ fn index_records_change_delivery_state_as_documented() {
         .topic_offsets("news.eu", Offset(0), Offset(u64::MAX), 10)
         .unwrap();
     assert_eq!(news.len(), 2, "both topic messages are indexed by topic");
+    let leased_offset = log.durable_end().0 - 4;
     let timers: Vec<_> = index.timers().map(Result::unwrap).collect();
     let kinds: Vec<(u64, TimerKind, u64)> = timers
         .iter()
@@ -285,11 +327,25 @@ fn index_records_change_delivery_state_as_documented() {
         vec![
             (50_000, TimerKind::Expiry, 3),
             (70_003, TimerKind::Due, 3),
+            (80_000, TimerKind::Due, leased_offset),
             (90_000, TimerKind::Due, 5)
         ]
     );
-    // The last topic message is just below the Subscribed and Backfilled records.
-    let last = Offset(log.durable_end().0 - 3);
+    // The capability queue: the two messages still pending, the lease a still holds.
+    let queue = "capability:plan";
+    assert_eq!(index.queues().unwrap(), vec![queue.to_owned()]);
+    let pending: Vec<_> = index.inbox(queue).map(Result::unwrap).collect();
+    assert_eq!(pending.len(), 2, "the acked one is gone");
+    let leased = pending[0].slot;
+    assert!(pending[0].value.is_leased() && !pending[1].value.is_leased());
+    assert_eq!(
+        index.holders().unwrap(),
+        vec![(queue.to_owned(), leased, "a".to_owned())],
+        "the acked lease has no holder any more"
+    );
+    // The last topic message is just below the Subscribed and Backfilled records, and the
+    // five records of the queue.
+    let last = Offset(log.durable_end().0 - 8);
     assert_eq!(
         index.topics().unwrap(),
         vec![(
