@@ -41,6 +41,8 @@ fn records() -> Vec<Record> {
             expires_at_ms: Some(1_700_000_060_000),
             dedupe_until_ms: Some(1_700_000_120_000),
             body: br#"{"goal":"ship it","n":[1,2,3]}"#.to_vec(),
+            ordering_key: None,
+            request_until_ms: None,
         }),
         Record::Leased {
             inbox: "planner".into(),

@@ -103,6 +103,19 @@ impl From<Refusal> for ApiError {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_receivers", message)
                     .retry_after(1)
             }
+            Refusal::UnknownRequest(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "unknown_request", message)
+            }
+            Refusal::NoResponders(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_responders", message).retry_after(1)
+            }
+            Refusal::TooManyWaiting { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message)
+                    .retry_after(1)
+            }
+            Refusal::ReplyTimeout { .. } => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "reply_timeout", message)
+            }
             Refusal::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
             }

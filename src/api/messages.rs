@@ -31,7 +31,8 @@ pub const MAX_RECEIPTS: usize = 1000;
 /// Most dead letters one listing returns.
 pub const MAX_DEAD_LETTERS: i64 = 1000;
 
-fn traceparent(headers: &HeaderMap) -> Option<&str> {
+/// The request's W3C `traceparent` header, if it has a usable one.
+pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())

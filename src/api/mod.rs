@@ -8,6 +8,7 @@ pub mod capabilities;
 pub mod error;
 pub mod messages;
 pub mod ops;
+pub mod requests;
 pub mod topics;
 pub mod wire;
 
@@ -45,7 +46,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/messages", post(messages::publish))
         .route("/v1/messages/batch", post(messages::publish_batch))
-        .route("/v1/requests", post(not_implemented))
+        .route("/v1/requests", post(requests::request))
         .route("/v1/agents", get(agents::list))
         .route(
             "/v1/agents/{agent}",
@@ -167,14 +168,6 @@ async fn method_not_allowed() -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "this route does not take that method; see the README for the routes and their methods",
-    )
-}
-
-async fn not_implemented() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "request/reply is not in this build yet",
     )
 }
 

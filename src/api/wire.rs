@@ -28,7 +28,7 @@ pub const MAX_DELAY_MS: i64 = 30 * 86_400_000;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
-    to: String,
+    to: Option<String>,
     from: String,
     body: Box<RawValue>,
     id: Option<String>,
@@ -82,8 +82,18 @@ impl PublishBody {
         limits: &Limits,
     ) -> Result<Outgoing, ApiError> {
         check_json_depth("body", self.body.get(), limits.max_json_depth)?;
-        let to =
-            Address::parse(&self.to).map_err(|e| ApiError::bad_request("invalid_address", e))?;
+        let to = match (&self.to, &self.in_reply_to) {
+            (Some(to), _) => {
+                Some(Address::parse(to).map_err(|e| ApiError::bad_request("invalid_address", e))?)
+            }
+            // A reply without `to` goes to the request's sender.
+            (None, Some(_)) => None,
+            (None, None) => {
+                return Err(invalid(
+                    "missing field `to`: address the message (agent:<id>, topic:<name> or capability:<name>); only a reply (with `in_reply_to`) may leave it out, to go to the request's sender".into(),
+                ))
+            }
+        };
         let from = AgentId::parse(&self.from).map_err(|e| invalid(format!("`from`: {e}")))?;
         if let Some(id) = &self.id {
             check_message_id("id", id).map_err(invalid)?;
@@ -122,7 +132,7 @@ impl PublishBody {
             message: Message {
                 id: self.id.unwrap_or_default(),
                 from: from.to_string(),
-                to: self.to,
+                to: self.to.unwrap_or_default(),
                 destinations: Vec::new(),
                 kind: self.kind,
                 priority,
@@ -133,6 +143,8 @@ impl PublishBody {
                 expires_at_ms: None,
                 dedupe_until_ms: None,
                 body: self.body.get().as_bytes().to_vec(),
+                ordering_key: None,
+                request_until_ms: None,
             },
             delay_ms,
             ttl_ms,

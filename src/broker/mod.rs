@@ -21,6 +21,7 @@ mod commit;
 mod consume;
 mod publish;
 mod registry;
+mod requests;
 mod retention;
 mod sweeper;
 mod topics;
@@ -41,6 +42,7 @@ pub use capabilities::CapabilityView;
 pub use consume::{DeadView, Delivered, InboxRef, ReceiveRequest};
 pub use publish::{Outgoing, Published};
 pub use registry::AgentView;
+pub use requests::RequestOptions;
 pub use topics::{Start, Subscription};
 
 /// Why the broker refused a request; the API turns each into a status and an error code.
@@ -76,6 +78,28 @@ pub enum Refusal {
     /// No agent declares the capability and no message was ever sent to its queue.
     #[error("no agent declares capability `{0}` and no message was sent to capability:{0}; register an agent with it (PUT /v1/agents/{{id}} with \"capabilities\") or publish to it")]
     UnknownCapability(String),
+    /// A reply without `to` names no remembered request.
+    #[error("`to` is missing and `in_reply_to` {0:?} names no request this server remembers (a request is remembered for its timeout plus dedupe_window); address the reply with `to`")]
+    UnknownRequest(String),
+    /// Nobody could take a request with `no_responders=fail`.
+    #[error("{0} was seen within presence_ttl, so nobody could take the request; nothing was stored (drop no_responders=fail to leave it waiting)")]
+    NoResponders(String),
+    /// Too many request calls wait for replies.
+    #[error(
+        "{limit} request calls already wait for replies (limits.max_waiting_requests); retry later"
+    )]
+    TooManyWaiting {
+        /// The limit.
+        limit: u32,
+    },
+    /// No reply came within the call's timeout.
+    #[error("no reply to request `{id}` within {timeout_ms} ms; a later reply goes to the requester's inbox")]
+    ReplyTimeout {
+        /// The request's id.
+        id: String,
+        /// The timeout.
+        timeout_ms: u64,
+    },
     /// The log cannot take writes (fail-stop after an I/O error, or shutting down).
     #[error("{0}")]
     Unavailable(String),
@@ -94,6 +118,8 @@ struct Core {
     admission: admission::Admission,
     /// Long-poll wake-ups per inbox.
     waiters: waiters::Waiters,
+    /// Request calls waiting for their replies.
+    calls: requests::Calls,
     /// Subscriptions decided (and routing) but not durable yet, by (agent, pattern): a
     /// repeated subscribe answers only once the first one is durable.
     subscribing: std::collections::HashMap<(String, String), watch::Receiver<bool>>,
@@ -282,6 +308,9 @@ pub fn recover_state(
     }
     for (queue, slot, agent) in index.holders()? {
         state.load_holder(&queue, slot, &agent);
+    }
+    for (id, request) in index.requests()? {
+        state.load_request(&id, request);
     }
     for (id, offset, until_ms) in index.remembered()? {
         state.load_remembered(&id, offset, until_ms);

@@ -13,15 +13,16 @@ use super::commit::{Commit, PUBLISH};
 use super::registry::Registry;
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::delivery::State;
-use crate::ids::Address;
+use crate::ids::{Address, AgentId};
 
 /// One message to publish, validated by the API.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     /// The client's id (idempotency key), if any.
     pub client_id: Option<String>,
-    /// Where it goes; the broker resolves it to destinations.
-    pub to: Address,
+    /// Where it goes; the broker resolves it to destinations. `None` only for a reply
+    /// (`in_reply_to`), which then goes to the request's sender.
+    pub to: Option<Address>,
     /// The message as it will be stored, except for its destinations, times and server id.
     pub message: Message,
     /// Delay before delivery, ms.
@@ -78,6 +79,15 @@ fn resolve(registry: &Registry, delivery: &State, to: &Address) -> Result<Vec<St
         // The queue: messages wait there until an agent that declares it receives them.
         Address::Capability(capability) => Ok(vec![queue_inbox(capability.as_str())]),
     }
+}
+
+/// The address of a reply without `to`: the sender of the request it replies to.
+fn reply_address(delivery: &State, in_reply_to: Option<&str>) -> Result<AgentId> {
+    let id = in_reply_to.unwrap_or_default();
+    delivery
+        .request(id)
+        .and_then(|request| AgentId::parse(&request.from).ok())
+        .ok_or_else(|| Refusal::UnknownRequest(id.to_owned()))
 }
 
 impl Broker {
@@ -185,7 +195,13 @@ impl Broker {
             .zip(&recalled)
             .filter(|(_, r)| r.is_none())
         {
-            o.message.destinations = resolve(&core.registry, &core.delivery, &o.to)?;
+            if o.to.is_none() {
+                let to = reply_address(&core.delivery, o.message.in_reply_to.as_deref())?;
+                o.message.to = format!("agent:{to}");
+                o.to = Some(Address::Agent(to));
+            }
+            let to = o.to.as_ref().expect("just resolved");
+            o.message.destinations = resolve(&core.registry, &core.delivery, to)?;
         }
         let candidates: Vec<Candidate<'_>> = outgoing
             .iter()
@@ -265,7 +281,9 @@ impl Broker {
                 staged.client_ids.push(id.clone());
                 ids.push(Some((id, tx)));
             } else {
-                message.id = new_id(now).to_string();
+                if message.id.is_empty() {
+                    message.id = new_id(now).to_string();
+                }
                 ids.push(None);
             }
             written.push((i, message.id.clone(), message.destinations.len()));
@@ -295,11 +313,13 @@ impl Broker {
                 _ => None,
             })
             .collect();
+        let broker = self.clone();
         self.commit_when_durable(core, PUBLISH, now, records, move |core, appended| {
             let mut woken = Vec::new();
             for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
                 let offset = Offset(appended.first.0 + n as u64);
                 woken.extend(core.delivery.arrive(arrival, offset, now));
+                broker.answer_calls(core, arrival, offset, now);
                 if let Some((id, tx)) = id {
                     core.admission.committed(&id);
                     tx.send_replace(Some(offset.0));
@@ -313,7 +333,7 @@ impl Broker {
 /// A server-assigned message id: a ULID whose time part is `now_ms` and whose random part
 /// is a random start (drawn once per process) plus a counter, so ids are unique and sort by
 /// time within a process without a random draw per message.
-fn new_id(now_ms: u64) -> ulid::Ulid {
+pub(super) fn new_id(now_ms: u64) -> ulid::Ulid {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
     static START: OnceLock<u128> = OnceLock::new();

@@ -99,6 +99,11 @@ impl Registry {
         self.agents.remove(id);
     }
 
+    /// When `id` was last seen (this process only), if it is registered and was.
+    pub(super) fn last_seen(&self, id: &str) -> Option<u64> {
+        self.get(id).ok()?.last_seen_ms
+    }
+
     /// Whether a registered agent declares `capability`.
     pub(super) fn declared(&self, capability: &str) -> bool {
         self.agents

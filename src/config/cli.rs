@@ -99,6 +99,13 @@ pub struct Cli {
     #[arg(id = "limits.max_receivers", long = "limits-max-receivers")]
     #[arg(env = "COURIER_LIMITS_MAX_RECEIVERS", default_value = "64")]
     pub limits_max_receivers: String,
+    /// request calls waiting for their reply at once; past it a request gets 429
+    #[arg(
+        id = "limits.max_waiting_requests",
+        long = "limits-max-waiting-requests"
+    )]
+    #[arg(env = "COURIER_LIMITS_MAX_WAITING_REQUESTS", default_value = "10000")]
+    pub limits_max_waiting_requests: String,
     /// nesting of arrays and objects in a body or metadata; deeper gets 400
     #[arg(id = "limits.max_json_depth", long = "limits-max-json-depth")]
     #[arg(env = "COURIER_LIMITS_MAX_JSON_DEPTH", default_value = "64")]

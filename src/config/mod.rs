@@ -240,6 +240,8 @@ impl RawConfig {
                 publish_rate: self.required("limits.publish_rate", |s| parse_count(s, 0))?,
                 max_receivers: self.required("limits.max_receivers", |s| parse_count(s, 1))?,
                 max_json_depth: self.required("limits.max_json_depth", |s| parse_count(s, 1))?,
+                max_waiting_requests: self
+                    .required("limits.max_waiting_requests", |s| parse_count(s, 1))?,
             },
             log_format: self.required("log_format", |s| match s {
                 "text" => Ok(LogFormat::Text),
@@ -358,6 +360,8 @@ pub struct Limits {
     pub max_receivers: u32,
     /// Deepest nesting of arrays and objects in a message body or agent metadata.
     pub max_json_depth: u32,
+    /// Request calls waiting for their reply at once.
+    pub max_waiting_requests: u32,
 }
 
 /// Log output format.

@@ -25,7 +25,9 @@ pub use routing::TopicView;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use courier_storage::state::{queue_of, DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
+use courier_storage::state::{
+    queue_of, DeadEntry, EntryState, EntryValue, RequestValue, TimerKind, TopicSeen,
+};
 use courier_storage::{DeadLetter, DeadReason, Lease, Offset, Record, Release, Slot};
 
 use crate::config::Backoff;
@@ -118,6 +120,10 @@ pub struct State {
     truncated_below: Offset,
     /// Queue leases held, by agent (counted against its `max_in_flight`).
     held: HashMap<Arc<str>, u64>,
+    /// Remembered requests by id.
+    requests: HashMap<String, RequestValue>,
+    /// Expiries of `requests`, earliest first.
+    request_expiries: BTreeSet<(u64, String)>,
 }
 
 /// A message chosen by [`State::lease`]: from the agent's inbox, or from a capability queue.
@@ -323,6 +329,11 @@ impl State {
                 }
             })
             .collect()
+    }
+
+    /// The request `id`, if it is remembered.
+    pub fn request(&self, id: &str) -> Option<&RequestValue> {
+        self.requests.get(id)
     }
 
     /// Whether `inbox` exists: a registered agent's, or a queue that messages entered.

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use courier_storage::state::{
-    self as machine, Arrival, DeadEntry, EntryState, EntryValue, Store, Was,
+    self as machine, Arrival, DeadEntry, EntryState, EntryValue, RequestValue, Store, Was,
 };
 use courier_storage::{Agent, Offset, Record, Slot};
 
@@ -32,6 +32,11 @@ impl State {
     /// Loads the holder of a leased queue message as the index holds it (start-up).
     pub fn load_holder(&mut self, queue: &str, slot: Slot, agent: &str) {
         let Ok(()) = self.set_holder(queue, slot, Some(agent));
+    }
+
+    /// Loads a remembered request as the index holds it (start-up).
+    pub fn load_request(&mut self, id: &str, request: RequestValue) {
+        let Ok(()) = self.put_request(id, &request);
     }
 
     /// Sets the truncation mark as the index holds it (start-up).
@@ -132,11 +137,12 @@ impl State {
 
     fn advance_clock(&mut self, timestamp_ms: u64) {
         self.clock_ms = self.clock_ms.max(timestamp_ms);
-        if self
-            .expiries
-            .first()
-            .is_some_and(|(until, _)| *until <= self.clock_ms)
-        {
+        let due = |expiries: &std::collections::BTreeSet<(u64, String)>| {
+            expiries
+                .first()
+                .is_some_and(|(until, _)| *until <= self.clock_ms)
+        };
+        if due(&self.expiries) || due(&self.request_expiries) {
             let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
         }
     }
@@ -281,6 +287,30 @@ impl Store for State {
         Ok(())
     }
 
+    fn put_request(&mut self, id: &str, request: &RequestValue) -> Result<(), Infallible> {
+        self.request_expiries
+            .insert((request.until_ms, id.to_owned()));
+        self.requests.insert(id.to_owned(), request.clone());
+        Ok(())
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<RequestValue>, Infallible> {
+        Ok(self.requests.get(id).cloned())
+    }
+
+    fn expired_requests(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
+        let end = (clock_ms.saturating_add(1), String::new());
+        Ok(self.request_expiries.range(..end).cloned().collect())
+    }
+
+    fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Infallible> {
+        if forget {
+            self.requests.remove(id);
+        }
+        self.request_expiries.remove(&(until_ms, id.to_owned()));
+        Ok(())
+    }
+
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Infallible> {
         Ok(self.backfill_of(agent, pattern))
     }
@@ -322,6 +352,14 @@ impl Store for State {
             let inbox = self.inbox_mut(&name).1;
             inbox.dead = inbox.dead.split_off(&below.0);
         }
+        let request_expiries = &mut self.request_expiries;
+        self.requests.retain(|id, request| {
+            let keep = request.offset >= below;
+            if !keep {
+                request_expiries.remove(&(request.until_ms, id.clone()));
+            }
+            keep
+        });
         let expiries = &mut self.expiries;
         self.remembered.retain(|id, (offset, until_ms)| {
             let keep = *offset >= below;

@@ -33,6 +33,8 @@ fn message(priority: u8, not_before_ms: Option<u64>, expires_at_ms: Option<u64>)
         expires_at_ms,
         dedupe_until_ms: None,
         body: b"{}".to_vec(),
+        ordering_key: None,
+        request_until_ms: None,
     })
 }
 

@@ -42,6 +42,8 @@ fn message(n: u64, body_bytes: usize) -> Record {
         expires_at_ms: None,
         dedupe_until_ms: None,
         body: vec![b'x'; body_bytes],
+        ordering_key: None,
+        request_until_ms: None,
     })
 }
 

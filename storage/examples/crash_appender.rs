@@ -63,6 +63,8 @@ fn main() {
                             "x".repeat(usize::try_from(n % 300).unwrap_or(0))
                         )
                         .into_bytes(),
+                        ordering_key: None,
+                        request_until_ms: None,
                     });
                     let appended = log.append(n, vec![record]).expect("append");
                     let mut out = out.lock().expect("stdout lock");

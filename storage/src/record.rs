@@ -5,7 +5,7 @@
 //! ```text
 //! position  size  field
 //! 0         4     crc32 (crc32fast, IEEE) over bytes 4 .. 28+len: header fields and payload
-//! 4         1     version, currently 1 (0 never occurs: an all-zero header is "end of data")
+//! 4         1     version, currently 2 (0 never occurs: an all-zero header is "end of data")
 //! 5         3     reserved, zero
 //! 8         4     payload length `len` (u32)
 //! 12        8     offset (u64): the record's position in the global log
@@ -37,8 +37,16 @@ pub const OFFSET_POSITION: usize = LENGTH_POSITION + 4;
 pub const TIMESTAMP_POSITION: usize = OFFSET_POSITION + 8;
 /// Size of the frame header; the payload follows it.
 pub const HEADER_BYTES: usize = TIMESTAMP_POSITION + 8;
-/// The record version this build writes and reads.
-pub const VERSION: u8 = 1;
+/// The record version this build writes. It reads every version from [`OLDEST_VERSION`] on:
+/// version 1 is version 2 without `Message::ordering_key` and `Message::request_until_ms`.
+pub const VERSION: u8 = 2;
+/// The oldest record version this build reads.
+pub const OLDEST_VERSION: u8 = 1;
+
+/// Whether this build reads records of `version`.
+pub fn is_known_version(version: u8) -> bool {
+    (OLDEST_VERSION..=VERSION).contains(&version)
+}
 /// Hard upper bound on a payload, whatever the configuration: a length field above it is damage.
 pub const MAX_PAYLOAD_BYTES: u32 = 64 * 1024 * 1024;
 
@@ -194,6 +202,52 @@ pub struct Message {
     pub dedupe_until_ms: Option<u64>,
     /// The raw JSON bytes of the body, exactly as validated by the server.
     pub body: Vec<u8>,
+    /// Its ordering key: one message per key in flight per inbox or queue (version 2).
+    pub ordering_key: Option<String>,
+    /// For a request (`POST /v1/requests`): until when it is remembered as one — its replies
+    /// without `to` go to its sender, and its first reply is kept for a repeated call
+    /// (version 2).
+    pub request_until_ms: Option<u64>,
+}
+
+/// A `Message` as version 1 wrote it: without `ordering_key` and `request_until_ms`.
+#[derive(Decode)]
+struct MessageV1 {
+    id: String,
+    from: String,
+    to: String,
+    destinations: Vec<String>,
+    kind: Option<String>,
+    priority: u8,
+    headers: Vec<(String, String)>,
+    correlation_id: Option<String>,
+    in_reply_to: Option<String>,
+    not_before_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
+    dedupe_until_ms: Option<u64>,
+    body: Vec<u8>,
+}
+
+impl From<MessageV1> for Message {
+    fn from(m: MessageV1) -> Self {
+        Self {
+            id: m.id,
+            from: m.from,
+            to: m.to,
+            destinations: m.destinations,
+            kind: m.kind,
+            priority: m.priority,
+            headers: m.headers,
+            correlation_id: m.correlation_id,
+            in_reply_to: m.in_reply_to,
+            not_before_ms: m.not_before_ms,
+            expires_at_ms: m.expires_at_ms,
+            dedupe_until_ms: m.dedupe_until_ms,
+            body: m.body,
+            ordering_key: None,
+            request_until_ms: None,
+        }
+    }
 }
 
 /// Where a message sits in an inbox: its offset and its priority (which orders the inbox).
@@ -363,6 +417,8 @@ pub struct Checked<'a> {
     pub timestamp_ms: u64,
     /// The payload bytes (CRC-checked).
     pub payload: &'a [u8],
+    /// The record version of the payload.
+    pub version: u8,
     /// Length of the whole frame.
     pub len: usize,
 }
@@ -418,7 +474,7 @@ pub fn check(bytes: &[u8]) -> Check<'_> {
             computed,
         });
     }
-    if version != VERSION {
+    if !is_known_version(version) {
         return Check::Corrupt(Corruption::UnknownVersion(version));
     }
     if field(RESERVED_POSITION, 3).iter().any(|b| *b != 0) {
@@ -431,14 +487,22 @@ pub fn check(bytes: &[u8]) -> Check<'_> {
         offset: Offset(offset),
         timestamp_ms,
         payload: frame.get(HEADER_BYTES..).unwrap_or_default(),
+        version,
         len: total,
     })
 }
 
-/// Decodes the payload of a checked frame.
+/// Decodes the payload of a checked frame, of any known version.
 pub fn decode_checked(checked: &Checked<'_>) -> Result<Frame, Corruption> {
     let payload = checked.payload;
-    match bincode::decode_from_slice::<Record, _>(payload, BINCODE) {
+    let decoded = match (checked.version, payload.split_first()) {
+        // Version 1 differs only in `Message` (variant 0, one varint byte): its other
+        // variants are laid out as now.
+        (1, Some((0, message))) => bincode::decode_from_slice::<MessageV1, _>(message, BINCODE)
+            .map(|(m, used)| (Record::Message(m.into()), used + 1)),
+        _ => bincode::decode_from_slice::<Record, _>(payload, BINCODE),
+    };
+    match decoded {
         Ok((record, used)) if used == payload.len() => Ok(Frame {
             offset: checked.offset,
             timestamp_ms: checked.timestamp_ms,

@@ -12,7 +12,7 @@ use std::io;
 
 use crate::error::Corruption;
 use crate::io::DiskFile;
-use crate::record::{self, Check, Frame, HEADER_BYTES, VERSION, VERSION_POSITION};
+use crate::record::{self, Check, Frame, HEADER_BYTES, VERSION_POSITION};
 use crate::Offset;
 
 /// File name suffix of segments.
@@ -257,7 +257,10 @@ impl<'a> Reader<'a> {
         let mut position = from;
         while position + HEADER_BYTES as u64 <= self.len {
             let header = self.bytes(position, HEADER_BYTES)?;
-            if header.get(VERSION_POSITION) == Some(&VERSION) {
+            if header
+                .get(VERSION_POSITION)
+                .is_some_and(|v| record::is_known_version(*v))
+            {
                 if let At::Valid { offset, .. } = self.at(position, false)? {
                     if offset.0 >= min_offset {
                         return Ok(Some((position, offset)));

@@ -99,6 +99,19 @@ pub struct DeadEntry {
     pub dead_lettered_at_ms: u64,
 }
 
+/// A request remembered (`POST /v1/requests`): where it is, who sent it, its first reply.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct RequestValue {
+    /// The request's offset.
+    pub offset: Offset,
+    /// Its sender: a reply without `to` goes to this agent's inbox.
+    pub from: String,
+    /// Remembered until this record time (ms).
+    pub until_ms: u64,
+    /// Its first reply (a message whose `in_reply_to` is the request's id), once published.
+    pub reply: Option<Offset>,
+}
+
 /// What delivery needs of a published message: everything but its body and labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Arrival {
@@ -114,6 +127,10 @@ pub struct Arrival {
     pub dedupe: Option<(String, u64)>,
     /// The topic it was published to, for a `topic:` address.
     pub topic: Option<String>,
+    /// For a request: its id, sender and until when it is remembered.
+    pub request: Option<(String, String, u64)>,
+    /// The id of the message it replies to, if any.
+    pub in_reply_to: Option<String>,
 }
 
 impl Arrival {
@@ -128,8 +145,19 @@ impl Arrival {
                 .dedupe_until_ms
                 .map(|until_ms| (message.id.clone(), until_ms)),
             topic: topic_of(message).map(str::to_owned),
+            request: message
+                .request_until_ms
+                .map(|until_ms| (message.id.clone(), message.from.clone(), until_ms)),
+            in_reply_to: message.in_reply_to.clone(),
         }
     }
+}
+
+/// What one message means to the requests: a request to remember, a reply to note.
+#[derive(Debug, Clone, Copy)]
+struct Exchange<'a> {
+    request: Option<(&'a str, &'a str, u64)>,
+    in_reply_to: Option<&'a str>,
 }
 
 /// The `start` of a `Subscribed` record that backfills nothing (`start: latest`).
@@ -251,9 +279,18 @@ pub trait Store {
         pattern: &str,
         next: Option<Offset>,
     ) -> Result<(), Self::Error>;
+    /// Remembers (or updates) request `id` and lists its expiry `(until_ms, id)`.
+    fn put_request(&mut self, id: &str, request: &RequestValue) -> Result<(), Self::Error>;
+    /// The request `id`, if remembered.
+    fn request(&mut self, id: &str) -> Result<Option<RequestValue>, Self::Error>;
+    /// The listed request expiries `(until_ms, id)` with `until_ms <= clock_ms`.
+    fn expired_requests(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Self::Error>;
+    /// Unlists the request expiry `(until_ms, id)`, and forgets the request itself if
+    /// `forget`.
+    fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, lease
     /// holders, dead letters and remembered ids of messages there (and any location of those records), and
-    /// remembers `below` as [`Store::truncated_below`].
+    /// remembers `below` as [`Store::truncated_below`]. Requests below it are forgotten too.
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
     /// The highest `below` retention truncated the log at (0 if it never did).
     fn truncated_below(&mut self) -> Result<Offset, Self::Error>;
@@ -270,13 +307,7 @@ pub fn apply<'r, S: Store + ?Sized>(
 ) -> Result<&'r [String], S::Error> {
     match record {
         Record::Message(m) => {
-            let slot = Slot {
-                offset,
-                priority: m.priority,
-            };
-            let value = published(m.not_before_ms, m.expires_at_ms);
-            let dedupe = m.dedupe_until_ms.map(|until_ms| (m.id.as_str(), until_ms));
-            publish(store, slot, &m.destinations, &value, dedupe, topic_of(m))?;
+            apply_message(store, m, offset)?;
             Ok(&m.destinations)
         }
         Record::Leased { .. }
@@ -337,6 +368,28 @@ pub fn apply<'r, S: Store + ?Sized>(
         }
         Record::Quarantined { .. } => Ok(&[]),
     }
+}
+
+/// A published message enters its inboxes; what it means to dedupe, topics and requests.
+fn apply_message<S: Store + ?Sized>(
+    store: &mut S,
+    m: &Message,
+    offset: Offset,
+) -> Result<(), S::Error> {
+    let slot = Slot {
+        offset,
+        priority: m.priority,
+    };
+    let value = published(m.not_before_ms, m.expires_at_ms);
+    let dedupe = m.dedupe_until_ms.map(|until_ms| (m.id.as_str(), until_ms));
+    publish(store, slot, &m.destinations, &value, dedupe, topic_of(m))?;
+    let exchange = Exchange {
+        request: m
+            .request_until_ms
+            .map(|until| (m.id.as_str(), m.from.as_str(), until)),
+        in_reply_to: m.in_reply_to.as_deref(),
+    };
+    exchange_requests(store, exchange, offset)
 }
 
 /// The records that change messages already in an inbox (or among its dead letters).
@@ -464,7 +517,42 @@ pub fn arrive<'a, S: Store + ?Sized>(
         .map(|(id, until)| (id.as_str(), *until));
     let topic = arrival.topic.as_deref();
     publish(store, slot, &arrival.destinations, &value, dedupe, topic)?;
+    let exchange = Exchange {
+        request: arrival
+            .request
+            .as_ref()
+            .map(|(id, from, until)| (id.as_str(), from.as_str(), *until)),
+        in_reply_to: arrival.in_reply_to.as_deref(),
+    };
+    exchange_requests(store, exchange, offset)?;
     Ok(&arrival.destinations)
+}
+
+/// A request is remembered; a reply to a remembered request that has none yet becomes its
+/// reply. A reply to an id that is not a remembered request is an ordinary message.
+fn exchange_requests<S: Store + ?Sized>(
+    store: &mut S,
+    exchange: Exchange<'_>,
+    offset: Offset,
+) -> Result<(), S::Error> {
+    if let Some((id, from, until_ms)) = exchange.request {
+        let request = RequestValue {
+            offset,
+            from: from.to_owned(),
+            until_ms,
+            reply: None,
+        };
+        store.put_request(id, &request)?;
+    }
+    if let Some(id) = exchange.in_reply_to {
+        if let Some(mut request) = store.request(id)? {
+            if request.reply.is_none() && request.offset < offset {
+                request.reply = Some(offset);
+                store.put_request(id, &request)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A published message enters each of its inboxes; its client id is remembered, and its
@@ -502,12 +590,17 @@ fn published(not_before_ms: Option<u64>, expires_at_ms: Option<u64>) -> EntryVal
 }
 
 /// Forgets the client ids whose window ended by `clock_ms`, the latest record timestamp
-/// applied: a function of the log alone, so every holder forgets the same ids. An id
-/// published again after its window keeps its newer memory.
+/// applied, and the requests remembered until then: a function of the log alone, so every
+/// holder forgets the same ones. An id published again after its window keeps its newer
+/// memory.
 pub fn prune_dedupe<S: Store + ?Sized>(store: &mut S, clock_ms: u64) -> Result<(), S::Error> {
     for (until_ms, id) in store.expired_ids(clock_ms)? {
         let current = store.remembered_until(&id)? == Some(until_ms);
         store.unlist_expiry(until_ms, &id, current)?;
+    }
+    for (until_ms, id) in store.expired_requests(clock_ms)? {
+        let current = store.request(&id)?.is_some_and(|r| r.until_ms == until_ms);
+        store.unlist_request(until_ms, &id, current)?;
     }
     Ok(())
 }

@@ -38,6 +38,7 @@ mod model;
 mod power_loss;
 mod powerfs;
 mod publish;
+mod requests;
 mod support;
 mod topics;
 mod workload;

@@ -407,7 +407,7 @@ impl System {
         };
         let outgoing = Outgoing {
             client_id: id,
-            to: address,
+            to: Some(address),
             message: Message {
                 id: String::new(),
                 from: "model".into(),
@@ -422,6 +422,8 @@ impl System {
                 expires_at_ms: None,
                 dedupe_until_ms: None,
                 body: b"{}".to_vec(),
+                ordering_key: None,
+                request_until_ms: None,
             },
             delay_ms,
             ttl_ms,

@@ -380,27 +380,39 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Starts a receive on its own thread (a long-poll to observe); join it for the response.
-pub fn receive_in_background(
+/// Starts a POST with a JSON body on its own thread (a call that waits, to observe); join it
+/// for the response and how long it took.
+pub fn post_in_background(
     server: &TestServer,
-    agent: &str,
-    body: &'static str,
+    path: &str,
+    body: &Value,
 ) -> std::thread::JoinHandle<(Response, Duration)> {
     let addr = server.addr;
-    let path = format!("/v1/agents/{agent}/receive");
+    let path = path.to_owned();
+    let bytes = serde_json::to_vec(body).expect("json");
     std::thread::spawn(move || {
         let start = Instant::now();
         let response = send(
             addr,
             "POST",
             &path,
-            Some(body.as_bytes()),
+            Some(&bytes),
             Some("application/json"),
             &[],
         )
-        .expect("the receive gets an answer");
+        .expect("the call gets an answer");
         (response, start.elapsed())
     })
+}
+
+/// Starts a receive on its own thread (a long-poll to observe); join it for the response.
+pub fn receive_in_background(
+    server: &TestServer,
+    agent: &str,
+    body: &'static str,
+) -> std::thread::JoinHandle<(Response, Duration)> {
+    let body: Value = serde_json::from_str(body).expect("a JSON receive body");
+    post_in_background(server, &format!("/v1/agents/{agent}/receive"), &body)
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.

@@ -5,17 +5,17 @@
 use std::ops::Bound;
 
 use super::keys::{
-    backfill_key, be64, dead_key, decode_location, dedupe_expiry_key, from_be64, inbox_prefix,
+    backfill_key, be64, dead_key, decode_location, expiry_key, from_be64, inbox_prefix,
     parse_slot_key, positions_key, slot_key, subscription_key, timer_key, topic_offset_key,
-    trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, N, O, P, S, TRUNCATED_KEY,
-    U, X,
+    trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, N, O, P, R, S,
+    TRUNCATED_KEY, U, X, Y,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
 use crate::error::{Error, Result};
 use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
-use crate::state::{self, DeadEntry, EntryValue, Store, TopicSeen, Was};
+use crate::state::{self, DeadEntry, EntryValue, RequestValue, Store, TopicSeen, Was};
 use crate::Offset;
 
 /// Applies `frames` (consecutive, in log order) and their positions `runs`, then forgets the
@@ -58,6 +58,20 @@ impl Txn<'_> {
         for (due, kind) in value.timers() {
             self.remove(timer_key(due, kind, inbox, slot));
         }
+    }
+
+    /// The expiries `(until_ms, id)` listed under `prefix` ([`expiry_key`]) with
+    /// `until_ms <= clock_ms`.
+    fn expired(&mut self, prefix: u8, clock_ms: u64) -> Result<Vec<(u64, String)>> {
+        let end = Bound::Excluded(with_prefix(prefix, &be64(clock_ms.saturating_add(1))));
+        self.range(Bound::Included(vec![prefix]), end)
+            .map(|item| {
+                let (key, _) = item?;
+                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
+                let id = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
+                Ok((until_ms, id))
+            })
+            .collect()
     }
 
     /// Removes every key under `prefix`.
@@ -127,7 +141,7 @@ impl Store for Txn<'_> {
             until_ms,
         };
         self.insert(with_prefix(U, id.as_bytes()), encode_value(&value));
-        self.insert(dedupe_expiry_key(until_ms, id), Vec::new());
+        self.insert(expiry_key(X, until_ms, id), Vec::new());
         Ok(())
     }
 
@@ -140,22 +154,14 @@ impl Store for Txn<'_> {
     }
 
     fn expired_ids(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>> {
-        let end = Bound::Excluded(with_prefix(X, &be64(clock_ms.saturating_add(1))));
-        self.range(Bound::Included(vec![X]), end)
-            .map(|item| {
-                let (key, _) = item?;
-                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
-                let id = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
-                Ok((until_ms, id))
-            })
-            .collect()
+        self.expired(X, clock_ms)
     }
 
     fn unlist_expiry(&mut self, until_ms: u64, id: &str, forget_id: bool) -> Result<()> {
         if forget_id {
             self.remove(with_prefix(U, id.as_bytes()));
         }
-        self.remove(dedupe_expiry_key(until_ms, id));
+        self.remove(expiry_key(X, until_ms, id));
         Ok(())
     }
 
@@ -216,6 +222,30 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
+    fn put_request(&mut self, id: &str, request: &RequestValue) -> Result<()> {
+        self.insert(with_prefix(R, id.as_bytes()), encode_value(request));
+        self.insert(expiry_key(Y, request.until_ms, id), Vec::new());
+        Ok(())
+    }
+
+    fn request(&mut self, id: &str) -> Result<Option<RequestValue>> {
+        self.get(&with_prefix(R, id.as_bytes()))?
+            .map(|v| decode_value(&v))
+            .transpose()
+    }
+
+    fn expired_requests(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>> {
+        self.expired(Y, clock_ms)
+    }
+
+    fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<()> {
+        if forget {
+            self.remove(with_prefix(R, id.as_bytes()));
+        }
+        self.remove(expiry_key(Y, until_ms, id));
+        Ok(())
+    }
+
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>> {
         Ok(self
             .get(&backfill_key(agent, pattern))?
@@ -267,7 +297,15 @@ impl Store for Txn<'_> {
             let dedupe: DedupeValue = decode_value(&value)?;
             if dedupe.offset < below.0 {
                 let id = key.get(1..).and_then(|id| std::str::from_utf8(id).ok());
-                self.remove(dedupe_expiry_key(dedupe.until_ms, id.unwrap_or_default()));
+                self.remove(expiry_key(X, dedupe.until_ms, id.unwrap_or_default()));
+                self.remove(key);
+            }
+        }
+        for (key, value) in self.scan_prefix(&[R])? {
+            let request: RequestValue = decode_value(&value)?;
+            if request.offset < below {
+                let id = key.get(1..).and_then(|id| std::str::from_utf8(id).ok());
+                self.remove(expiry_key(Y, request.until_ms, id.unwrap_or_default()));
                 self.remove(key);
             }
         }

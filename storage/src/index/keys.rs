@@ -22,6 +22,8 @@ pub(super) const O: u8 = b'o';
 pub(super) const B: u8 = b'b';
 pub(super) const H: u8 = b'h';
 pub(super) const C: u8 = b'c';
+pub(super) const R: u8 = b'r';
+pub(super) const Y: u8 = b'y';
 
 #[expect(
     clippy::big_endian_bytes,
@@ -159,8 +161,10 @@ pub(super) fn backfill_key(agent: &str, pattern: &str) -> Vec<u8> {
     key
 }
 
-pub(super) fn dedupe_expiry_key(until_ms: u64, id: &str) -> Vec<u8> {
-    let mut key = vec![X];
+/// `prefix` (`x` for client ids, `y` for requests), remembered-until ms, id: the expiry
+/// order of the remembered client ids (`u`) or requests (`r`).
+pub(super) fn expiry_key(prefix: u8, until_ms: u64, id: &str) -> Vec<u8> {
+    let mut key = vec![prefix];
     key.extend_from_slice(&be64(until_ms));
     key.extend_from_slice(id.as_bytes());
     key

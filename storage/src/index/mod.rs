@@ -22,6 +22,8 @@
 //! | `b` | agent, pattern | next offset (u64 LE): a backfill under way |
 //! | `c` | queue inbox name (`capability:<name>`) | empty: a capability queue that messages entered |
 //! | `h` | queue inbox name, 9 − priority, offset | agent id: who holds the lease of a leased queue message |
+//! | `r` | request id | [`RequestValue`] (bincode): offset, sender, remembered-until ms, first reply |
+//! | `y` | remembered-until ms (u64 BE), request id | empty (expiry order of `r`) |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
@@ -42,12 +44,12 @@ use crate::error::{Error, Result};
 pub use crate::position::Location;
 use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
-pub use crate::state::{DeadEntry, EntryState, EntryValue, TimerKind, TopicSeen};
+pub use crate::state::{DeadEntry, EntryState, EntryValue, RequestValue, TimerKind, TopicSeen};
 use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    C, CLOCK_KEY, D, H, I, N, O, P, S, T, TRUNCATED_KEY, U,
+    C, CLOCK_KEY, D, H, I, N, O, P, R, S, T, TRUNCATED_KEY, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -110,6 +112,8 @@ pub struct IndexSnapshot {
     pub queues: std::collections::BTreeSet<String>,
     /// Leased queue messages: (queue, slot) → the agent that holds the lease.
     pub holders: BTreeMap<(String, Slot), String>,
+    /// Remembered requests by id.
+    pub requests: BTreeMap<String, RequestValue>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -614,6 +618,18 @@ impl Index {
             .collect()
     }
 
+    /// Every remembered request, by id. Reads them all: for loading the server's memory at
+    /// start.
+    pub fn requests(&self) -> Result<Vec<(String, RequestValue)>> {
+        self.scan_prefix(&[R])
+            .map(|item| {
+                let (key, value) = item?;
+                let id = String::from_utf8_lossy(key.get(1..).unwrap_or_default()).into_owned();
+                Ok((id, decode_value(&value)?))
+            })
+            .collect()
+    }
+
     /// Every leased queue message and the agent that holds its lease: (queue, slot, agent).
     pub fn holders(&self) -> Result<Vec<(String, Slot, String)>> {
         self.scan_prefix(&[H])
@@ -653,20 +669,22 @@ impl Index {
 }
 
 impl IndexSnapshot {
+    /// Adds the locations of a stored run of positions that starts at `first`.
+    fn add_locations(&mut self, first: u64, value: &[u8]) {
+        let count = value.len().saturating_sub(12) / 4;
+        for i in 0..count as u64 {
+            if let Some(loc) = decode_location(first, value, Offset(first + i)) {
+                self.locations.insert(Offset(first + i), loc);
+            }
+        }
+    }
+
     /// Adds what one stored key and value hold.
     fn add(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         let snap = self;
         let rest = key.get(1..).unwrap_or_default();
         match key.first().copied() {
-            Some(P) => {
-                let first = from_be64(rest);
-                let count = value.len().saturating_sub(12) / 4;
-                for i in 0..count as u64 {
-                    if let Some(loc) = decode_location(first, value, Offset(first + i)) {
-                        snap.locations.insert(Offset(first + i), loc);
-                    }
-                }
-            }
+            Some(P) => snap.add_locations(from_be64(rest), value),
             Some(I) => {
                 let (inbox, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
                 let value = decode_value(value)?;
@@ -714,6 +732,10 @@ impl IndexSnapshot {
             Some(C) => {
                 snap.queues
                     .insert(String::from_utf8_lossy(rest).into_owned());
+            }
+            Some(R) => {
+                let id = String::from_utf8_lossy(rest).into_owned();
+                snap.requests.insert(id, decode_value(value)?);
             }
             Some(H) => {
                 let (queue, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;

@@ -35,11 +35,17 @@ fn message() -> impl Strategy<Value = Message> {
         (
             proptest::option::of(any::<u64>()),
             proptest::option::of(any::<u64>()),
+            proptest::option::of(text()),
         ),
         proptest::collection::vec(any::<u8>(), 0..600),
     )
         .prop_map(
-            |((id, from, to, destinations, kind), (priority, headers, corr), (nb, exp), body)| {
+            |(
+                (id, from, to, destinations, kind),
+                (priority, headers, corr),
+                (nb, exp, key),
+                body,
+            )| {
                 Message {
                     id,
                     from,
@@ -54,6 +60,8 @@ fn message() -> impl Strategy<Value = Message> {
                     expires_at_ms: exp,
                     dedupe_until_ms: nb,
                     body,
+                    ordering_key: key,
+                    request_until_ms: exp,
                 }
             },
         )
@@ -264,7 +272,7 @@ fn codec_frame_layout_is_stable() {
     let bytes =
         record::encode_to_vec(Offset(5), 6, &Record::Truncated { below: Offset(2) }).unwrap();
     assert_eq!(bytes.len(), HEADER_BYTES + 2);
-    assert_eq!(&bytes[4..8], &[1, 0, 0, 0], "version 1 and reserved zeros");
+    assert_eq!(&bytes[4..8], &[2, 0, 0, 0], "version 2 and reserved zeros");
     assert_eq!(&bytes[8..12], &2u32.to_le_bytes(), "payload length");
     assert_eq!(&bytes[12..20], &5u64.to_le_bytes(), "offset");
     assert_eq!(&bytes[20..28], &6u64.to_le_bytes(), "timestamp");
@@ -274,4 +282,60 @@ fn codec_frame_layout_is_stable() {
         &crc32fast::hash(&bytes[4..]).to_le_bytes(),
         "crc over the rest"
     );
+}
+
+/// A version-1 frame (written before `ordering_key` and `request_until_ms`) still decodes: its
+/// `Message` with neither, its other records as they were; version 3 is refused.
+#[test]
+fn codec_reads_version_1_records() {
+    let message = Message {
+        id: "m".into(),
+        from: "a".into(),
+        to: "agent:b".into(),
+        destinations: vec!["b".into()],
+        kind: None,
+        priority: 4,
+        headers: vec![("k".into(), "v".into())],
+        correlation_id: None,
+        in_reply_to: Some("r".into()),
+        not_before_ms: None,
+        expires_at_ms: Some(9),
+        dedupe_until_ms: None,
+        body: b"[1]".to_vec(),
+        ordering_key: None,
+        request_until_ms: None,
+    };
+    // Version 2 appends two `None`s (one zero byte each) to version 1's `Message`.
+    let as_version = |record: &Record, version: u8, cut: usize| {
+        let mut bytes = record::encode_to_vec(Offset(7), 8, record).unwrap();
+        bytes.truncate(bytes.len() - cut);
+        bytes[4] = version;
+        let len = u32::try_from(bytes.len() - HEADER_BYTES).unwrap();
+        bytes[8..12].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[4..]);
+        bytes[..4].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    };
+    for record in [
+        Record::Message(message),
+        Record::Truncated { below: Offset(3) },
+    ] {
+        let cut = if matches!(record, Record::Message(_)) {
+            2
+        } else {
+            0
+        };
+        let old = as_version(&record, 1, cut);
+        match record::decode(&old) {
+            Decoded::Record(frame, len) => {
+                assert_eq!((frame.record, len), (record.clone(), old.len()));
+            }
+            other => panic!("version 1 of {record:?}: {other:?}"),
+        }
+        let unknown = as_version(&record, 3, 0);
+        assert!(
+            matches!(record::decode(&unknown), Decoded::Corrupt(_)),
+            "version 3 is not read"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use courier_storage::index::{EntryState, TimerKind, TopicSeen};
+use courier_storage::index::{EntryState, RequestValue, TimerKind, TopicSeen};
 use courier_storage::{
     Agent, Backfill, DeadLetter, DeadReason, Lease, Log, Message, Offset, Record, Release, Slot,
 };
@@ -244,6 +244,18 @@ fn part_two(log: &Log) {
         }],
     )
     .unwrap();
+    // A request from a, remembered until 200 s, and its first reply.
+    let mut request = message("ask-1", "b", 4, b"3");
+    let mut answer = message("answer-1", "a", 4, b"4");
+    if let (Record::Message(r), Record::Message(a)) = (&mut request, &mut answer) {
+        r.from = "a".into();
+        r.request_until_ms = Some(200_000);
+        a.in_reply_to = Some("ask-1".into());
+        // Routed nowhere: the inboxes checked above stay as they are.
+        r.destinations.clear();
+        a.destinations.clear();
+    }
+    log.append(1001, vec![request, answer]).unwrap();
 }
 
 #[test]
@@ -316,7 +328,21 @@ fn index_records_change_delivery_state_as_documented() {
         .topic_offsets("news.eu", Offset(0), Offset(u64::MAX), 10)
         .unwrap();
     assert_eq!(news.len(), 2, "both topic messages are indexed by topic");
-    let leased_offset = log.durable_end().0 - 4;
+    let leased_offset = log.durable_end().0 - 6;
+    let end = log.durable_end().0;
+    assert_eq!(
+        index.requests().unwrap(),
+        vec![(
+            "ask-1".to_owned(),
+            RequestValue {
+                offset: Offset(end - 2),
+                from: "a".into(),
+                until_ms: 200_000,
+                reply: Some(Offset(end - 1)),
+            }
+        )],
+        "the request and its first reply"
+    );
     let timers: Vec<_> = index.timers().map(Result::unwrap).collect();
     let kinds: Vec<(u64, TimerKind, u64)> = timers
         .iter()
@@ -345,7 +371,7 @@ fn index_records_change_delivery_state_as_documented() {
     );
     // The last topic message is just below the Subscribed and Backfilled records, and the
     // five records of the queue.
-    let last = Offset(log.durable_end().0 - 8);
+    let last = Offset(log.durable_end().0 - 10);
     assert_eq!(
         index.topics().unwrap(),
         vec![(
@@ -467,6 +493,8 @@ fn index_message_fields_survive_a_rebuild() {
         expires_at_ms: None,
         dedupe_until_ms: None,
         body: br#"{"raw":   "json kept as sent"}"#.to_vec(),
+        ordering_key: None,
+        request_until_ms: None,
     };
     log.append(1, vec![Record::Message(m.clone())]).unwrap();
     drop(log);

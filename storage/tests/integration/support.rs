@@ -22,6 +22,8 @@ pub fn message(id: &str, inbox: &str, priority: u8, body: &[u8]) -> Record {
         expires_at_ms: None,
         dedupe_until_ms: None,
         body: body.to_vec(),
+        ordering_key: None,
+        request_until_ms: None,
     })
 }
 

@@ -1,0 +1,269 @@
+//! Request/reply (SPEC §3): a request is a message published durably (to an agent or a
+//! capability queue) and remembered as a request ([`courier_storage::state::RequestValue`]);
+//! the call then waits for its first reply, the first message published with `in_reply_to`
+//! equal to the request's id. The reply's commit wakes the call (never a poll) and settles
+//! the reply in the requester's inbox, under the same lock, so it does not also come through
+//! a receive; a call that times out leaves later replies to the inbox.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use courier_storage::state::Arrival;
+use courier_storage::{Frame, Offset, Record, Slot};
+use futures_util::future::{FutureExt, Shared};
+use tokio::sync::oneshot;
+
+use super::commit::ACK;
+use super::publish::{new_id, Outgoing};
+use super::{millis, Broker, Core, Refusal, Result};
+use crate::ids::Address;
+
+/// Resolves once the reply's settling in the requester's inbox is durable (or failed: then
+/// the reply stays in the inbox, and the call is answered all the same).
+type Settled = Shared<Pin<Box<dyn Future<Output = ()> + Send>>>;
+
+/// What a waiting call is told: its reply's offset, and when its settling is durable.
+type Answer = (Offset, Settled);
+
+/// The calls waiting for replies, by request id.
+#[derive(Default)]
+pub(super) struct Calls {
+    waiting: HashMap<String, Vec<(u64, oneshot::Sender<Answer>)>>,
+    count: usize,
+    next_ticket: u64,
+}
+
+impl std::fmt::Debug for Calls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Calls")
+            .field("requests", &self.waiting.len())
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl Calls {
+    /// Registers a call waiting for the reply to `id`; its ticket, to leave with.
+    fn wait(&mut self, id: &str, tx: oneshot::Sender<Answer>) -> u64 {
+        self.next_ticket += 1;
+        self.count += 1;
+        let ticket = self.next_ticket;
+        self.waiting
+            .entry(id.to_owned())
+            .or_default()
+            .push((ticket, tx));
+        ticket
+    }
+
+    /// The call `ticket` stops waiting for `id` (timed out, or its publish failed).
+    fn leave(&mut self, id: &str, ticket: u64) {
+        if let Some(calls) = self.waiting.get_mut(id) {
+            let before = calls.len();
+            calls.retain(|(t, _)| *t != ticket);
+            self.count -= before - calls.len();
+            if calls.is_empty() {
+                self.waiting.remove(id);
+            }
+        }
+    }
+
+    /// Takes every call waiting for `id`.
+    fn take(&mut self, id: &str) -> Vec<oneshot::Sender<Answer>> {
+        let calls = self.waiting.remove(id).unwrap_or_default();
+        self.count -= calls.len();
+        calls.into_iter().map(|(_, tx)| tx).collect()
+    }
+}
+
+/// What a request asks for besides its message.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestOptions {
+    /// How long the call waits for the reply.
+    pub timeout: Duration,
+    /// Answer 503 at once, storing nothing, when no agent that could take the request was
+    /// seen within `presence_ttl`.
+    pub fail_without_responders: bool,
+}
+
+/// Where a call stands once decided under the lock.
+enum Decided {
+    /// The request (a repeated client id) was answered already: its stored reply.
+    Answered(Offset),
+    /// Waiting for the reply; `publish` if the request is new and must be written.
+    Waiting {
+        ticket: u64,
+        rx: oneshot::Receiver<Answer>,
+        publish: bool,
+    },
+}
+
+impl Broker {
+    /// Publishes a request durably and waits up to `options.timeout` for its first reply,
+    /// whose message is returned. A request whose client id was already answered returns
+    /// the stored reply without publishing anything.
+    pub async fn request(
+        self: &Arc<Self>,
+        mut outgoing: Outgoing,
+        options: RequestOptions,
+    ) -> Result<Frame> {
+        self.check_writable()?;
+        let now = self.clock.now_ms();
+        let window = millis(self.config.dedupe_window);
+        let timeout_ms = millis(options.timeout);
+        outgoing.message.request_until_ms =
+            Some(now.saturating_add(timeout_ms).saturating_add(window));
+        if outgoing.message.id.is_empty() {
+            outgoing.message.id = new_id(now).to_string();
+        }
+        let id = outgoing.message.id.clone();
+        let decided = self.decide_call(&outgoing, options, now)?;
+        let (ticket, rx) = match decided {
+            Decided::Answered(reply) => return self.read_reply(&id, reply).await,
+            Decided::Waiting {
+                ticket,
+                rx,
+                publish,
+            } => {
+                if publish {
+                    if let Err(refusal) = self.publish(vec![outgoing]).await {
+                        self.lock().calls.leave(&id, ticket);
+                        return Err(refusal);
+                    }
+                }
+                (ticket, rx)
+            }
+        };
+        let mut rx = rx;
+        let answer = match tokio::time::timeout(options.timeout, &mut rx).await {
+            Ok(answer) => answer.ok(),
+            Err(_) => {
+                // A reply that came as the time ran out took our ticket and sent, under the
+                // lock: after leaving under the lock, it is in `rx` or it never comes.
+                self.lock().calls.leave(&id, ticket);
+                rx.try_recv().ok()
+            }
+        };
+        let Some((reply, settled)) = answer else {
+            return Err(Refusal::ReplyTimeout { id, timeout_ms });
+        };
+        settled.await;
+        self.read_reply(&id, reply).await
+    }
+
+    /// Decides a call under the lock: the stored reply of an answered request, or a wait for
+    /// the reply (after publishing the request if it is new).
+    fn decide_call(
+        &self,
+        outgoing: &Outgoing,
+        options: RequestOptions,
+        now: u64,
+    ) -> Result<Decided> {
+        let mut core = self.lock();
+        core.registry.get(&outgoing.message.from)?;
+        let id = &outgoing.message.id;
+        let known = core.delivery.request(id).cloned();
+        if let Some(reply) = known.as_ref().and_then(|r| r.reply) {
+            return Ok(Decided::Answered(reply));
+        }
+        if known.is_none() && options.fail_without_responders {
+            self.check_responders(&core, outgoing.to.as_ref(), now)?;
+        }
+        let limit = self.config.limits.max_waiting_requests;
+        if core.calls.count >= limit as usize {
+            return Err(Refusal::TooManyWaiting { limit });
+        }
+        let (tx, rx) = oneshot::channel();
+        let ticket = core.calls.wait(id, tx);
+        Ok(Decided::Waiting {
+            ticket,
+            rx,
+            publish: known.is_none(),
+        })
+    }
+
+    /// Refuses a request that no agent could take now: its agent, or any agent declaring
+    /// its capability, must have been seen within `presence_ttl`.
+    fn check_responders(&self, core: &Core, to: Option<&Address>, now: u64) -> Result<()> {
+        let ttl = millis(self.config.presence_ttl);
+        let fresh = |seen: Option<u64>| seen.is_some_and(|s| now.saturating_sub(s) <= ttl);
+        let (online, what) = match to {
+            Some(Address::Agent(agent)) => (
+                fresh(core.registry.last_seen(agent.as_str())),
+                format!("agent `{agent}`"),
+            ),
+            Some(Address::Capability(capability)) => (
+                core.registry
+                    .declaring(capability.as_str())
+                    .iter()
+                    .any(|(_, seen)| fresh(*seen)),
+                format!("no agent declaring `{capability}`"),
+            ),
+            _ => (true, String::new()),
+        };
+        if online {
+            Ok(())
+        } else {
+            Err(Refusal::NoResponders(what))
+        }
+    }
+
+    /// Reads a reply's message.
+    async fn read_reply(self: &Arc<Self>, id: &str, reply: Offset) -> Result<Frame> {
+        let frame = self.read_messages(vec![reply]).await?.pop().flatten();
+        frame.ok_or_else(|| {
+            Refusal::Unavailable(format!(
+                "the reply to request `{id}` (offset {reply}) was deleted by retention"
+            ))
+        })
+    }
+
+    /// After a message arrived (in the completion callback, under the lock): if it is the
+    /// first reply to a request whose calls wait, settles it in the requester's inbox (an
+    /// `Acked` record, applied now) and hands it to the calls.
+    pub(super) fn answer_calls(
+        self: &Arc<Self>,
+        core: &mut Core,
+        arrival: &Arrival,
+        offset: Offset,
+        now: u64,
+    ) {
+        let Some(id) = arrival.in_reply_to.as_deref() else {
+            return;
+        };
+        let Some(request) = core.delivery.request(id) else {
+            return;
+        };
+        if request.reply != Some(offset) {
+            return;
+        }
+        let requester = request.from.clone();
+        let calls = core.calls.take(id);
+        if calls.is_empty() {
+            return;
+        }
+        let settle = arrival.destinations.contains(&requester).then(|| {
+            let record = Record::Acked {
+                inbox: requester,
+                slots: vec![Slot {
+                    offset,
+                    priority: arrival.priority,
+                }],
+            };
+            self.commit_now(core, ACK, now, vec![record])
+        });
+        let settled: Pin<Box<dyn Future<Output = ()> + Send>> = match settle {
+            // If the ack is lost, the reply comes again through the inbox: at least once.
+            Some(Ok(commit)) => Box::pin(async move {
+                let _ = commit.durable().await;
+            }),
+            _ => Box::pin(async {}),
+        };
+        let settled = settled.shared();
+        for call in calls {
+            let _ = call.send((offset, settled.clone()));
+        }
+    }
+}
