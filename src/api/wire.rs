@@ -40,6 +40,7 @@ pub struct PublishBody {
     in_reply_to: Option<String>,
     delay_ms: Option<i64>,
     ttl_ms: Option<i64>,
+    ordering_key: Option<String>,
 }
 
 /// `POST /v1/messages/batch`.
@@ -107,6 +108,9 @@ impl PublishBody {
         if let Some(correlation_id) = &self.correlation_id {
             check_label("correlation_id", correlation_id)?;
         }
+        if let Some(ordering_key) = &self.ordering_key {
+            check_label("ordering_key", ordering_key)?;
+        }
         let priority = match self.priority {
             None => 4,
             Some(p @ 0..=9) => u8::try_from(p).expect("0..=9 fits"),
@@ -143,7 +147,7 @@ impl PublishBody {
                 expires_at_ms: None,
                 dedupe_until_ms: None,
                 body: self.body.get().as_bytes().to_vec(),
-                ordering_key: None,
+                ordering_key: self.ordering_key,
                 request_until_ms: None,
             },
             delay_ms,
@@ -258,6 +262,8 @@ pub struct MessageView<'a> {
     correlation_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     in_reply_to: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ordering_key: Option<&'a str>,
     body: &'a RawValue,
     offset: u64,
     published_at: String,
@@ -292,6 +298,7 @@ impl<'a> MessageView<'a> {
                 .collect(),
             correlation_id: m.correlation_id.as_deref(),
             in_reply_to: m.in_reply_to.as_deref(),
+            ordering_key: m.ordering_key.as_deref(),
             body,
             offset: frame.offset.0,
             published_at: rfc3339(frame.timestamp_ms),

@@ -288,6 +288,9 @@ pub fn recover_state(
     let agents = index.agents()?;
     for agent in &agents {
         state.open_inbox(&agent.id);
+        for (offset, key) in index.orderings(&agent.id)? {
+            state.load_ordering(&agent.id, offset, &key);
+        }
         for entry in index.inbox(&agent.id) {
             let entry = entry?;
             state.load_entry(&agent.id, entry.slot, entry.value);
@@ -298,6 +301,9 @@ pub fn recover_state(
     }
     for queue in index.queues()? {
         state.open_inbox(&queue);
+        for (offset, key) in index.orderings(&queue)? {
+            state.load_ordering(&queue, offset, &key);
+        }
         for entry in index.inbox(&queue) {
             let entry = entry?;
             state.load_entry(&queue, entry.slot, entry.value);

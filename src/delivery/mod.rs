@@ -95,6 +95,76 @@ struct Inbox {
     dead: BTreeMap<u64, DeadEntry>,
     /// In a queue: the agent that holds each leased entry.
     holders: HashMap<Key, Arc<str>>,
+    /// The ordering key of each message pending or dead here that has one, by offset.
+    ordering: HashMap<u64, Arc<str>>,
+    /// Per ordering key, its pending entries in offset order, (offset, rank): only the first
+    /// (the key's head) may be ready; the others wait until it is acked or dead-lettered.
+    lines: HashMap<Arc<str>, BTreeSet<(u64, u8)>>,
+}
+
+impl Inbox {
+    /// Puts a new pending entry in its ordering key's line, if it has a key. An entry that
+    /// joins ahead of the line's head (a redriven dead letter, or loading at start in
+    /// priority order) becomes the head: the one it displaces is no longer ready. (A
+    /// displaced head already leased stays leased: after a redrive into a key whose next
+    /// message is in flight, two of the key may be in flight once.)
+    fn join_line(&mut self, k: Key) {
+        let Some(key) = self.ordering.get(&k.1) else {
+            return;
+        };
+        let line = self.lines.entry(key.clone()).or_default();
+        line.insert((k.1, k.0));
+        let mut members = line.iter();
+        if members.next() == Some(&(k.1, k.0)) {
+            if let Some(&(offset, rank)) = members.next() {
+                self.ready.remove(&(rank, offset));
+            }
+        }
+    }
+
+    /// Whether `k` may be delivered as far as ordering goes: it has no key, or heads its
+    /// key's line.
+    fn is_head(&self, k: Key) -> bool {
+        let Some(line) = self.ordering.get(&k.1) else {
+            return true;
+        };
+        self.lines
+            .get(line)
+            .and_then(BTreeSet::first)
+            .is_none_or(|(offset, _)| *offset == k.1)
+    }
+
+    /// Takes a settled entry out of its line; the next one there, now the head, becomes
+    /// ready if it is due.
+    fn leave_line(&mut self, k: Key) {
+        let Some(key) = self.ordering.get(&k.1) else {
+            return;
+        };
+        let Some(line) = self.lines.get_mut(key) else {
+            return;
+        };
+        let was_head = line.first() == Some(&(k.1, k.0));
+        line.remove(&(k.1, k.0));
+        match line.first() {
+            None => {
+                let key = key.clone();
+                self.lines.remove(&key);
+            }
+            Some(&(offset, rank)) if was_head => {
+                let next = (rank, offset);
+                let due = self.entries.get(&next).is_some_and(|v| {
+                    v.state
+                        == EntryState::Ready {
+                            not_before_ms: None,
+                        }
+                });
+                if due {
+                    self.ready.insert(next);
+                }
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// The delivery state of every inbox, the timers that drive the sweeper, and the client ids

@@ -19,6 +19,12 @@ impl State {
         self.put(inbox, key(slot), value);
     }
 
+    /// Loads the ordering key of a message pending or dead in `inbox` as the index holds it
+    /// (start-up, before the inbox's entries).
+    pub fn load_ordering(&mut self, inbox: &str, offset: Offset, key: &str) {
+        let Ok(()) = self.note_ordering(inbox, offset, key);
+    }
+
     /// Loads a dead letter as the index holds it (start-up).
     pub fn load_dead(&mut self, inbox: &str, dead: DeadEntry) {
         let Ok(()) = self.put_dead(inbox, &dead);
@@ -65,14 +71,18 @@ impl State {
             .map(move |(due, kind)| (due, kind, name.clone(), k))
     }
 
-    /// Inserts or replaces an entry, keeping `ready`, `in_flight` and the timers in step.
+    /// Inserts or replaces an entry, keeping `ready` (only heads of ordering-key lines),
+    /// `in_flight`, the lines and the timers in step.
     pub(super) fn put(&mut self, inbox: &str, k: Key, value: EntryValue) {
-        self.remove(inbox, k);
+        let fresh = self.detach(inbox, k).is_none();
         let (name, state_inbox) = self.inbox_mut(inbox);
+        if fresh {
+            state_inbox.join_line(k);
+        }
         match value.state {
             EntryState::Ready {
                 not_before_ms: None,
-            } => {
+            } if state_inbox.is_head(k) => {
                 state_inbox.ready.insert(k);
             }
             EntryState::Ready { .. } => {}
@@ -82,8 +92,17 @@ impl State {
         self.timers.extend(Self::timers_of(&name, k, &value));
     }
 
-    /// Removes an entry and its timers; returns it if it was pending.
+    /// Removes an entry and its timers (settled: it leaves its ordering-key line too);
+    /// returns it if it was pending.
     pub(super) fn remove(&mut self, inbox: &str, k: Key) -> Option<EntryValue> {
+        let old = self.detach(inbox, k)?;
+        self.inbox_mut(inbox).1.leave_line(k);
+        Some(old)
+    }
+
+    /// Takes an entry out of `entries`, `ready`, `in_flight` and the timers, leaving its place
+    /// in its line (it is being replaced, or [`State::remove`] takes that too).
+    fn detach(&mut self, inbox: &str, k: Key) -> Option<EntryValue> {
         let (name, state_inbox) = self.inbox_mut(inbox);
         let old = state_inbox.entries.remove(&k)?;
         state_inbox.ready.remove(&k);
@@ -179,6 +198,21 @@ impl Store for State {
         _old: &EntryValue,
     ) -> Result<(), Infallible> {
         self.remove(inbox, key(slot));
+        Ok(())
+    }
+
+    fn note_ordering(&mut self, inbox: &str, offset: Offset, key: &str) -> Result<(), Infallible> {
+        let state_inbox = self.inbox_mut(inbox).1;
+        let key = state_inbox
+            .lines
+            .get_key_value(key)
+            .map_or_else(|| Arc::from(key), |(name, _)| name.clone());
+        state_inbox.ordering.insert(offset.0, key);
+        Ok(())
+    }
+
+    fn forget_ordering(&mut self, inbox: &str, offset: Offset) -> Result<(), Infallible> {
+        self.inbox_mut(inbox).1.ordering.remove(&offset.0);
         Ok(())
     }
 
@@ -351,6 +385,7 @@ impl Store for State {
             }
             let inbox = self.inbox_mut(&name).1;
             inbox.dead = inbox.dead.split_off(&below.0);
+            inbox.ordering.retain(|offset, _| *offset >= below.0);
         }
         let request_expiries = &mut self.request_expiries;
         self.requests.retain(|id, request| {

@@ -131,6 +131,8 @@ pub struct Arrival {
     pub request: Option<(String, String, u64)>,
     /// The id of the message it replies to, if any.
     pub in_reply_to: Option<String>,
+    /// Its ordering key, if any.
+    pub ordering_key: Option<String>,
 }
 
 impl Arrival {
@@ -149,6 +151,7 @@ impl Arrival {
                 .request_until_ms
                 .map(|until_ms| (message.id.clone(), message.from.clone(), until_ms)),
             in_reply_to: message.in_reply_to.clone(),
+            ordering_key: message.ordering_key.clone(),
         }
     }
 }
@@ -229,6 +232,11 @@ pub trait Store {
         slot: Slot,
         old: &EntryValue,
     ) -> Result<(), Self::Error>;
+    /// Notes the ordering key of the message at `offset` in `inbox` (before its entry is
+    /// put): kept while the message is pending or dead-lettered there.
+    fn note_ordering(&mut self, inbox: &str, offset: Offset, key: &str) -> Result<(), Self::Error>;
+    /// Forgets the ordering key of the message at `offset` in `inbox` (it was acked).
+    fn forget_ordering(&mut self, inbox: &str, offset: Offset) -> Result<(), Self::Error>;
     /// Adds a dead letter to `inbox`.
     fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<(), Self::Error>;
     /// Removes the dead letter at `offset` from `inbox`; whether there was one.
@@ -251,7 +259,8 @@ pub trait Store {
 
     /// Registers or updates an agent; its inbox exists from now on.
     fn upsert_agent(&mut self, agent: &Agent) -> Result<(), Self::Error>;
-    /// Removes an agent with its inbox, dead letters, subscriptions and backfills.
+    /// Removes an agent with its inbox, ordering keys, dead letters, subscriptions and
+    /// backfills.
     fn delete_agent(&mut self, agent: &str) -> Result<(), Self::Error>;
     /// Adds (or moves the start of) a subscription.
     fn subscribe(&mut self, agent: &str, topic: &str, start: Offset) -> Result<(), Self::Error>;
@@ -289,7 +298,7 @@ pub trait Store {
     /// `forget`.
     fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, lease
-    /// holders, dead letters and remembered ids of messages there (and any location of those records), and
+    /// holders, ordering keys, dead letters and remembered ids of messages there (and any location of those records), and
     /// remembers `below` as [`Store::truncated_below`]. Requests below it are forgotten too.
     fn forget_below(&mut self, below: Offset) -> Result<(), Self::Error>;
     /// The highest `below` retention truncated the log at (0 if it never did).
@@ -382,7 +391,11 @@ fn apply_message<S: Store + ?Sized>(
     };
     let value = published(m.not_before_ms, m.expires_at_ms);
     let dedupe = m.dedupe_until_ms.map(|until_ms| (m.id.as_str(), until_ms));
-    publish(store, slot, &m.destinations, &value, dedupe, topic_of(m))?;
+    let keyed = Keyed {
+        topic: topic_of(m),
+        ordering_key: m.ordering_key.as_deref(),
+    };
+    publish(store, slot, &m.destinations, &value, dedupe, keyed)?;
     let exchange = Exchange {
         request: m
             .request_until_ms
@@ -417,6 +430,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
                 if let Some(old) = store.entry(inbox, *slot)? {
                     store.remove_entry(inbox, *slot, &old)?;
                     unhold(store, inbox, *slot)?;
+                    store.forget_ordering(inbox, slot.offset)?;
                 }
             }
             Ok(inbox_of(inbox))
@@ -515,8 +529,11 @@ pub fn arrive<'a, S: Store + ?Sized>(
         .dedupe
         .as_ref()
         .map(|(id, until)| (id.as_str(), *until));
-    let topic = arrival.topic.as_deref();
-    publish(store, slot, &arrival.destinations, &value, dedupe, topic)?;
+    let keyed = Keyed {
+        topic: arrival.topic.as_deref(),
+        ordering_key: arrival.ordering_key.as_deref(),
+    };
+    publish(store, slot, &arrival.destinations, &value, dedupe, keyed)?;
     let exchange = Exchange {
         request: arrival
             .request
@@ -555,17 +572,27 @@ fn exchange_requests<S: Store + ?Sized>(
     Ok(())
 }
 
-/// A published message enters each of its inboxes; its client id is remembered, and its
-/// topic counted.
+/// The names a published message is filed under besides its inboxes.
+#[derive(Debug, Clone, Copy)]
+struct Keyed<'a> {
+    topic: Option<&'a str>,
+    ordering_key: Option<&'a str>,
+}
+
+/// A published message enters each of its inboxes (in its ordering key's line there, if it
+/// has one); its client id is remembered, and its topic counted.
 fn publish<S: Store + ?Sized>(
     store: &mut S,
     slot: Slot,
     destinations: &[String],
     value: &EntryValue,
     dedupe: Option<(&str, u64)>,
-    topic: Option<&str>,
+    keyed: Keyed<'_>,
 ) -> Result<(), S::Error> {
     for inbox in destinations {
+        if let Some(key) = keyed.ordering_key {
+            store.note_ordering(inbox, slot.offset, key)?;
+        }
         store.put_entry(inbox, slot, value, Was::New)?;
         if queue_of(inbox).is_some() {
             store.note_queue(inbox)?;
@@ -574,7 +601,7 @@ fn publish<S: Store + ?Sized>(
     if let Some((id, until_ms)) = dedupe {
         store.remember(id, slot.offset, until_ms)?;
     }
-    if let Some(topic) = topic {
+    if let Some(topic) = keyed.topic {
         store.note_topic(topic, slot.offset)?;
     }
     Ok(())

@@ -35,6 +35,7 @@ mod fuzz_corpus;
 mod hostile;
 mod limits;
 mod model;
+mod ordering;
 mod power_loss;
 mod powerfs;
 mod publish;

@@ -1,5 +1,5 @@
 //! T10: seeded random sequences of publish (to agents, to topics and to a capability queue,
-//! some with client ids, so with duplicates) / subscribe / unsubscribe / declaring or dropping
+//! some with client ids, so with duplicates, some with ordering keys) / subscribe / unsubscribe / declaring or dropping
 //! the capability / receive (merging an agent's inbox with the queue) / ack / nack / extend /
 //! time passing and sweeps / redrive / checkpoint / power loss, over several inboxes, driven
 //! through the
@@ -51,6 +51,8 @@ const TOPICS: [&str; 3] = ["t.a", "t.b.c", "u.x"];
 const PATTERNS: [&str; 4] = ["t.a", "t.*", "t.>", "u.*"];
 /// The capability of the model's queue, and its inbox name.
 const CAPABILITY: &str = "q";
+/// The ordering keys one publish in three carries.
+const KEYS: [&str; 2] = ["k0", "k1"];
 const QUEUE: &str = "capability:q";
 
 /// Whether `topic` matches `pattern` (`*` one segment, a final `>` one or more): the model's
@@ -104,6 +106,8 @@ struct ModelMessage {
     status: Status,
     /// In the queue: the agent that holds its lease, while leased.
     holder: Option<&'static str>,
+    /// Its ordering key, if any.
+    key: Option<&'static str>,
 }
 
 /// One inbox of the model.
@@ -118,10 +122,22 @@ impl Inbox {
     }
 
     /// The messages deliverable at `now`, in delivery order: (9 − priority, offset).
+    /// Ordering keys: a keyed message may go only while it is the pending message of its
+    /// key with the lowest offset in this inbox.
     fn ready(&self, now: u64) -> Vec<(u8, u64)> {
+        let heads: BTreeMap<&str, u64> = self
+            .messages
+            .iter()
+            .filter(|(_, m)| Self::pending(m))
+            .filter_map(|(o, m)| Some((m.key?, *o)))
+            .fold(BTreeMap::new(), |mut heads, (key, offset)| {
+                heads.entry(key).or_insert(offset);
+                heads
+            });
         self.messages
             .iter()
             .filter(|(_, m)| matches!(m.status, Status::Ready { not_before } if not_before <= now))
+            .filter(|(o, m)| m.key.is_none_or(|key| heads.get(key) == Some(*o)))
             .map(|(o, m)| (9 - m.priority, *o))
             .collect()
     }
@@ -392,9 +408,9 @@ impl System {
         &self,
         to: &str,
         priority: u8,
-        delay_ms: u64,
-        ttl_ms: u64,
+        (delay_ms, ttl_ms): (u64, u64),
         id: Option<String>,
+        key: Option<&str>,
     ) -> (u64, bool, usize) {
         let (address, text) = if to == QUEUE {
             let capability = CapabilityName::parse(CAPABILITY).expect("a valid capability");
@@ -422,7 +438,7 @@ impl System {
                 expires_at_ms: None,
                 dedupe_until_ms: None,
                 body: b"{}".to_vec(),
-                ordering_key: None,
+                ordering_key: key.map(str::to_owned),
                 request_until_ms: None,
             },
             delay_ms,
@@ -494,7 +510,7 @@ impl System {
     /// does not wait for them, so a publish queued behind them does).
     fn sweep(&self) {
         self.broker.sweep();
-        self.publish(FENCE, 4, 0, 0, None);
+        self.publish(FENCE, 4, (0, 0), None, None);
     }
 
     /// Redrives every dead letter of `agent`'s inbox, or of the queue if `agent` is `None`;
@@ -702,9 +718,10 @@ fn run_seed(seed: u64) {
                     0
                 };
                 let id = (rng.below(3) == 0).then(|| format!("id-{}", rng.below(5)));
+                let key = (rng.below(3) == 0).then(|| KEYS[rng.below(KEYS.len() as u64) as usize]);
                 let expected = model.duplicate_of(id.as_deref(), now);
                 let (offset, duplicate, destinations) =
-                    system.publish(to, priority, delay, ttl, id.clone());
+                    system.publish(to, priority, (delay, ttl), id.clone(), key);
                 assert_eq!(duplicate, expected.is_some(), "{context}: publish {id:?}");
                 if let Some(original) = expected {
                     assert_eq!(offset, original, "{context}: duplicate of {id:?}");
@@ -730,6 +747,7 @@ fn run_seed(seed: u64) {
                                 not_before: now + delay,
                             },
                             holder: None,
+                            key,
                         };
                         let inbox = if inbox == QUEUE {
                             &mut model.queue

@@ -6,9 +6,9 @@ use std::ops::Bound;
 
 use super::keys::{
     backfill_key, be64, dead_key, decode_location, expiry_key, from_be64, inbox_prefix,
-    parse_slot_key, positions_key, slot_key, subscription_key, timer_key, topic_offset_key,
-    trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, N, O, P, R, S,
-    TRUNCATED_KEY, U, X, Y,
+    ordering_key, parse_slot_key, positions_key, slot_key, subscription_key, timer_key,
+    topic_offset_key, trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, K, N, O,
+    P, R, S, TRUNCATED_KEY, U, X, Y,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -121,6 +121,16 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
+    fn note_ordering(&mut self, inbox: &str, offset: Offset, key: &str) -> Result<()> {
+        self.insert(ordering_key(inbox, offset), key.as_bytes().to_vec());
+        Ok(())
+    }
+
+    fn forget_ordering(&mut self, inbox: &str, offset: Offset) -> Result<()> {
+        self.remove(ordering_key(inbox, offset));
+        Ok(())
+    }
+
     fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<()> {
         self.insert(dead_key(inbox, dead.slot.offset), encode_value(dead));
         Ok(())
@@ -179,6 +189,7 @@ impl Store for Txn<'_> {
             self.remove(key);
         }
         self.remove_prefix(&inbox_prefix(D, agent))?;
+        self.remove_prefix(&inbox_prefix(K, agent))?;
         self.remove_prefix(&inbox_prefix(B, agent))?;
         self.remove_prefix(&inbox_prefix(S, agent))
     }
@@ -280,6 +291,11 @@ impl Store for Txn<'_> {
             };
             if slot.offset < below {
                 self.remove_timers(&inbox, slot, &decode_value(&value)?);
+                self.remove(key);
+            }
+        }
+        for (key, _) in self.scan_prefix(&[K])? {
+            if trailing_offset(&key) < below.0 {
                 self.remove(key);
             }
         }

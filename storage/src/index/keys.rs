@@ -23,6 +23,7 @@ pub(super) const B: u8 = b'b';
 pub(super) const H: u8 = b'h';
 pub(super) const C: u8 = b'c';
 pub(super) const R: u8 = b'r';
+pub(super) const K: u8 = b'k';
 pub(super) const Y: u8 = b'y';
 
 #[expect(
@@ -137,6 +138,13 @@ pub(super) fn inbox_prefix(prefix: u8, inbox: &str) -> Vec<u8> {
 
 pub(super) fn dead_key(inbox: &str, offset: Offset) -> Vec<u8> {
     let mut key = inbox_prefix(D, inbox);
+    key.extend_from_slice(&be64(offset.0));
+    key
+}
+
+/// `k`, inbox, offset: the ordering key of a message pending or dead in an inbox.
+pub(super) fn ordering_key(inbox: &str, offset: Offset) -> Vec<u8> {
+    let mut key = inbox_prefix(K, inbox);
     key.extend_from_slice(&be64(offset.0));
     key
 }

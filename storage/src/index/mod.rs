@@ -22,6 +22,7 @@
 //! | `b` | agent, pattern | next offset (u64 LE): a backfill under way |
 //! | `c` | queue inbox name (`capability:<name>`) | empty: a capability queue that messages entered |
 //! | `h` | queue inbox name, 9 − priority, offset | agent id: who holds the lease of a leased queue message |
+//! | `k` | inbox, offset (u64 BE) | ordering key of a message pending or dead-lettered there |
 //! | `r` | request id | [`RequestValue`] (bincode): offset, sender, remembered-until ms, first reply |
 //! | `y` | remembered-until ms (u64 BE), request id | empty (expiry order of `r`) |
 //!
@@ -49,7 +50,7 @@ use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    C, CLOCK_KEY, D, H, I, N, O, P, R, S, T, TRUNCATED_KEY, U,
+    C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -114,6 +115,8 @@ pub struct IndexSnapshot {
     pub holders: BTreeMap<(String, Slot), String>,
     /// Remembered requests by id.
     pub requests: BTreeMap<String, RequestValue>,
+    /// Ordering keys of messages pending or dead in an inbox: (inbox, offset) → key.
+    pub orderings: BTreeMap<(String, Offset), String>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -618,6 +621,18 @@ impl Index {
             .collect()
     }
 
+    /// The ordering keys of the messages pending or dead in `inbox`: (offset, key), in
+    /// offset order.
+    pub fn orderings(&self, inbox: &str) -> Result<Vec<(Offset, String)>> {
+        self.scan_prefix(&inbox_prefix(K, inbox))
+            .map(|item| {
+                let (key, value) = item?;
+                let offset = Offset(trailing_offset(&key));
+                Ok((offset, String::from_utf8_lossy(&value).into_owned()))
+            })
+            .collect()
+    }
+
     /// Every remembered request, by id. Reads them all: for loading the server's memory at
     /// start.
     pub fn requests(&self) -> Result<Vec<(String, RequestValue)>> {
@@ -732,6 +747,12 @@ impl IndexSnapshot {
             Some(C) => {
                 snap.queues
                     .insert(String::from_utf8_lossy(rest).into_owned());
+            }
+            Some(K) => {
+                let (inbox, offset) = take_str(rest).ok_or_else(bad_key)?;
+                let key = String::from_utf8_lossy(value).into_owned();
+                snap.orderings
+                    .insert((inbox, Offset(from_be64(offset))), key);
             }
             Some(R) => {
                 let id = String::from_utf8_lossy(rest).into_owned();

@@ -204,11 +204,13 @@ fn part_two(log: &Log) {
     )
     .unwrap();
     // Three messages to a capability queue: two leased to a, of which one is acked.
+    // The first two share an ordering key.
     let to_queue = |id: &str| {
         let mut record = message(id, "b", 4, b"2");
         if let Record::Message(m) = &mut record {
             m.to = "capability:plan".into();
             m.destinations = vec!["capability:plan".into()];
+            m.ordering_key = (id != "q3").then(|| "acct-1".into());
         }
         record
     };
@@ -368,6 +370,11 @@ fn index_records_change_delivery_state_as_documented() {
         index.holders().unwrap(),
         vec![(queue.to_owned(), leased, "a".to_owned())],
         "the acked lease has no holder any more"
+    );
+    assert_eq!(
+        index.orderings(queue).unwrap(),
+        vec![(leased.offset, "acct-1".to_owned())],
+        "the acked message's ordering key is forgotten, the pending one's kept"
     );
     // The last topic message is just below the Subscribed and Backfilled records, and the
     // five records of the queue.
