@@ -42,9 +42,10 @@ fn power_cuts(fsync: &str, cuts: u32) -> Option<Tally> {
         server.kill9();
         lost_bytes += fs.cut();
         server.restart();
-        // Under `never` the registration itself can be lost; registering again changes nothing
-        // otherwise. The clients still knock at the old address meanwhile.
-        server.register("worker", serde_json::json!({}));
+        // Under `never` the registrations and subscriptions themselves can be lost; setting
+        // them up again changes nothing otherwise. The clients still knock at the old address
+        // meanwhile.
+        workload::setup(&server);
         load.follow(&server);
     }
     let tally = load.finish(&server, &format!("T4 fsync={fsync}"));
