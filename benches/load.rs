@@ -6,7 +6,11 @@
 //! cargo bench --bench load -- drain   URL AGENT COUNT [CONSUMERS]        receive (max 100) + ack until COUNT acked
 //! cargo bench --bench load -- latency URL AGENT RATE SECONDS [ACKS]      publish → delivery at a steady rate
 //! cargo bench --bench load -- fanout  URL TOPIC COUNT [SUBSCRIBERS]      1 KiB to a topic, every subscriber drains
+//! cargo bench --bench load -- qdrain  URL CAPABILITY COUNT [AGENTS]      AGENTS capable agents drain its queue
+//! cargo bench --bench load -- request URL CAPABILITY RATE SECONDS [WORKERS] request → worker → reply round trips
 //! ```
+//!
+//! `fill`'s AGENT may also be a whole address (`capability:work`), to fill a queue.
 //!
 //! `ACKS` is `pipelined` (the default: a second connection acks while the consumer is back in
 //! its long-poll, as a consumer that cares for latency does) or `sequential` (ack, then
@@ -90,8 +94,14 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: Option<T>) -> T
         })
 }
 
+/// A message to `agent:<agent>`, or to `agent` itself if it is an address (has a `:`).
 fn message(agent: &str, body: &str) -> String {
-    format!(r#"{{"to":"agent:{agent}","from":"loadgen","body":{body}}}"#)
+    let to = if agent.contains(':') {
+        agent.to_owned()
+    } else {
+        format!("agent:{agent}")
+    };
+    format!(r#"{{"to":"{to}","from":"loadgen","body":{body}}}"#)
 }
 
 fn pad() -> String {
@@ -150,16 +160,26 @@ fn receive_and_ack(conn: &mut Conn, agent: &str) -> u64 {
     receipts.len() as u64
 }
 
+/// `consumers` consumers of `agent` drain it; see [`drain_as`].
 fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
+    let agents = vec![agent.to_owned(); consumers as usize];
+    drain_as(url, &agents, count, "drain");
+}
+
+/// One consumer per entry of `agents` (repeats allowed) receives (max 100) and acks until
+/// `count` messages were acked in all.
+fn drain_as(url: &str, agents: &[String], count: u64, label: &str) {
+    let consumers = agents.len();
     let acked = Arc::new(AtomicU64::new(0));
     // When the last ack was answered: the consumers still in a long-poll then (the inbox is
     // empty) only return after their `wait_ms`, which is no part of the drain.
     let finished: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(600);
-    let workers: Vec<_> = (0..consumers)
-        .map(|_| {
-            let (url, agent, acked) = (url.to_owned(), agent.to_owned(), acked.clone());
+    let workers: Vec<_> = agents
+        .iter()
+        .map(|agent| {
+            let (url, agent, acked) = (url.to_owned(), agent.clone(), acked.clone());
             let finished = finished.clone();
             std::thread::spawn(move || {
                 let mut conn = Conn::open(&url);
@@ -185,7 +205,125 @@ fn drain(url: &str, agent: &str, count: u64, consumers: u64) {
         .unwrap_or_else(Instant::now);
     let secs = end.duration_since(start).as_secs_f64();
     let n = acked.load(Ordering::Relaxed);
-    println!("drain: {n} messages received and acked in {secs:.2} s = {:.0} msg/s ({consumers} consumers, max 100)", n as f64 / secs);
+    println!("{label}: {n} messages received and acked in {secs:.2} s = {:.0} msg/s ({consumers} consumers, max 100)", n as f64 / secs);
+}
+
+/// Registers `agent` with `capabilities` (a JSON array).
+fn register(conn: &mut Conn, agent: &str, capabilities: &str) {
+    let body = format!(r#"{{"capabilities":{capabilities}}}"#);
+    let (status, reply) = conn.send("PUT", &format!("/v1/agents/{agent}"), body.as_bytes());
+    assert!(
+        status == 200 || status == 201,
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+}
+
+/// A capability queue drained by `agents` competing agents that declare it, one consumer
+/// each, receiving and acking until `count` messages were acked in all.
+fn qdrain(url: &str, capability: &str, count: u64, agents: u64) {
+    let mut conn = Conn::open(url);
+    let names: Vec<String> = (0..agents).map(|i| format!("{capability}-{i}")).collect();
+    for name in &names {
+        register(&mut conn, name, &format!(r#"["{capability}"]"#));
+    }
+    drain_as(url, &names, count, "qdrain");
+}
+
+/// Request/reply round trips at a steady `rate` for `seconds`: requests to
+/// `capability:<capability>` from 32 requester connections (each waits for its reply), and
+/// `workers` competing agents that take each request, publish its reply without `to` and ack
+/// it. Prints the call's latency (request sent → reply answered).
+fn request(url: &str, capability: &str, rate: u64, seconds: u64, workers: u64) {
+    let mut conn = Conn::open(url);
+    register(&mut conn, "asker", "[]");
+    let names: Vec<String> = (0..workers).map(|i| format!("answer-{i}")).collect();
+    for name in &names {
+        register(&mut conn, name, &format!(r#"["{capability}"]"#));
+    }
+    let total = rate * seconds;
+    let base = Instant::now();
+    let stop = base + Duration::from_secs(seconds + 10);
+    let answered = Arc::new(AtomicU64::new(0));
+    let answerers: Vec<_> = names
+        .into_iter()
+        .map(|name| {
+            let (url, answered) = (url.to_owned(), answered.clone());
+            std::thread::spawn(move || answer(&url, &name, total, stop, &answered))
+        })
+        .collect();
+    let next = Arc::new(AtomicU64::new(0));
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let callers: Vec<_> = (0..32)
+        .map(|_| {
+            let (url, capability, next) = (url.to_owned(), capability.to_owned(), next.clone());
+            std::thread::spawn(move || {
+                let mut conn = Conn::open(&url);
+                let body = format!(
+                    r#"{{"to":"capability:{capability}","from":"asker","body":{{"pad":"{}"}}}}"#,
+                    "x".repeat(200)
+                );
+                let mut latencies = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return latencies;
+                    }
+                    let due = base + interval * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let sent = Instant::now();
+                    let (status, reply) =
+                        conn.post("/v1/requests?timeout_ms=10000", body.as_bytes());
+                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                }
+            })
+        })
+        .collect();
+    let mut latencies: Vec<u64> = callers
+        .into_iter()
+        .flat_map(|c| c.join().expect("caller"))
+        .collect();
+    for a in answerers {
+        a.join().expect("answerer");
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "request/reply at {rate} req/s for {seconds} s, {workers} workers ({} calls): p50 {} µs, p99 {} µs, max {} µs",
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(0)
+    );
+}
+
+/// A worker of [`request`]: receives requests, publishes each one's reply, acks them.
+fn answer(url: &str, agent: &str, total: u64, stop: Instant, answered: &AtomicU64) {
+    let mut conn = Conn::open(url);
+    while answered.load(Ordering::Relaxed) < total && Instant::now() < stop {
+        let (status, body) = conn.post(
+            &format!("/v1/agents/{agent}/receive"),
+            br#"{"max": 10, "wait_ms": 200}"#,
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        let messages = reply["messages"].as_array().expect("messages");
+        let mut receipts = Vec::new();
+        for m in messages {
+            let id = m["id"].as_str().expect("id");
+            let body = format!(r#"{{"from":"{agent}","in_reply_to":"{id}","body":"done"}}"#);
+            let (status, reply) = conn.post("/v1/messages", body.as_bytes());
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+            receipts.push(m["receipt"].as_str().expect("receipt").to_owned());
+        }
+        if !receipts.is_empty() {
+            ack(&mut conn, agent, &receipts);
+            answered.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How the latency scenario's consumer acks what it received.
@@ -430,6 +568,14 @@ fn main() {
             &agent,
             arg(&args, 3, Some(10_000)),
             arg(&args, 4, Some(100)),
+        ),
+        "qdrain" => qdrain(&url, &agent, arg(&args, 3, None), arg(&args, 4, Some(8))),
+        "request" => request(
+            &url,
+            &agent,
+            arg(&args, 3, Some(500)),
+            arg(&args, 4, Some(10)),
+            arg(&args, 5, Some(4)),
         ),
         other => eprintln!("unknown scenario {other:?}; see benches/load.rs"),
     }

@@ -298,6 +298,7 @@ pub fn recover_state(
         for dead in index.dead_letters(&agent.id, None, usize::MAX)? {
             state.load_dead(&agent.id, dead);
         }
+        state.prune_orderings(&agent.id);
     }
     for queue in index.queues()? {
         state.open_inbox(&queue);
@@ -311,6 +312,7 @@ pub fn recover_state(
         for dead in index.dead_letters(&queue, None, usize::MAX)? {
             state.load_dead(&queue, dead);
         }
+        state.prune_orderings(&queue);
     }
     for (queue, slot, agent) in index.holders()? {
         state.load_holder(&queue, slot, &agent);

@@ -25,6 +25,18 @@ impl State {
         let Ok(()) = self.note_ordering(inbox, offset, key);
     }
 
+    /// Forgets the ordering keys of `inbox` whose messages are neither pending nor dead there
+    /// (start-up, after its entries and dead letters: the index keeps the keys of acked
+    /// messages until retention).
+    pub fn prune_orderings(&mut self, inbox: &str) {
+        if let Some(i) = self.inboxes.get_mut(inbox) {
+            let pending: std::collections::HashSet<u64> = i.entries.keys().map(|k| k.1).collect();
+            let dead = &i.dead;
+            i.ordering
+                .retain(|offset, _| pending.contains(offset) || dead.contains_key(offset));
+        }
+    }
+
     /// Loads a dead letter as the index holds it (start-up).
     pub fn load_dead(&mut self, inbox: &str, dead: DeadEntry) {
         let Ok(()) = self.put_dead(inbox, &dead);
@@ -37,7 +49,7 @@ impl State {
 
     /// Loads the holder of a leased queue message as the index holds it (start-up).
     pub fn load_holder(&mut self, queue: &str, slot: Slot, agent: &str) {
-        let Ok(()) = self.set_holder(queue, slot, Some(agent));
+        let Ok(()) = self.hold(queue, slot, agent, false);
     }
 
     /// Loads a remembered request as the index holds it (start-up).
@@ -295,27 +307,27 @@ impl Store for State {
         Ok(())
     }
 
-    fn set_holder(
+    fn hold(
         &mut self,
         queue: &str,
         slot: Slot,
-        agent: Option<&str>,
+        agent: &str,
+        _replacing: bool,
     ) -> Result<(), Infallible> {
-        let k = key(slot);
-        let agent: Option<Arc<str>> = agent.map(|agent| {
-            self.held
-                .get_key_value(agent)
-                .map_or_else(|| Arc::from(agent), |(name, _)| name.clone())
-        });
-        if let Some(agent) = &agent {
-            *self.held.entry(agent.clone()).or_default() += 1;
-        }
-        let holders = &mut self.inbox_mut(queue).1.holders;
-        let old = match agent {
-            Some(agent) => holders.insert(k, agent),
-            None => holders.remove(&k),
-        };
+        let agent: Arc<str> = self
+            .held
+            .get_key_value(agent)
+            .map_or_else(|| Arc::from(agent), |(name, _)| name.clone());
+        *self.held.entry(agent.clone()).or_default() += 1;
+        let old = self.inbox_mut(queue).1.holders.insert(key(slot), agent);
         if let Some(old) = old {
+            self.unheld(&old);
+        }
+        Ok(())
+    }
+
+    fn unhold(&mut self, queue: &str, slot: Slot) -> Result<(), Infallible> {
+        if let Some(old) = self.inbox_mut(queue).1.holders.remove(&key(slot)) {
             self.unheld(&old);
         }
         Ok(())

@@ -235,7 +235,9 @@ pub trait Store {
     /// Notes the ordering key of the message at `offset` in `inbox` (before its entry is
     /// put): kept while the message is pending or dead-lettered there.
     fn note_ordering(&mut self, inbox: &str, offset: Offset, key: &str) -> Result<(), Self::Error>;
-    /// Forgets the ordering key of the message at `offset` in `inbox` (it was acked).
+    /// The message at `offset` in `inbox` was acked: its ordering key is needed no more. (A
+    /// store may keep it until retention removes the message, as the index does: one write
+    /// fewer per ack.)
     fn forget_ordering(&mut self, inbox: &str, offset: Offset) -> Result<(), Self::Error>;
     /// Adds a dead letter to `inbox`.
     fn put_dead(&mut self, inbox: &str, dead: &DeadEntry) -> Result<(), Self::Error>;
@@ -271,13 +273,17 @@ pub trait Store {
     /// A message entered the capability queue `queue` (an inbox name): the queue exists
     /// from now on.
     fn note_queue(&mut self, queue: &str) -> Result<(), Self::Error>;
-    /// Sets (or, with `None`, clears) the agent that holds the lease of `slot` in `queue`.
-    fn set_holder(
+    /// Sets the agent that holds the lease of `slot` in `queue`; `replacing` if the entry
+    /// was leased already (an extension: a holder is recorded), else none is.
+    fn hold(
         &mut self,
         queue: &str,
         slot: Slot,
-        agent: Option<&str>,
+        agent: &str,
+        replacing: bool,
     ) -> Result<(), Self::Error>;
+    /// Clears the holder of the lease of `slot` in `queue`, which was leased.
+    fn unhold(&mut self, queue: &str, slot: Slot) -> Result<(), Self::Error>;
     /// Where the backfill of `agent`'s subscription to `pattern` stands (the next offset to
     /// consider), if one is under way.
     fn backfill(&mut self, agent: &str, pattern: &str) -> Result<Option<Offset>, Self::Error>;
@@ -429,7 +435,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
             for slot in slots {
                 if let Some(old) = store.entry(inbox, *slot)? {
                     store.remove_entry(inbox, *slot, &old)?;
-                    unhold(store, inbox, *slot)?;
+                    unhold(store, inbox, *slot, &old)?;
                     store.forget_ordering(inbox, slot.offset)?;
                 }
             }
@@ -445,7 +451,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
                         ..old
                     };
                     store.put_entry(inbox, release.slot, &value, Was::Pending(&old))?;
-                    unhold(store, inbox, release.slot)?;
+                    unhold(store, inbox, release.slot, &old)?;
                 }
             }
             Ok(inbox_of(inbox))
@@ -454,7 +460,7 @@ fn apply_delivery<'r, S: Store + ?Sized>(
             for letter in letters {
                 if let Some(old) = store.entry(inbox, letter.slot)? {
                     store.remove_entry(inbox, letter.slot, &old)?;
-                    unhold(store, inbox, letter.slot)?;
+                    unhold(store, inbox, letter.slot, &old)?;
                     let dead = DeadEntry {
                         slot: letter.slot,
                         reason: letter.reason,
@@ -496,19 +502,24 @@ fn lease<S: Store + ?Sized>(
                 ..old
             };
             store.put_entry(inbox, lease.slot, &value, Was::Pending(&old))?;
-            if holder.is_some() {
-                store.set_holder(inbox, lease.slot, holder)?;
+            if let Some(agent) = holder {
+                store.hold(inbox, lease.slot, agent, old.is_leased())?;
             }
         }
     }
     Ok(())
 }
 
-/// A queue message's lease ended (ack, release, dead letter): nobody holds it any more. A
-/// lease holder exists exactly while a queue entry is leased.
-fn unhold<S: Store + ?Sized>(store: &mut S, inbox: &str, slot: Slot) -> Result<(), S::Error> {
-    if queue_of(inbox).is_some() {
-        store.set_holder(inbox, slot, None)?;
+/// A queue message's lease ended (ack, release, dead letter of the `old` entry): nobody
+/// holds it any more. A lease holder exists exactly while a queue entry is leased.
+fn unhold<S: Store + ?Sized>(
+    store: &mut S,
+    inbox: &str,
+    slot: Slot,
+    old: &EntryValue,
+) -> Result<(), S::Error> {
+    if old.is_leased() && queue_of(inbox).is_some() {
+        store.unhold(inbox, slot)?;
     }
     Ok(())
 }

@@ -126,8 +126,9 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
-    fn forget_ordering(&mut self, inbox: &str, offset: Offset) -> Result<()> {
-        self.remove(ordering_key(inbox, offset));
+    /// Kept: `k` keys go when retention removes their messages (or with their agent), as
+    /// the topics' `o` keys do; an ack writes nothing more here for them.
+    fn forget_ordering(&mut self, _inbox: &str, _offset: Offset) -> Result<()> {
         Ok(())
     }
 
@@ -224,12 +225,20 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
-    fn set_holder(&mut self, queue: &str, slot: Slot, agent: Option<&str>) -> Result<()> {
+    fn hold(&mut self, queue: &str, slot: Slot, agent: &str, replacing: bool) -> Result<()> {
         let key = slot_key(&[H], queue, slot);
-        match agent {
-            Some(agent) => self.insert(key, agent.as_bytes().to_vec()),
-            None => self.remove(key),
+        // A first holder's key is absent: set so, a lease and its ack between two
+        // checkpoints leave nothing for sled to write.
+        if replacing {
+            self.insert(key, agent.as_bytes().to_vec());
+        } else {
+            self.insert_absent(key, agent.as_bytes().to_vec());
         }
+        Ok(())
+    }
+
+    fn unhold(&mut self, queue: &str, slot: Slot) -> Result<()> {
+        self.remove(slot_key(&[H], queue, slot));
         Ok(())
     }
 

@@ -142,7 +142,7 @@ pub(super) fn dead_key(inbox: &str, offset: Offset) -> Vec<u8> {
     key
 }
 
-/// `k`, inbox, offset: the ordering key of a message pending or dead in an inbox.
+/// `k`, inbox, offset: the ordering key of a message routed to an inbox.
 pub(super) fn ordering_key(inbox: &str, offset: Offset) -> Vec<u8> {
     let mut key = inbox_prefix(K, inbox);
     key.extend_from_slice(&be64(offset.0));

@@ -22,7 +22,7 @@
 //! | `b` | agent, pattern | next offset (u64 LE): a backfill under way |
 //! | `c` | queue inbox name (`capability:<name>`) | empty: a capability queue that messages entered |
 //! | `h` | queue inbox name, 9 − priority, offset | agent id: who holds the lease of a leased queue message |
-//! | `k` | inbox, offset (u64 BE) | ordering key of a message pending or dead-lettered there |
+//! | `k` | inbox, offset (u64 BE) | ordering key of a message routed there (kept until retention removes it) |
 //! | `r` | request id | [`RequestValue`] (bincode): offset, sender, remembered-until ms, first reply |
 //! | `y` | remembered-until ms (u64 BE), request id | empty (expiry order of `r`) |
 //!
@@ -115,7 +115,7 @@ pub struct IndexSnapshot {
     pub holders: BTreeMap<(String, Slot), String>,
     /// Remembered requests by id.
     pub requests: BTreeMap<String, RequestValue>,
-    /// Ordering keys of messages pending or dead in an inbox: (inbox, offset) → key.
+    /// Ordering keys of messages routed to an inbox: (inbox, offset) → key.
     pub orderings: BTreeMap<(String, Offset), String>,
 }
 
@@ -621,8 +621,8 @@ impl Index {
             .collect()
     }
 
-    /// The ordering keys of the messages pending or dead in `inbox`: (offset, key), in
-    /// offset order.
+    /// The ordering keys of the messages routed to `inbox` that retention kept: (offset, key),
+    /// in offset order.
     pub fn orderings(&self, inbox: &str) -> Result<Vec<(Offset, String)>> {
         self.scan_prefix(&inbox_prefix(K, inbox))
             .map(|item| {

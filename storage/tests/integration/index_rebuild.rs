@@ -373,8 +373,11 @@ fn index_records_change_delivery_state_as_documented() {
     );
     assert_eq!(
         index.orderings(queue).unwrap(),
-        vec![(leased.offset, "acct-1".to_owned())],
-        "the acked message's ordering key is forgotten, the pending one's kept"
+        vec![
+            (Offset(leased.offset.0 - 1), "acct-1".to_owned()),
+            (leased.offset, "acct-1".to_owned())
+        ],
+        "ordering keys stay until retention, the acked message's too"
     );
     // The last topic message is just below the Subscribed and Backfilled records, and the
     // five records of the queue.
