@@ -230,11 +230,18 @@ impl Broker {
         let parsed: Vec<Option<Receipt>> = receipts.iter().map(|r| Receipt::parse(r)).collect();
         let (outcomes, commit) = {
             let mut core = self.lock();
-            core.registry.get(agent.as_str())?;
+            let registered = &core.registry.get(agent.as_str())?.agent;
+            let draws_from = |queue: &str| {
+                let capability = courier_storage::state::queue_of(queue);
+                registered
+                    .capabilities
+                    .iter()
+                    .any(|c| Some(c.as_str()) == capability)
+            };
             let policy_of = |inbox: &str| self.policy(core.registry.agent(inbox));
             let (outcomes, records) =
                 core.delivery
-                    .settle(agent.as_str(), &parsed, how, now, policy_of);
+                    .settle(agent.as_str(), &parsed, how, now, (policy_of, draws_from));
             if records.is_empty() {
                 return Ok(outcomes);
             }
@@ -246,7 +253,13 @@ impl Broker {
                 Settle::Nack { .. } => NACK,
                 Settle::Extend { .. } => EXTEND,
             };
-            (outcomes, self.commit_now(&mut core, points, now, records)?)
+            let commit = self.commit_now(&mut core, points, now, records)?;
+            // A settled queue lease frees room under the agent's `max_in_flight` even if it
+            // no longer draws from that queue (whose wake-up it then does not wait on).
+            if parsed.iter().flatten().any(|r| r.queue.is_some()) {
+                core.waiters.wake(&[Arc::from(agent.as_str())]);
+            }
+            (outcomes, commit)
         };
         commit.durable().await?;
         Ok(outcomes)

@@ -88,6 +88,19 @@ pub struct RequestOptions {
     pub fail_without_responders: bool,
 }
 
+/// A call waiting for its reply; leaving it (dropped) takes it off the waiting calls.
+struct Waiting<'a> {
+    broker: &'a Broker,
+    id: &'a str,
+    ticket: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.broker.lock().calls.leave(self.id, self.ticket);
+    }
+}
+
 /// Where a call stands once decided under the lock.
 enum Decided {
     /// The request (a repeated client id) was answered already: its stored reply.
@@ -120,23 +133,24 @@ impl Broker {
         }
         let id = outgoing.message.id.clone();
         let decided = self.decide_call(&outgoing, options, now)?;
-        let (ticket, rx) = match decided {
+        let (ticket, mut rx, publish) = match decided {
             Decided::Answered(reply) => return self.read_reply(&id, reply).await,
             Decided::Waiting {
                 ticket,
                 rx,
                 publish,
-            } => {
-                if publish {
-                    if let Err(refusal) = self.publish(vec![outgoing]).await {
-                        self.lock().calls.leave(&id, ticket);
-                        return Err(refusal);
-                    }
-                }
-                (ticket, rx)
-            }
+            } => (ticket, rx, publish),
         };
-        let mut rx = rx;
+        // However the call ends (answered, failed, timed out, or dropped with its client's
+        // connection), it stops waiting: no leaked slot, no reply settled for nobody.
+        let _waiting = Waiting {
+            broker: self,
+            id: &id,
+            ticket,
+        };
+        if publish {
+            self.publish(vec![outgoing]).await?;
+        }
         let answer = match tokio::time::timeout(options.timeout, &mut rx).await {
             Ok(answer) => answer.ok(),
             Err(_) => {
@@ -147,7 +161,10 @@ impl Broker {
             }
         };
         let Some((reply, settled)) = answer else {
-            return Err(Refusal::ReplyTimeout { id, timeout_ms });
+            return Err(Refusal::ReplyTimeout {
+                id: id.clone(),
+                timeout_ms,
+            });
         };
         settled.await;
         self.read_reply(&id, reply).await
@@ -240,7 +257,13 @@ impl Broker {
             return;
         }
         let requester = request.from.clone();
-        let calls = core.calls.take(id);
+        // A call whose client went away is not answered: the reply stays in the inbox.
+        let calls: Vec<_> = core
+            .calls
+            .take(id)
+            .into_iter()
+            .filter(|call| !call.is_closed())
+            .collect();
         if calls.is_empty() {
             return;
         }

@@ -423,15 +423,16 @@ impl State {
         queues
     }
 
-    /// Decides `how` for each of `agent`'s receipts — of its inbox, or of queue leases it
-    /// holds — with each inbox's policy: the outcome per receipt and the records to append.
+    /// Decides `how` for each of `agent`'s receipts — of its inbox, or of queue messages
+    /// whose lease it holds, or that nobody holds in a queue it `draws_from` — with each
+    /// inbox's policy: the outcome per receipt and the records to append.
     pub fn settle(
         &self,
         agent: &str,
         receipts: &[Option<Receipt>],
         how: Settle,
         now_ms: u64,
-        policy_of: impl Fn(&str) -> Policy,
+        (policy_of, draws_from): (impl Fn(&str) -> Policy, impl Fn(&str) -> bool),
     ) -> (Vec<Outcome>, Vec<Record>) {
         let mut decided: BTreeMap<&str, Decided> = BTreeMap::new();
         let mut seen = BTreeSet::new();
@@ -454,11 +455,13 @@ impl State {
                         Outcome::Unknown
                     };
                 };
-                // Another agent's queue lease is not this agent's to settle.
-                if self
-                    .holder(inbox, receipt.slot)
-                    .is_some_and(|h| &**h != agent)
-                {
+                // A queue message is this agent's to settle if it holds its lease, or if nobody
+                // does and the agent draws from the queue (a late ack after the lease ended).
+                let mine = match self.holder(inbox, receipt.slot) {
+                    Some(holder) => &**holder == agent,
+                    None => receipt.queue.is_none() || draws_from(inbox),
+                };
+                if !mine {
                     return Outcome::Unknown;
                 }
                 if entry.attempts != receipt.attempt || !seen.insert((inbox, k)) {

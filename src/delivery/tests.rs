@@ -93,7 +93,8 @@ fn max_in_flight_caps_leases_until_an_ack() {
         attempt: 1,
         queue: None,
     };
-    let (outcomes, records) = state.settle(INBOX, &[Some(receipt)], Settle::Ack, 0, |_| p);
+    let (outcomes, records) =
+        state.settle(INBOX, &[Some(receipt)], Settle::Ack, 0, (|_| p, |_| false));
     assert_eq!(outcomes, vec![Outcome::Acked]);
     for record in &records {
         state.apply(record, Offset(0), 0);
@@ -177,7 +178,7 @@ fn settle_answers_per_receipt() {
         ],
         Settle::Ack,
         0,
-        |_| p,
+        (|_| p, |_| false),
     );
     assert_eq!(
         outcomes,
@@ -205,7 +206,8 @@ fn a_receipt_of_a_redelivered_message_is_stale() {
         attempt: 1,
         queue: None,
     };
-    let (outcomes, records) = state.settle(INBOX, &[Some(old)], Settle::Ack, 10_000, |_| p);
+    let (outcomes, records) =
+        state.settle(INBOX, &[Some(old)], Settle::Ack, 10_000, (|_| p, |_| false));
     assert_eq!((outcomes, records), (vec![Outcome::Stale], vec![]));
 }
 
@@ -225,7 +227,13 @@ fn nack_delays_or_rejects() {
         delay_ms: 500,
         dead_letter: false,
     };
-    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[0])], delay, 100, |_| p);
+    let (outcomes, records) = state.settle(
+        INBOX,
+        &[receipt(&leases[0])],
+        delay,
+        100,
+        (|_| p, |_| false),
+    );
     assert_eq!(outcomes, vec![Outcome::Nacked]);
     records.iter().for_each(|r| {
         state.apply(r, Offset(0), 100);
@@ -240,7 +248,13 @@ fn nack_delays_or_rejects() {
         delay_ms: 0,
         dead_letter: true,
     };
-    let (outcomes, records) = state.settle(INBOX, &[receipt(&leases[1])], reject, 700, |_| p);
+    let (outcomes, records) = state.settle(
+        INBOX,
+        &[receipt(&leases[1])],
+        reject,
+        700,
+        (|_| p, |_| false),
+    );
     assert_eq!(outcomes, vec![Outcome::DeadLettered]);
     records.iter().for_each(|r| {
         state.apply(r, Offset(0), 700);

@@ -142,16 +142,23 @@ fn a_nacked_or_expired_lease_goes_to_another_capable_agent() {
     let third = server.receive("a", json!({"max": 1, "wait_ms": 5000}));
     assert_eq!(offsets(&third), [offset]);
     assert_eq!(third[0]["attempt"], 3);
-    // b's receipt is stale now.
+    // b's receipt names a lease a holds now.
     assert_eq!(
         server.settle("b", "ack", json!({}), &[&receipts(&again)[0]]),
         ["unknown"],
         "held by a now"
     );
+    // a hands it back for a minute: nobody holds it. An agent that does not draw from the
+    // queue cannot settle it; a capable one can (a late ack, as for an inbox).
+    let mine = &receipts(&third)[0];
+    let later = json!({"delay_ms": 60000});
+    assert_eq!(server.settle("a", "nack", later, &[mine]), ["nacked"]);
+    worker(&server, "outsider", &[]);
     assert_eq!(
-        server.settle("a", "ack", json!({}), &[&receipts(&third)[0]]),
-        ["acked"]
+        server.settle("outsider", "ack", json!({}), &[mine]),
+        ["unknown"]
     );
+    assert_eq!(server.settle("a", "ack", json!({}), &[mine]), ["acked"]);
 }
 
 #[test]

@@ -155,13 +155,13 @@ impl Inbox {
     }
 
     /// One receipt of `agent`, judged against `before`, the state before the call; a repeat
-    /// (in `seen`) is stale, and a queue lease that another agent holds is not `agent`'s.
+    /// (in `seen`) is stale; a queue message is `agent`'s if it holds the lease, or if nobody
+    /// does and it draws from the queue (`draws`).
     fn settle_one(
         &mut self,
-        before: &BTreeMap<u64, ModelMessage>,
-        seen: &mut BTreeSet<u64>,
+        (before, seen): (&BTreeMap<u64, ModelMessage>, &mut BTreeSet<u64>),
         (offset, attempt): (u64, u32),
-        agent: &str,
+        (agent, draws): (&str, bool),
         how: Settle,
         now: u64,
     ) -> Outcome {
@@ -174,7 +174,11 @@ impl Inbox {
                 _ => Outcome::Unknown,
             };
         }
-        if m.holder.is_some_and(|h| h != agent) {
+        let mine = match m.holder {
+            Some(holder) => holder == agent,
+            None => draws,
+        };
+        if !mine {
             return Outcome::Unknown;
         }
         if m.attempts != attempt || !seen.insert(offset) {
@@ -314,12 +318,14 @@ impl Model {
             .iter()
             .map(|&(offset, attempt, queued)| {
                 if queued {
-                    let (before, seen) = (&before.1, &mut seen.1);
+                    let draws = self.capable.contains(agent);
+                    let judged = (&before.1, &mut seen.1);
+                    let who = (agent, draws);
                     self.queue
-                        .settle_one(before, seen, (offset, attempt), agent, how, now)
+                        .settle_one(judged, (offset, attempt), who, how, now)
                 } else {
-                    let (before, seen) = (&before.0, &mut seen.0);
-                    inbox.settle_one(before, seen, (offset, attempt), agent, how, now)
+                    let judged = (&before.0, &mut seen.0);
+                    inbox.settle_one(judged, (offset, attempt), (agent, true), how, now)
                 }
             })
             .collect()

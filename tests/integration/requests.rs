@@ -190,6 +190,44 @@ fn waiting_calls_are_bounded_by_max_waiting_requests() {
 }
 
 #[test]
+fn a_call_whose_client_leaves_frees_its_slot_and_leaves_the_reply_in_the_inbox() {
+    let server = TestServer::start(&["--limits-max-waiting-requests", "1"]);
+    server.register("asker", json!({}));
+    server.register("worker", json!({}));
+    // A client sends a request and goes away without waiting for the answer.
+    let body = br#"{"to": "agent:worker", "from": "asker", "body": "bye"}"#;
+    let head = format!(
+        "POST /v1/requests?timeout_ms=60000 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = std::net::TcpStream::connect(server.addr).expect("connect");
+    std::io::Write::write_all(&mut stream, head.as_bytes()).expect("write");
+    std::io::Write::write_all(&mut stream, body).expect("write");
+    let got = server.receive("worker", json!({"max": 1, "wait_ms": 5000}));
+    assert_eq!(got.len(), 1, "the request was stored");
+    drop(stream);
+    // Its slot is free again: another call is not refused (it times out instead).
+    let other = crate::support::eventually(
+        Duration::from_secs(5),
+        "the gone call's slot to be freed",
+        || {
+            let r = server.post(
+                "/v1/requests?timeout_ms=50",
+                json!({"to": "agent:worker", "from": "asker", "body": 2}),
+            );
+            (r.status != 429).then_some(r)
+        },
+    );
+    assert_eq!(other.status, 504, "{other:?}");
+    // The reply to the gone call is not settled for nobody: it is in the inbox.
+    let id = got[0]["id"].as_str().expect("id");
+    assert_eq!(reply(&server, "worker", id, json!("late")).status, 201);
+    let inbox = server.receive("asker", json!({"max": 10, "wait_ms": 0}));
+    assert_eq!(inbox.len(), 1, "{inbox:?}");
+    assert_eq!(inbox[0]["body"], json!("late"));
+}
+
+#[test]
 fn bad_requests_and_replies_are_refused_with_nothing_written() {
     let server = setup();
     let before = next_offset(&server);
