@@ -231,9 +231,10 @@ fn qdrain(url: &str, capability: &str, count: u64, agents: u64) {
 }
 
 /// Request/reply round trips at a steady `rate` for `seconds`: requests to
-/// `capability:<capability>` from 32 requester connections (each waits for its reply), and
-/// `workers` competing agents that take each request, publish its reply without `to` and ack
-/// it. Prints the call's latency (request sent → reply answered).
+/// `capability:<capability>` from 8 requester connections (each waits for its reply), and
+/// `workers` competing agents that take one request at a time, publish its reply without `to`
+/// and ack it on a second connection. Prints the call's latency (request sent → reply
+/// answered).
 fn request(url: &str, capability: &str, rate: u64, seconds: u64, workers: u64) {
     let mut conn = Conn::open(url);
     register(&mut conn, "asker", "[]");
@@ -254,7 +255,7 @@ fn request(url: &str, capability: &str, rate: u64, seconds: u64, workers: u64) {
         .collect();
     let next = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
-    let callers: Vec<_> = (0..32)
+    let callers: Vec<_> = (0..8)
         .map(|_| {
             let (url, capability, next) = (url.to_owned(), capability.to_owned(), next.clone());
             std::thread::spawn(move || {
@@ -300,13 +301,16 @@ fn request(url: &str, capability: &str, rate: u64, seconds: u64, workers: u64) {
     );
 }
 
-/// A worker of [`request`]: receives requests, publishes each one's reply, acks them.
+/// A worker of [`request`]: takes one request at a time, publishes its reply and hands the
+/// ack to a second connection (as a worker that cares for its callers' latency does).
 fn answer(url: &str, agent: &str, total: u64, stop: Instant, answered: &AtomicU64) {
+    let (receipts_tx, receipts_rx) = std::sync::mpsc::channel();
+    let acker = spawn_acker(url, agent, receipts_rx);
     let mut conn = Conn::open(url);
     while answered.load(Ordering::Relaxed) < total && Instant::now() < stop {
         let (status, body) = conn.post(
             &format!("/v1/agents/{agent}/receive"),
-            br#"{"max": 10, "wait_ms": 200}"#,
+            br#"{"max": 1, "wait_ms": 200}"#,
         );
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let reply: serde_json::Value = serde_json::from_slice(&body).expect("json");
@@ -320,10 +324,12 @@ fn answer(url: &str, agent: &str, total: u64, stop: Instant, answered: &AtomicU6
             receipts.push(m["receipt"].as_str().expect("receipt").to_owned());
         }
         if !receipts.is_empty() {
-            ack(&mut conn, agent, &receipts);
             answered.fetch_add(receipts.len() as u64, Ordering::Relaxed);
+            receipts_tx.send(receipts).expect("acker");
         }
     }
+    drop(receipts_tx);
+    acker.join().expect("acker");
 }
 
 /// How the latency scenario's consumer acks what it received.
