@@ -50,6 +50,21 @@ start_server
 "$LOAD" fanout $URL bench.fanout 10000 100
 stop_server
 
+echo "== courier: a capability queue of 100,000 drained by 8 competing agents, against one inbox"
+start_server
+"$LOAD" fill $URL capability:work 100000 100 8
+"$LOAD" qdrain $URL work 100000 8
+stop_server
+start_server
+"$LOAD" fill $URL bench 100000 100 8
+"$LOAD" drain $URL bench 100000 8
+stop_server
+
+echo "== courier: request -> worker -> reply round trips at 500 req/s for 10 s"
+start_server
+"$LOAD" request $URL answer 500 10 2
+stop_server
+
 for acks in pipelined sequential; do
   echo "== courier: publish -> delivery latency at a steady 1,000 msg/s for 10 s, $acks acks"
   start_server
