@@ -321,6 +321,7 @@ fn to_backfill(
                 // A delay already over makes it ready at once.
                 not_before_ms: message.not_before_ms.filter(|t| *t > now),
                 expires_at_ms: message.expires_at_ms,
+                ordering_key: message.ordering_key.clone(),
             });
         }
     }

@@ -104,8 +104,8 @@ struct Inbox {
 
 impl Inbox {
     /// Puts a new pending entry in its ordering key's line, if it has a key. An entry that
-    /// joins ahead of the line's head (a redriven dead letter, or loading at start in
-    /// priority order) becomes the head: the one it displaces is no longer ready. (A
+    /// joins ahead of the line's head (a redriven dead letter, a backfilled earlier message,
+    /// or loading at start in priority order) becomes the head: the one it displaces is no longer ready. (A
     /// displaced head already leased stays leased: after a redrive into a key whose next
     /// message is in flight, two of the key may be in flight once.)
     fn join_line(&mut self, k: Key) {

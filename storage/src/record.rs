@@ -38,7 +38,8 @@ pub const TIMESTAMP_POSITION: usize = OFFSET_POSITION + 8;
 /// Size of the frame header; the payload follows it.
 pub const HEADER_BYTES: usize = TIMESTAMP_POSITION + 8;
 /// The record version this build writes. It reads every version from [`OLDEST_VERSION`] on:
-/// version 1 is version 2 without `Message::ordering_key` and `Message::request_until_ms`.
+/// version 1 is version 2 without `Message::ordering_key`, `Message::request_until_ms` and
+/// `Backfill::ordering_key`.
 pub const VERSION: u8 = 2;
 /// The oldest record version this build reads.
 pub const OLDEST_VERSION: u8 = 1;
@@ -163,7 +164,7 @@ pub enum Record {
 }
 
 /// One earlier message backfilled into an inbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
 pub struct Backfill {
     /// The message.
     pub slot: Slot,
@@ -171,6 +172,42 @@ pub struct Backfill {
     pub not_before_ms: Option<u64>,
     /// Its ttl's end, as published.
     pub expires_at_ms: Option<u64>,
+    /// Its ordering key, as published (version 2).
+    pub ordering_key: Option<String>,
+}
+
+/// A `Backfilled` record as version 1 wrote it: its messages without `ordering_key`.
+#[derive(Decode)]
+struct BackfilledV1 {
+    inbox: String,
+    pattern: String,
+    messages: Vec<BackfillV1>,
+    through: Offset,
+}
+
+/// A `Backfill` as version 1 wrote it.
+#[derive(Decode)]
+struct BackfillV1 {
+    slot: Slot,
+    not_before_ms: Option<u64>,
+    expires_at_ms: Option<u64>,
+}
+
+impl From<BackfilledV1> for Record {
+    fn from(b: BackfilledV1) -> Self {
+        let messages = b.messages.into_iter().map(|m| Backfill {
+            slot: m.slot,
+            not_before_ms: m.not_before_ms,
+            expires_at_ms: m.expires_at_ms,
+            ordering_key: None,
+        });
+        Self::Backfilled {
+            inbox: b.inbox,
+            pattern: b.pattern,
+            messages: messages.collect(),
+            through: b.through,
+        }
+    }
 }
 
 /// A published message as stored.
@@ -496,10 +533,14 @@ pub fn check(bytes: &[u8]) -> Check<'_> {
 pub fn decode_checked(checked: &Checked<'_>) -> Result<Frame, Corruption> {
     let payload = checked.payload;
     let decoded = match (checked.version, payload.split_first()) {
-        // Version 1 differs only in `Message` (variant 0, one varint byte): its other
-        // variants are laid out as now.
+        // Version 1 differs only in `Message` and `Backfilled` (variants 0 and 12, one varint
+        // byte each): its other variants are laid out as now.
         (1, Some((0, message))) => bincode::decode_from_slice::<MessageV1, _>(message, BINCODE)
             .map(|(m, used)| (Record::Message(m.into()), used + 1)),
+        (1, Some((12, backfilled))) => {
+            bincode::decode_from_slice::<BackfilledV1, _>(backfilled, BINCODE)
+                .map(|(b, used)| (b.into(), used + 1))
+        }
         _ => bincode::decode_from_slice::<Record, _>(payload, BINCODE),
     };
     match decoded {

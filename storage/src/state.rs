@@ -369,6 +369,9 @@ pub fn apply<'r, S: Store + ?Sized>(
             let kept = store.truncated_below()?;
             for m in messages.iter().filter(|m| m.slot.offset >= kept) {
                 if store.entry(inbox, m.slot)?.is_none() {
+                    if let Some(key) = &m.ordering_key {
+                        store.note_ordering(inbox, m.slot.offset, key)?;
+                    }
                     let value = published(m.not_before_ms, m.expires_at_ms);
                     store.put_entry(inbox, m.slot, &value, Was::Absent)?;
                 }

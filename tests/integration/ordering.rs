@@ -101,6 +101,30 @@ fn a_capability_queue_keeps_one_per_key_in_flight_across_workers() {
 }
 
 #[test]
+fn backfilled_messages_keep_their_keys() {
+    let server = TestServer::start(&[]);
+    server.register("w", json!({}));
+    let k1 = publish(&server, "topic:t.x", Some("k"), 4, json!(1));
+    let k2 = publish(&server, "topic:t.x", Some("k"), 9, json!(2));
+    let path = "/v1/agents/w/subscriptions/t.*";
+    let response = server.put(path, json!({"start": "earliest"}));
+    assert_eq!(response.status, 201, "{response:?}");
+    let first = server.receive("w", json!({"max": 10, "wait_ms": 5000}));
+    assert_eq!(
+        offsets(&first),
+        [k1],
+        "k2 waits behind k1, its priority aside"
+    );
+    assert_eq!(first[0]["ordering_key"], "k");
+    assert!(receive_all(&server, "w").is_empty());
+    assert_eq!(
+        server.settle("w", "ack", json!({}), &[&receipts(&first)[0]]),
+        ["acked"]
+    );
+    assert_eq!(offsets(&receive_all(&server, "w")), [k2]);
+}
+
+#[test]
 fn key_holds_survive_sigkill() {
     let mut server = TestServer::start(&[]);
     server.register("w", json!({}));

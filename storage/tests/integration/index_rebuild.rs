@@ -198,6 +198,7 @@ fn part_two(log: &Log) {
                 },
                 not_before_ms: None,
                 expires_at_ms: None,
+                ordering_key: None,
             }],
             through: Offset(5),
         }],

@@ -1,5 +1,6 @@
 //! T2/T3: simulated power loss after every I/O operation of a workload (redb's crash
-//! countdown). With `fsync=always`, every append whose fsync completed survives every crash
+//! countdown) of messages (also fanned out to several inboxes, to a capability queue, with
+//! ordering keys), leases, queue leases and acks. With `fsync=always`, every append whose fsync completed survives every crash
 //! in every tear mode, and the recovered log is a prefix of what was attempted. With
 //! `fsync=never` the same checker finds loss (the negative control shows it can fail).
 
@@ -42,6 +43,34 @@ fn records_for(step: u64) -> Vec<Record> {
         7 => Record::Acked {
             inbox: "a".into(),
             slots: vec![slot],
+        },
+        // Fan-out: one record routed to several inboxes (a topic), with an ordering key; and
+        // a capability queue's message and lease.
+        5 | 8 => {
+            let mut record = message(&format!("f{step}"), "a", 4, &body(step, 200));
+            if let Record::Message(m) = &mut record {
+                if step % 11 == 5 {
+                    m.to = "topic:news.eu".into();
+                    m.destinations = vec!["a".into(), "b".into(), "c".into()];
+                    m.ordering_key = Some(format!("k{}", step % 3));
+                } else {
+                    m.to = "capability:plan".into();
+                    m.destinations = vec!["capability:plan".into()];
+                }
+            }
+            record
+        }
+        10 => Record::LeasedTo {
+            queue: "capability:plan".into(),
+            agent: "a".into(),
+            leases: vec![Lease {
+                slot: Slot {
+                    offset: Offset(step.saturating_sub(2)),
+                    priority: 4,
+                },
+                attempt: 1,
+                deadline_ms: step * 1000,
+            }],
         },
         _ => message(
             &format!("m{step}"),
