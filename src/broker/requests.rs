@@ -257,36 +257,39 @@ impl Broker {
             return;
         }
         let requester = request.from.clone();
-        // A call whose client went away is not answered: the reply stays in the inbox.
-        let calls: Vec<_> = core
-            .calls
-            .take(id)
-            .into_iter()
-            .filter(|call| !call.is_closed())
-            .collect();
+        let calls = core.calls.take(id);
         if calls.is_empty() {
             return;
         }
-        let settle = arrival.destinations.contains(&requester).then(|| {
-            let record = Record::Acked {
-                inbox: requester,
-                slots: vec![Slot {
-                    offset,
-                    priority: arrival.priority,
-                }],
-            };
-            self.commit_now(core, ACK, now, vec![record])
-        });
-        let settled: Pin<Box<dyn Future<Output = ()> + Send>> = match settle {
+        // The calls are handed the reply first, with a settling that resolves once the ack
+        // (decided below) is durable: the reply is acked only if a call is still there to
+        // take it (a call whose client went away has dropped its receiver).
+        let (commit_tx, commit_rx) = oneshot::channel::<super::commit::Commit>();
+        let settled: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
             // If the ack is lost, the reply comes again through the inbox: at least once.
-            Some(Ok(commit)) => Box::pin(async move {
+            if let Ok(commit) = commit_rx.await {
                 let _ = commit.durable().await;
-            }),
-            _ => Box::pin(async {}),
-        };
+            }
+        });
         let settled = settled.shared();
-        for call in calls {
-            let _ = call.send((offset, settled.clone()));
+        let taken = calls
+            .into_iter()
+            .filter(|call| !call.is_closed())
+            .map(|call| call.send((offset, settled.clone())))
+            .filter(|sent| sent.is_ok())
+            .count();
+        if taken == 0 || !arrival.destinations.contains(&requester) {
+            return;
+        }
+        let record = Record::Acked {
+            inbox: requester,
+            slots: vec![Slot {
+                offset,
+                priority: arrival.priority,
+            }],
+        };
+        if let Ok(commit) = self.commit_now(core, ACK, now, vec![record]) {
+            let _ = commit_tx.send(commit);
         }
     }
 }

@@ -5,7 +5,7 @@
 //! ```text
 //! position  size  field
 //! 0         4     crc32 (crc32fast, IEEE) over bytes 4 .. 28+len: header fields and payload
-//! 4         1     version, currently 2 (0 never occurs: an all-zero header is "end of data")
+//! 4         1     version, currently 3 (0 never occurs: an all-zero header is "end of data")
 //! 5         3     reserved, zero
 //! 8         4     payload length `len` (u32)
 //! 12        8     offset (u64): the record's position in the global log
@@ -38,9 +38,10 @@ pub const TIMESTAMP_POSITION: usize = OFFSET_POSITION + 8;
 /// Size of the frame header; the payload follows it.
 pub const HEADER_BYTES: usize = TIMESTAMP_POSITION + 8;
 /// The record version this build writes. It reads every version from [`OLDEST_VERSION`] on:
-/// version 1 is version 2 without `Message::ordering_key`, `Message::request_until_ms` and
-/// `Backfill::ordering_key`.
-pub const VERSION: u8 = 2;
+/// version 1 is version 3 without `Message::ordering_key`, `Message::request_until_ms` and
+/// `Backfill::ordering_key`; version 2 (development builds of routing only) is version 3
+/// without `Backfill::ordering_key`.
+pub const VERSION: u8 = 3;
 /// The oldest record version this build reads.
 pub const OLDEST_VERSION: u8 = 1;
 
@@ -172,11 +173,11 @@ pub struct Backfill {
     pub not_before_ms: Option<u64>,
     /// Its ttl's end, as published.
     pub expires_at_ms: Option<u64>,
-    /// Its ordering key, as published (version 2).
+    /// Its ordering key, as published (version 3).
     pub ordering_key: Option<String>,
 }
 
-/// A `Backfilled` record as version 1 wrote it: its messages without `ordering_key`.
+/// A `Backfilled` record as versions 1 and 2 wrote it: its messages without `ordering_key`.
 #[derive(Decode)]
 struct BackfilledV1 {
     inbox: String,
@@ -185,7 +186,7 @@ struct BackfilledV1 {
     through: Offset,
 }
 
-/// A `Backfill` as version 1 wrote it.
+/// A `Backfill` as versions 1 and 2 wrote it.
 #[derive(Decode)]
 struct BackfillV1 {
     slot: Slot,
@@ -533,11 +534,11 @@ pub fn check(bytes: &[u8]) -> Check<'_> {
 pub fn decode_checked(checked: &Checked<'_>) -> Result<Frame, Corruption> {
     let payload = checked.payload;
     let decoded = match (checked.version, payload.split_first()) {
-        // Version 1 differs only in `Message` and `Backfilled` (variants 0 and 12, one varint
-        // byte each): its other variants are laid out as now.
+        // Versions 1 and 2 differ only in `Message` (1) and `Backfilled` (1 and 2), variants 0
+        // and 12 (one varint byte each): their other variants are laid out as now.
         (1, Some((0, message))) => bincode::decode_from_slice::<MessageV1, _>(message, BINCODE)
             .map(|(m, used)| (Record::Message(m.into()), used + 1)),
-        (1, Some((12, backfilled))) => {
+        (1 | 2, Some((12, backfilled))) => {
             bincode::decode_from_slice::<BackfilledV1, _>(backfilled, BINCODE)
                 .map(|(b, used)| (b.into(), used + 1))
         }

@@ -273,7 +273,7 @@ fn codec_frame_layout_is_stable() {
     let bytes =
         record::encode_to_vec(Offset(5), 6, &Record::Truncated { below: Offset(2) }).unwrap();
     assert_eq!(bytes.len(), HEADER_BYTES + 2);
-    assert_eq!(&bytes[4..8], &[2, 0, 0, 0], "version 2 and reserved zeros");
+    assert_eq!(&bytes[4..8], &[3, 0, 0, 0], "version 3 and reserved zeros");
     assert_eq!(&bytes[8..12], &2u32.to_le_bytes(), "payload length");
     assert_eq!(&bytes[12..20], &5u64.to_le_bytes(), "offset");
     assert_eq!(&bytes[20..28], &6u64.to_le_bytes(), "timestamp");
@@ -295,11 +295,11 @@ fn reframe(mut bytes: Vec<u8>, version: u8) -> Vec<u8> {
     bytes
 }
 
-/// A version-1 frame (written before `ordering_key` and `request_until_ms`) still decodes: its
-/// `Message` and `Backfilled` without them, its other records as they were; version 3 is
-/// refused.
+/// Version-1 and version-2 frames still decode: version 1's `Message` without `ordering_key`
+/// and `request_until_ms`, both versions' `Backfilled` without its messages' `ordering_key`,
+/// the other records as they were; version 4 is refused.
 #[test]
-fn codec_reads_version_1_records() {
+fn codec_reads_version_1_and_2_records() {
     let message = Message {
         id: "m".into(),
         from: "a".into(),
@@ -342,27 +342,34 @@ fn codec_reads_version_1_records() {
         backfilled,
         Record::Truncated { below: Offset(3) },
     ] {
-        let old = match &record {
-            Record::Message(_) => as_version(&record, 1, 2),
-            // Version 2 adds one `None` byte per backfilled message, before `through` (1 byte).
-            Record::Backfilled { .. } => {
-                let mut v2 = record::encode_to_vec(Offset(7), 8, &record).unwrap();
-                let at = v2.len() - 2;
-                assert_eq!(v2.remove(at), 0, "the None of ordering_key");
-                reframe(v2, 1)
-            }
-            _ => as_version(&record, 1, 0),
+        // Version 3 adds one `None` byte per backfilled message, before `through` (1 byte),
+        // to versions 1 and 2; version 2 wrote `Message` as now.
+        let without_backfill_keys = || {
+            let mut v3 = record::encode_to_vec(Offset(7), 8, &record).unwrap();
+            let at = v3.len() - 2;
+            assert_eq!(v3.remove(at), 0, "the None of ordering_key");
+            v3
         };
-        match record::decode(&old) {
-            Decoded::Record(frame, len) => {
-                assert_eq!((frame.record, len), (record.clone(), old.len()));
+        let olds = match &record {
+            Record::Message(_) => [as_version(&record, 1, 2), as_version(&record, 2, 0)],
+            Record::Backfilled { .. } => [
+                reframe(without_backfill_keys(), 1),
+                reframe(without_backfill_keys(), 2),
+            ],
+            _ => [as_version(&record, 1, 0), as_version(&record, 2, 0)],
+        };
+        for old in olds {
+            match record::decode(&old) {
+                Decoded::Record(frame, len) => {
+                    assert_eq!((frame.record, len), (record.clone(), old.len()));
+                }
+                other => panic!("version {} of {record:?}: {other:?}", old[4]),
             }
-            other => panic!("version 1 of {record:?}: {other:?}"),
         }
-        let unknown = as_version(&record, 3, 0);
+        let unknown = as_version(&record, 4, 0);
         assert!(
             matches!(record::decode(&unknown), Decoded::Corrupt(_)),
-            "version 3 is not read"
+            "version 4 is not read"
         );
     }
 }
