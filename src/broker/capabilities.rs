@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use courier_storage::state::{queue_inbox, queue_of};
 
-use super::{millis, Broker, Core, Refusal, Result};
+use super::{Broker, Core, Refusal, Result};
 use crate::delivery::Depth;
 use crate::ids::CapabilityName;
 
@@ -32,9 +32,8 @@ impl Broker {
         let mut names: BTreeSet<String> = core.registry.capabilities().into_iter().collect();
         names.extend(
             core.delivery
-                .queues()
-                .into_iter()
-                .filter_map(|(queue, _)| queue_of(&queue).map(str::to_owned)),
+                .queue_names()
+                .filter_map(|queue| queue_of(queue).map(str::to_owned)),
         );
         names
             .into_iter()
@@ -56,11 +55,10 @@ impl Broker {
     }
 
     fn capability_view(&self, core: &Core, name: String, now: u64) -> CapabilityView {
-        let ttl = millis(self.config.presence_ttl);
         let declaring = core.registry.declaring(&name);
         let online = declaring
             .iter()
-            .filter(|(_, seen)| seen.is_some_and(|seen| now.saturating_sub(seen) <= ttl))
+            .filter(|(_, seen)| self.is_online(*seen, now))
             .count();
         CapabilityView {
             depth: core.delivery.depth(&queue_inbox(&name)),

@@ -120,12 +120,7 @@ impl Broker {
         let lease_ms = request
             .lease_ms
             .unwrap_or_else(|| self.lease_of(&registered.agent));
-        let queues: Vec<String> = registered
-            .agent
-            .capabilities
-            .iter()
-            .map(|c| queue_inbox(c))
-            .collect();
+        let queues = queues_of(&registered.agent);
         let draws =
             core.delivery
                 .lease(agent.as_str(), &queues, request.max, now, lease_ms, &policy);
@@ -347,12 +342,17 @@ impl InboxRef<'_> {
     }
 }
 
+/// The inbox names of the queues `agent` draws from: those of the capabilities it declares.
+fn queues_of(agent: &Agent) -> Vec<String> {
+    agent.capabilities.iter().map(|c| queue_inbox(c)).collect()
+}
+
 /// The wake-ups a receive of `agent` waits on: its inbox's and its capability queues'.
 fn wake_ups(core: &mut Core, agent: &AgentId) -> Vec<Arc<Notify>> {
-    let queues: Vec<String> = core
+    let queues = core
         .registry
         .agent(agent.as_str())
-        .map(|a| a.capabilities.iter().map(|c| queue_inbox(c)).collect())
+        .map(queues_of)
         .unwrap_or_default();
     let mut notifies = vec![core.waiters.of(agent.as_str())];
     notifies.extend(queues.iter().map(|q| core.waiters.of(q)));

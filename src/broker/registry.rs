@@ -253,15 +253,19 @@ impl Broker {
         })
     }
 
-    fn view(&self, core: &Core, registered: &Registered, now: u64) -> AgentView {
+    /// Whether an agent last seen at `last_seen_ms` is online at `now`: seen within
+    /// `presence_ttl`.
+    pub(super) fn is_online(&self, last_seen_ms: Option<u64>, now: u64) -> bool {
         let ttl = millis(self.config.presence_ttl);
+        last_seen_ms.is_some_and(|seen| now.saturating_sub(seen) <= ttl)
+    }
+
+    fn view(&self, core: &Core, registered: &Registered, now: u64) -> AgentView {
         let policy = self.policy(Some(&registered.agent));
         AgentView {
             agent: registered.agent.clone(),
             last_seen_ms: registered.last_seen_ms,
-            online: registered
-                .last_seen_ms
-                .is_some_and(|seen| now.saturating_sub(seen) <= ttl),
+            online: self.is_online(registered.last_seen_ms, now),
             depth: core.delivery.depth(&registered.agent.id),
             receivers: registered.receivers,
             throttled: core.delivery.at_cap(&registered.agent.id, &policy),

@@ -204,8 +204,7 @@ impl Broker {
     /// Refuses a request that no agent could take now: its agent, or any agent declaring
     /// its capability, must have been seen within `presence_ttl`.
     fn check_responders(&self, core: &Core, to: Option<&Address>, now: u64) -> Result<()> {
-        let ttl = millis(self.config.presence_ttl);
-        let fresh = |seen: Option<u64>| seen.is_some_and(|s| now.saturating_sub(s) <= ttl);
+        let fresh = |seen: Option<u64>| self.is_online(seen, now);
         let (online, what) = match to {
             Some(Address::Agent(agent)) => (
                 fresh(core.registry.last_seen(agent.as_str())),
@@ -272,9 +271,9 @@ impl Broker {
             }
         });
         let settled = settled.shared();
+        // A call whose client went away has dropped its receiver: its send fails.
         let taken = calls
             .into_iter()
-            .filter(|call| !call.is_closed())
             .map(|call| call.send((offset, settled.clone())))
             .filter(|sent| sent.is_ok())
             .count();

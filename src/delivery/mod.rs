@@ -105,9 +105,9 @@ struct Inbox {
 impl Inbox {
     /// Puts a new pending entry in its ordering key's line, if it has a key. An entry that
     /// joins ahead of the line's head (a redriven dead letter, a backfilled earlier message,
-    /// or loading at start in priority order) becomes the head: the one it displaces is no longer ready. (A
-    /// displaced head already leased stays leased: after a redrive into a key whose next
-    /// message is in flight, two of the key may be in flight once.)
+    /// or loading at start in priority order) becomes the head: the one it displaces is no
+    /// longer ready. (A displaced head already leased stays leased: after a redrive into a
+    /// key whose next message is in flight, two of the key may be in flight once.)
     fn join_line(&mut self, k: Key) {
         let Some(key) = self.ordering.get(&k.1) else {
             return;
@@ -411,16 +411,12 @@ impl State {
         self.inboxes.contains_key(inbox)
     }
 
-    /// Every capability queue that messages entered, by inbox name, with its counts.
-    pub fn queues(&self) -> Vec<(Arc<str>, Depth)> {
-        let mut queues: Vec<(Arc<str>, Depth)> = self
-            .inboxes
+    /// The inbox name of every capability queue that messages entered, in no order.
+    pub fn queue_names(&self) -> impl Iterator<Item = &str> {
+        self.inboxes
             .keys()
+            .map(|name| &**name)
             .filter(|name| queue_of(name).is_some())
-            .map(|name| (name.clone(), self.depth(name)))
-            .collect();
-        queues.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        queues
     }
 
     /// Decides `how` for each of `agent`'s receipts — of its inbox, or of queue messages
@@ -434,7 +430,8 @@ impl State {
         now_ms: u64,
         (policy_of, draws_from): (impl Fn(&str) -> Policy, impl Fn(&str) -> bool),
     ) -> (Vec<Outcome>, Vec<Record>) {
-        let mut decided: BTreeMap<&str, Decided> = BTreeMap::new();
+        // Per inbox: its policy (looked up once per call) and what was decided there.
+        let mut decided: BTreeMap<&str, (Policy, Decided)> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         let outcomes = receipts
             .iter()
@@ -467,14 +464,15 @@ impl State {
                 if entry.attempts != receipt.attempt || !seen.insert((inbox, k)) {
                     return Outcome::Stale;
                 }
-                let policy = policy_of(inbox);
-                let decided = decided.entry(inbox).or_default();
-                decided.decide(receipt.slot, entry, how, now_ms, &policy)
+                let (policy, decided) = decided
+                    .entry(inbox)
+                    .or_insert_with(|| (policy_of(inbox), Decided::default()));
+                decided.decide(receipt.slot, entry, how, now_ms, policy)
             })
             .collect();
         let records = decided
             .into_iter()
-            .flat_map(|(inbox, d)| {
+            .flat_map(|(inbox, (_, d))| {
                 let holder = queue_of(inbox).map(|_| agent);
                 group(inbox, holder, d)
             })

@@ -74,6 +74,16 @@ impl Txn<'_> {
             .collect()
     }
 
+    /// Removes every key under `prefix` whose trailing offset is below `below`.
+    fn remove_below(&mut self, prefix: u8, below: Offset) -> Result<()> {
+        for (key, _) in self.scan_prefix(&[prefix])? {
+            if trailing_offset(&key) < below.0 {
+                self.remove(key);
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every key under `prefix`.
     fn remove_prefix(&mut self, prefix: &[u8]) -> Result<()> {
         for (key, _) in self.scan_prefix(prefix)? {
@@ -289,10 +299,10 @@ impl Store for Txn<'_> {
         if below > self.truncated_below()? {
             self.insert(TRUNCATED_KEY.to_vec(), below.0.to_le_bytes().to_vec());
         }
-        for (key, _) in self.scan_prefix(&[O])? {
-            if trailing_offset(&key) < below.0 {
-                self.remove(key);
-            }
+        // Keys that end in the offset of the message they are about: topics' offsets,
+        // ordering keys, queue lease holders, dead letters.
+        for prefix in [O, K, H, D] {
+            self.remove_below(prefix, below)?;
         }
         for (key, value) in self.scan_prefix(&[I])? {
             let Some((inbox, slot)) = parse_slot_key(key.get(1..).unwrap_or_default()) else {
@@ -300,21 +310,6 @@ impl Store for Txn<'_> {
             };
             if slot.offset < below {
                 self.remove_timers(&inbox, slot, &decode_value(&value)?);
-                self.remove(key);
-            }
-        }
-        for (key, _) in self.scan_prefix(&[K])? {
-            if trailing_offset(&key) < below.0 {
-                self.remove(key);
-            }
-        }
-        for (key, _) in self.scan_prefix(&[H])? {
-            if trailing_offset(&key) < below.0 {
-                self.remove(key);
-            }
-        }
-        for (key, _) in self.scan_prefix(&[D])? {
-            if trailing_offset(&key) < below.0 {
                 self.remove(key);
             }
         }

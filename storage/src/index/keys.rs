@@ -136,17 +136,22 @@ pub(super) fn inbox_prefix(prefix: u8, inbox: &str) -> Vec<u8> {
     key
 }
 
-pub(super) fn dead_key(inbox: &str, offset: Offset) -> Vec<u8> {
-    let mut key = inbox_prefix(D, inbox);
+/// `prefix`, a name (inbox or topic), offset (u64 BE): one message under that name, in offset
+/// order.
+fn named_offset_key(prefix: u8, name: &str, offset: Offset) -> Vec<u8> {
+    let mut key = inbox_prefix(prefix, name);
     key.extend_from_slice(&be64(offset.0));
     key
 }
 
+/// `d`, inbox, offset: a dead letter.
+pub(super) fn dead_key(inbox: &str, offset: Offset) -> Vec<u8> {
+    named_offset_key(D, inbox, offset)
+}
+
 /// `k`, inbox, offset: the ordering key of a message routed to an inbox.
 pub(super) fn ordering_key(inbox: &str, offset: Offset) -> Vec<u8> {
-    let mut key = inbox_prefix(K, inbox);
-    key.extend_from_slice(&be64(offset.0));
-    key
+    named_offset_key(K, inbox, offset)
 }
 
 pub(super) fn subscription_key(agent: &str, topic: &str) -> Vec<u8> {
@@ -157,9 +162,7 @@ pub(super) fn subscription_key(agent: &str, topic: &str) -> Vec<u8> {
 
 /// `o`, topic, offset: the messages of a topic in offset order.
 pub(super) fn topic_offset_key(topic: &str, offset: Offset) -> Vec<u8> {
-    let mut key = inbox_prefix(O, topic);
-    key.extend_from_slice(&be64(offset.0));
-    key
+    named_offset_key(O, topic, offset)
 }
 
 /// `b`, agent, pattern: where the backfill of a subscription stands.
