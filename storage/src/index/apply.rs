@@ -22,14 +22,7 @@ use crate::Offset;
 /// client ids whose window ended by the latest record time.
 pub(super) fn apply(txn: &mut Txn<'_>, frames: &[Frame], runs: &[PositionRun]) -> Result<()> {
     for run in runs {
-        let p = &run.positions;
-        debug_assert!(p.len() >= 2 && p.windows(2).all(|w| w[0] < w[1]));
-        let mut value = Vec::with_capacity(8 + 4 * p.len());
-        value.extend_from_slice(&run.segment.0.to_le_bytes());
-        for position in p {
-            value.extend_from_slice(&position.to_le_bytes());
-        }
-        txn.insert_new(positions_key(run.first), value);
+        txn.put_run(run);
     }
     let mut clock = txn.get(CLOCK_KEY)?.map_or(0, |v| u64_le(&v));
     for frame in frames {
@@ -39,12 +32,53 @@ pub(super) fn apply(txn: &mut Txn<'_>, frames: &[Frame], runs: &[PositionRun]) -
     if let Some(last) = frames.last() {
         state::prune_dedupe(txn, clock)?;
         txn.insert(CLOCK_KEY.to_vec(), clock.to_le_bytes().to_vec());
-        txn.layers.active.applied = Some(last.offset);
+        txn.applied = Some(last.offset);
     }
     Ok(())
 }
 
+/// The most records one position-run key holds once consecutive batches are joined (4 KiB
+/// of positions).
+pub(super) const MAX_RUN: usize = 1024;
+
 impl Txn<'_> {
+    /// Records where `run`'s records are. A run that continues the newest run of the active
+    /// layer (same segment, the next offset, starting where it ended) extends it, up to
+    /// [`MAX_RUN`] records: one key for many small batches, not one each, so a checkpoint
+    /// writes a few keys for a second of single publishes instead of thousands.
+    fn put_run(&mut self, run: &PositionRun) {
+        let p = &run.positions;
+        debug_assert!(p.len() >= 2 && p.windows(2).all(|w| w[0] < w[1]));
+        let key = positions_key(run.first);
+        let newest =
+            self.newest_new_in_active(Bound::Included(vec![P]), Bound::Included(key.clone()));
+        if let Some((newest_key, mut value)) = newest {
+            let first = from_be64(newest_key.get(1..).unwrap_or_default());
+            let count = (value.len().saturating_sub(8) / 4).saturating_sub(1);
+            let ends_at = value
+                .get(value.len().saturating_sub(4)..)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes);
+            let continues = value.get(..8).map(u64_le) == Some(run.segment.0)
+                && first + count as u64 == run.first.0
+                && ends_at == p.first().copied()
+                && count + p.len() - 1 <= MAX_RUN;
+            if continues {
+                for position in &p[1..] {
+                    value.extend_from_slice(&position.to_le_bytes());
+                }
+                self.insert_new(newest_key, value);
+                return;
+            }
+        }
+        let mut value = Vec::with_capacity(8 + 4 * p.len());
+        value.extend_from_slice(&run.segment.0.to_le_bytes());
+        for position in p {
+            value.extend_from_slice(&position.to_le_bytes());
+        }
+        self.insert_new(key, value);
+    }
+
     /// Writes the timers of an entry whose old timers are already removed. A timer key exists
     /// only while its entry has that timer, so none of these is in the merged view now: a
     /// lease taken and acked between two checkpoints leaves no timer key for sled to write.

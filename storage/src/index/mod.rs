@@ -37,7 +37,7 @@ mod store;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bincode::{Decode, Encode};
 
@@ -147,6 +147,9 @@ pub struct Index {
     layers: Arc<RwLock<Layers>>,
     /// Serializes checkpoints.
     checkpointing: Arc<Mutex<()>>,
+    /// Held by each apply for its whole batch (which may wait on sled), and by a checkpoint
+    /// while it freezes the active layer: see [`overlay::Txn`].
+    applying: Arc<Mutex<()>>,
 }
 
 fn encode_value<T: Encode>(value: &T) -> Vec<u8> {
@@ -204,23 +207,21 @@ impl Index {
             tree,
             layers: Arc::default(),
             checkpointing: Arc::default(),
+            applying: Arc::default(),
         })
     }
 
-    /// The layers for reading. A panic while they were written (the indexer's, which poisons
-    /// the log) leaves them as far as it got: readers go on, writes are refused anyway.
+    /// The layers for reading (see [`overlay::read`]).
     fn layers(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
-        self.layers
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        overlay::read(&self.layers)
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        overlay::get(&self.layers(), &self.tree, key)
+        overlay::get(&self.layers, &self.tree, key)
     }
 
     fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
-        overlay::range(&self.layers(), &self.tree, start, end)
+        overlay::range(&self.layers, &self.tree, start, end)
     }
 
     fn scan_prefix(&self, prefix: &[u8]) -> Merged {
@@ -250,6 +251,7 @@ impl Index {
     pub fn checkpoint(&self) -> Result<Option<Offset>> {
         let _one_at_a_time = self.checkpointing.lock().expect("checkpoint lock");
         let frozen = {
+            let _no_batch = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
             let mut layers = self.layers.write().expect("index layers lock");
             let applied = layers.active.applied;
             let mut active = std::mem::replace(
@@ -440,11 +442,11 @@ impl Index {
     /// Applies the effects of `frames` (consecutive, in log order) and records where they
     /// lie (`runs`). In memory until the next [`Index::checkpoint`].
     pub(crate) fn apply(&self, frames: &[Frame], runs: &[PositionRun]) -> Result<()> {
-        let mut txn = Txn {
-            layers: self.layers.write().expect("index layers lock"),
-            tree: &self.tree,
-        };
-        apply::apply(&mut txn, frames, runs)
+        let _one_at_a_time = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut txn = Txn::new(&self.layers, &self.tree);
+        apply::apply(&mut txn, frames, runs)?;
+        txn.install();
+        Ok(())
     }
 
     /// The pending messages of `inbox` in delivery order (priority, then offset).
@@ -772,6 +774,8 @@ impl IndexSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Record;
+    use apply::MAX_RUN;
 
     fn run(first: u64, positions: &[u32]) -> PositionRun {
         PositionRun {
@@ -836,5 +840,126 @@ mod tests {
         assert_eq!(index.location_in_memory(Offset(2)), Some(location(200, 60)));
         assert_eq!(index.location_in_memory(Offset(4)), Some(None));
         assert_eq!(index.location_in_memory(Offset(1)), None);
+    }
+
+    /// The indexer's apply can wait on sled (here for the record clock, which only sled holds
+    /// after a checkpoint) while a checkpoint writes; readers of the layers must not wait
+    /// with it, and see the batch whole once it is in.
+    #[test]
+    fn an_apply_waiting_for_sled_holds_no_reader_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Arc::new(Index::open(dir.path(), 1 << 20).unwrap());
+        let frame = |offset| Frame {
+            offset: Offset(offset),
+            timestamp_ms: 5,
+            record: Record::AgentDeleted {
+                agent: "nobody".into(),
+            },
+        };
+        index
+            .apply(&[frame(0), frame(1)], &[run(0, &[0, 100, 200])])
+            .unwrap();
+        index.checkpoint().unwrap();
+        index.apply(&[], &[run(2, &[200, 300])]).unwrap();
+
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let tree = index.tree.clone();
+        let holder = std::thread::spawn(move || {
+            tree.transaction(|_| {
+                let _ = locked_tx.send(());
+                let _ = release_rx.recv();
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .unwrap();
+        });
+        locked_rx.recv().unwrap();
+        let applier = index.clone();
+        let apply = std::thread::spawn(move || {
+            applier.apply(&[frame(3)], &[run(3, &[300, 350])]).unwrap();
+        });
+        // Whatever the apply has reached (it waits on sled for the clock), the layers answer
+        // at once, and never half of its batch.
+        for _ in 0..200 {
+            assert_eq!(
+                index.location_in_memory(Offset(2)),
+                Some(Some(Location {
+                    segment: Offset(0),
+                    position: 200,
+                    len: 100
+                })),
+                "a reader waited for the apply"
+            );
+            assert!(matches!(index.applied(), Ok(Some(Offset(1)))));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(release_tx);
+        holder.join().unwrap();
+        apply.join().unwrap();
+        assert_eq!(index.applied().unwrap(), Some(Offset(3)));
+        assert_eq!(
+            index
+                .location(Offset(3))
+                .unwrap()
+                .map(|l| (l.position, l.len)),
+            Some((300, 50))
+        );
+    }
+
+    fn run_keys(index: &Index) -> Vec<u64> {
+        index
+            .scan_prefix(&[P])
+            .map(|item| from_be64(item.unwrap().0.get(1..).unwrap()))
+            .collect()
+    }
+
+    /// Small batches of one segment share one position key until it holds `MAX_RUN`
+    /// records; a gap, another segment or a checkpointed run starts a new key, and every
+    /// offset is found where it was written.
+    #[test]
+    fn consecutive_runs_share_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        index.apply(&[], &[run(0, &[0, 100, 200])]).unwrap();
+        index.apply(&[], &[run(2, &[200, 250])]).unwrap();
+        index.apply(&[], &[run(3, &[250, 300, 420])]).unwrap();
+        assert_eq!(run_keys(&index), [0]);
+        let located = |o| {
+            index
+                .location(Offset(o))
+                .unwrap()
+                .map(|l| (l.position, l.len))
+        };
+        let expected = [(0, 100), (100, 100), (200, 50), (250, 50), (300, 120)];
+        for (o, want) in expected.into_iter().enumerate() {
+            assert_eq!(located(o as u64), Some(want), "offset {o}");
+        }
+        assert_eq!(located(5), None);
+        // Offset 5 is not where offset 4 ended (a record in between was never indexed):
+        // its own key.
+        index.apply(&[], &[run(5, &[500, 510])]).unwrap();
+        // Another segment.
+        let mut other = run(6, &[0, 10]);
+        other.segment = Offset(6);
+        index.apply(&[], &[other]).unwrap();
+        assert_eq!(run_keys(&index), [0, 5, 6]);
+        index.checkpoint().unwrap();
+        // A checkpointed run is not extended (it is sled's), a new key follows it.
+        let mut next = run(7, &[10, 20]);
+        next.segment = Offset(6);
+        index.apply(&[], &[next]).unwrap();
+        assert_eq!(run_keys(&index), [0, 5, 6, 7]);
+        assert_eq!(located(7), Some((10, 10)));
+        // A key holds at most MAX_RUN records.
+        for i in 0..MAX_RUN as u32 {
+            let mut more = run(8 + u64::from(i), &[20 + i, 21 + i]);
+            more.segment = Offset(6);
+            index.apply(&[], &[more]).unwrap();
+        }
+        assert_eq!(run_keys(&index), [0, 5, 6, 7, 8 + MAX_RUN as u64 - 1]);
+        assert_eq!(
+            located(8 + MAX_RUN as u64 - 1),
+            Some((20 + MAX_RUN as u64 - 1, 1))
+        );
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::iter::Peekable;
 use std::ops::Bound;
-use std::sync::{Arc, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 
 use crate::error::Result;
 use crate::Offset;
@@ -111,73 +111,165 @@ pub(super) fn prefix_end(prefix: &[u8]) -> Bound<Vec<u8>> {
     Bound::Unbounded
 }
 
-/// The value of `key`: the layers' newest change, else what sled holds.
-pub(super) fn get(layers: &Layers, tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>> {
-    match layers.lookup(key) {
-        Some(change) => Ok(change.value().map(<[u8]>::to_vec)),
+/// The value of `key`: the layers' newest change (looked up under the lock), else what sled
+/// holds (read after the lock is released, so that nobody waits on the layers while sled is
+/// slow, as it is while a checkpoint writes).
+pub(super) fn get(
+    layers: &RwLock<Layers>,
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    let layered = read(layers)
+        .lookup(key)
+        .map(|c| c.value().map(<[u8]>::to_vec));
+    match layered {
+        Some(value) => Ok(value),
         None => super::store::get(tree, key),
     }
 }
 
 /// The keys and values in a range: sled's, with the layers' changes over them.
 pub(super) fn range(
-    layers: &Layers,
+    layers: &RwLock<Layers>,
     tree: &sled::Tree,
     start: Bound<Vec<u8>>,
     end: Bound<Vec<u8>>,
 ) -> Merged {
-    let overlay = layers.changes_in(&start, &end);
+    let overlay = read(layers).changes_in(&start, &end);
     Merged::new(super::store::range(tree, start, end), overlay)
 }
 
-/// Write access for applying records: reads see the batch's own writes.
-pub(super) struct Txn<'a> {
-    pub(super) layers: RwLockWriteGuard<'a, Layers>,
-    pub(super) tree: &'a sled::Tree,
+/// The layers for reading. A panic while they were written (the indexer's, which poisons the
+/// log) leaves them as far as it got: readers go on, writes are refused anyway.
+pub(super) fn read(layers: &RwLock<Layers>) -> RwLockReadGuard<'_, Layers> {
+    layers.read().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl Txn<'_> {
+/// Write access for applying records, one batch at a time.
+///
+/// The batch's changes collect here and reach the active layer together in
+/// [`Txn::install`], so readers never see half a batch and never wait while the batch reads
+/// sled (which a checkpoint's write holds for milliseconds). Reads see the batch's own writes.
+/// The caller holds the index's apply lock for the Txn's life, so no other batch and no
+/// checkpoint changes the active layer meanwhile, and the kind of each change (which depends
+/// on what the active layer holds) stays right until installed.
+pub(super) struct Txn<'a> {
+    layers: &'a RwLock<Layers>,
+    tree: &'a sled::Tree,
+    /// The batch's changes over the active layer; `None`: the active layer's change to the
+    /// key is taken out (a key created and removed between two checkpoints).
+    changes: BTreeMap<Vec<u8>, Option<Change>>,
+    /// The last offset the batch applies.
+    pub(super) applied: Option<Offset>,
+}
+
+impl<'a> Txn<'a> {
+    pub(super) fn new(layers: &'a RwLock<Layers>, tree: &'a sled::Tree) -> Self {
+        Self {
+            layers,
+            tree,
+            changes: BTreeMap::new(),
+            applied: None,
+        }
+    }
+
+    /// Puts the batch's changes into the active layer, at once.
+    pub(super) fn install(self) {
+        let mut layers = self.layers.write().unwrap_or_else(PoisonError::into_inner);
+        for (key, change) in self.changes {
+            match change {
+                Some(change) => layers.active.changes.insert(key, change),
+                None => layers.active.changes.remove(&key),
+            };
+        }
+        if self.applied.is_some() {
+            layers.active.applied = self.applied;
+        }
+    }
+
+    /// `test` of the change the active layer will hold for `key`, the batch's first.
+    fn active_change(&self, key: &[u8], test: impl FnOnce(Option<&Change>) -> bool) -> bool {
+        match self.changes.get(key) {
+            Some(change) => test(change.as_ref()),
+            None => test(read(self.layers).active.changes.get(key)),
+        }
+    }
+
+    /// The greatest key in `start..=end` whose change in the active layer (with the batch's
+    /// over it) is new to the layers, with its value; `None` if that key's change is another
+    /// kind, or no key of the range has a change there.
+    pub(super) fn newest_new_in_active(
+        &self,
+        start: Bound<Vec<u8>>,
+        end: Bound<Vec<u8>>,
+    ) -> Option<(Vec<u8>, Vec<u8>)> {
+        let bounds = (start, end);
+        let batch = self.changes.range(bounds.clone()).next_back();
+        let layers = read(self.layers);
+        let active = layers.active.changes.range(bounds).next_back();
+        let change = match (batch, active) {
+            (Some((bk, bc)), Some((ak, _))) if bk >= ak => bc.as_ref(),
+            (Some((_, bc)), None) => bc.as_ref(),
+            (_, Some((ak, ac))) => return new_value(ak, ac),
+            (None, None) => None,
+        };
+        let (key, change) = batch.map(|(k, _)| (k, change))?;
+        new_value(key, change?)
+    }
+
     pub(super) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        get(&self.layers, self.tree, key)
+        let layered = match self.changes.get(key) {
+            Some(Some(change)) => return Ok(change.value().map(<[u8]>::to_vec)),
+            // Taken out of the active layer: what lies below it.
+            Some(None) => read(self.layers)
+                .frozen
+                .as_ref()
+                .and_then(|frozen| frozen.changes.get(key))
+                .map(|c| c.value().map(<[u8]>::to_vec)),
+            None => read(self.layers)
+                .lookup(key)
+                .map(|c| c.value().map(<[u8]>::to_vec)),
+        };
+        match layered {
+            Some(value) => Ok(value),
+            None => super::store::get(self.tree, key),
+        }
     }
 
     /// Sets `key`, which may exist below.
     pub(super) fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        let changes = &mut self.layers.active.changes;
-        let change = match changes.get(&key) {
-            Some(Change::PutNew(_)) => Change::PutNew(value),
-            _ => Change::Put(value),
+        let change = if self.active_change(&key, |c| matches!(c, Some(Change::PutNew(_)))) {
+            Change::PutNew(value)
+        } else {
+            Change::Put(value)
         };
-        changes.insert(key, change);
+        self.changes.insert(key, Some(change));
     }
 
     /// Sets `key`, which the caller knows exists in no layer and not in sled (a fresh offset).
     pub(super) fn insert_new(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.layers
-            .active
-            .changes
-            .insert(key, Change::PutNew(value));
+        self.changes.insert(key, Some(Change::PutNew(value)));
     }
 
     /// Sets `key`, which the merged view shows absent. A deletion of it in this layer means a
     /// lower layer has it (so it is an ordinary set); otherwise no layer and not sled has it,
     /// and it is set as new, so that removing it again in this layer leaves nothing for sled.
     pub(super) fn insert_absent(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        let changes = &mut self.layers.active.changes;
-        let change = match changes.get(&key) {
-            Some(Change::Delete) => Change::Put(value),
-            _ => Change::PutNew(value),
+        let change = if self.active_change(&key, |c| matches!(c, Some(Change::Delete))) {
+            Change::Put(value)
+        } else {
+            Change::PutNew(value)
         };
-        changes.insert(key, change);
+        self.changes.insert(key, Some(change));
     }
 
     pub(super) fn remove(&mut self, key: Vec<u8>) {
-        let changes = &mut self.layers.active.changes;
-        if let Some(Change::PutNew(_)) = changes.get(&key) {
-            changes.remove(&key);
+        let change = if self.active_change(&key, |c| matches!(c, Some(Change::PutNew(_)))) {
+            None
         } else {
-            changes.insert(key, Change::Delete);
-        }
+            Some(Change::Delete)
+        };
+        self.changes.insert(key, change);
     }
 
     /// Every key and value with `prefix`, merged over all layers.
@@ -187,7 +279,35 @@ impl Txn<'_> {
     }
 
     pub(super) fn range(&self, start: Bound<Vec<u8>>, end: Bound<Vec<u8>>) -> Merged {
-        range(&self.layers, self.tree, start, end)
+        let overlay = {
+            let layers = read(self.layers);
+            let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> =
+                layers.changes_in(&start, &end).into_iter().collect();
+            let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (as_slice(&start), as_slice(&end));
+            for (key, change) in self.changes.range::<[u8], _>(bounds) {
+                let below = match change {
+                    Some(change) => Some(change.value().map(<[u8]>::to_vec)),
+                    None => layers
+                        .frozen
+                        .as_ref()
+                        .and_then(|frozen| frozen.changes.get(key))
+                        .map(|c| c.value().map(<[u8]>::to_vec)),
+                };
+                match below {
+                    Some(value) => merged.insert(key.clone(), value),
+                    None => merged.remove(key),
+                };
+            }
+            merged.into_iter().collect()
+        };
+        Merged::new(super::store::range(self.tree, start, end), overlay)
+    }
+}
+
+fn new_value(key: &[u8], change: &Change) -> Option<(Vec<u8>, Vec<u8>)> {
+    match change {
+        Change::PutNew(value) => Some((key.to_vec(), value.clone())),
+        Change::Put(_) | Change::Delete => None,
     }
 }
 
