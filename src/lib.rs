@@ -14,6 +14,7 @@
 //! - [`telemetry`]: logging set-up.
 
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;

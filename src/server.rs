@@ -3,15 +3,18 @@
 
 use axum::serve::ListenerExt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use courier_storage::{Log, LogOptions};
 use tokio::net::TcpListener;
 
+use crate::api::access::Access;
 use crate::api::{self, AppState};
+use crate::auth::{load_admin_token, Token};
 use crate::broker::Broker;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{AuthMode, Config};
 
 /// How often retention looks for segments to delete: every 30 s, or a quarter of
 /// `retention.max_age` if that is shorter (at least every 100 ms).
@@ -33,13 +36,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let clock = Clock::start();
-    let broker = open(&config, clock).await?;
+    let (broker, admin) = open(&config, clock).await?;
+    let access = Arc::new(Access::new(&config.auth, admin.as_ref()));
     broker.resume_backfills();
     let sweeper = tokio::spawn(broker.clone().run_sweeper());
     let retention = tokio::spawn(broker.clone().run_retention(retention_interval(&config)));
     let state = AppState {
         broker: broker.clone(),
         config: config.clone(),
+        access,
     };
     let closing = broker.clone();
     // Responses leave at once: without TCP_NODELAY the tail of a large answer (a receive of
@@ -49,7 +54,8 @@ pub async fn run(
             tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
         }
     });
-    axum::serve(listener, api::router(state))
+    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: no new connections; open long-polls return now");
@@ -65,8 +71,9 @@ pub async fn run(
     Ok(())
 }
 
-/// Opens (recovers) the log off the async threads and builds the broker's state.
-async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<Arc<Broker>> {
+/// Opens (recovers) the log off the async threads and builds the broker's state; with
+/// `auth.mode = token`, also finds (or makes) the admin token.
+async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<(Arc<Broker>, Option<Token>)> {
     let options = LogOptions {
         fsync: config.fsync,
         segment_bytes: config.segment_bytes,
@@ -75,7 +82,7 @@ async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<Arc<Broker>>
     };
     let dir = config.data_dir.clone();
     let config = config.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<Arc<Broker>> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<(Arc<Broker>, Option<Token>)> {
         std::fs::create_dir_all(&dir).map_err(|e| {
             anyhow::anyhow!("cannot create the data directory {}: {e}", dir.display())
         })?;
@@ -89,8 +96,13 @@ async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<Arc<Broker>>
             torn_tail_truncated = report.truncated.is_some(),
             "recovered the log"
         );
+        // After the log locked the directory: no other server writes the token file.
+        let admin = match config.auth.mode {
+            AuthMode::Token => Some(load_admin_token(config.auth.admin_token.as_deref(), &dir)?),
+            AuthMode::None => None,
+        };
         let broker = Broker::new(log, config, clock)?;
-        Ok(Arc::new(broker))
+        Ok((Arc::new(broker), admin))
     })
     .await?
 }

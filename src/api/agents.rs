@@ -11,7 +11,8 @@ use super::error::{parse_json, ApiError, JsonBody};
 use super::messages::MAX_LEASE_MS;
 use super::wire::{check_json_depth, in_range, AgentBody};
 use super::{agent_id, AppState};
-use crate::broker::{AgentView, Refusal};
+use crate::auth::Token;
+use crate::broker::{AgentView, Refusal, Tokens};
 use crate::clock::rfc3339;
 use crate::ids::CapabilityName;
 use courier_storage::Agent;
@@ -131,17 +132,54 @@ pub async fn upsert(
             .map(|n| u32::try_from(n).expect("at most a million")),
         token_hash: None,
     };
-    let created = state.broker.upsert_agent(agent).await?;
+    let tokens = if state.access.is_on() {
+        Tokens::Issue
+    } else {
+        Tokens::Off
+    };
+    let upserted = state.broker.upsert_agent(agent, tokens).await?;
     let view = state
         .broker
         .agent(&id)
         .ok_or_else(|| ApiError::not_found("the agent was deleted meanwhile"))?;
-    let status = if created {
+    let status = if upserted.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(view_json(&view))).into_response())
+    let body = Registered {
+        agent: view_json(&view),
+        token: upserted.token.as_ref().map(Token::reveal),
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// A registration's answer: the agent, and its token the one time it is handed out.
+#[derive(Debug, Serialize)]
+struct Registered<'a> {
+    #[serde(flatten)]
+    agent: AgentJson<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token: Option<&'a str>,
+}
+
+/// `{"token": "cour_..."}`.
+#[derive(Debug, Serialize)]
+struct Rotated<'a> {
+    token: &'a str,
+}
+
+/// `POST /v1/agents/{agent}/token`: a new token for the agent; the old one stops working.
+pub async fn rotate_token(
+    State(state): State<AppState>,
+    Path(agent): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = agent_id(&agent)?;
+    let token = state.broker.rotate_token(&id).await?;
+    Ok(Json(Rotated {
+        token: token.reveal(),
+    })
+    .into_response())
 }
 
 fn unknown(id: &str) -> ApiError {

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
+use super::access::Caller;
 use super::error::{parse_json, too_large, ApiError, JsonBody};
 use super::wire::{
     check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeadLetters, DeliveredView,
@@ -42,12 +43,14 @@ pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
 /// `POST /v1/messages`.
 pub async fn publish(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBody(bytes): JsonBody,
 ) -> Result<Response, ApiError> {
     check_message_size(bytes.len(), &state.config.limits)?;
     let body: PublishBody = parse_json(&bytes)?;
     let outgoing = body.into_outgoing(traceparent(&headers), &state.config.limits)?;
+    caller.check_sender(&outgoing.message.from)?;
     let results = state.broker.publish(vec![outgoing]).await?;
     let result = results.first().expect("one result per message");
     let status = if result.duplicate {
@@ -61,6 +64,7 @@ pub async fn publish(
 /// `POST /v1/messages/batch`: all-or-nothing.
 pub async fn publish_batch(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     JsonBody(bytes): JsonBody,
 ) -> Result<Response, ApiError> {
@@ -83,7 +87,8 @@ pub async fn publish_batch(
     for (i, raw) in batch.messages.iter().enumerate() {
         let checked = check_message_size(raw.get().len(), &limits)
             .and_then(|()| parse_json::<PublishBody>(raw.get().as_bytes()))
-            .and_then(|body| body.into_outgoing(traceparent(&headers), &limits));
+            .and_then(|body| body.into_outgoing(traceparent(&headers), &limits))
+            .and_then(|o| caller.check_sender(&o.message.from).map(|()| o));
         match checked {
             Ok(o) => outgoing.push(o),
             Err(mut error) => {

@@ -3,6 +3,7 @@
 //! HTTP only: no delivery decisions are made here. Every error has the shape of
 //! [`error::ApiError`], including unknown routes and wrong methods.
 
+pub mod access;
 pub mod agents;
 pub mod capabilities;
 pub mod error;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     /// The configuration.
     pub config: Arc<Config>,
+    /// Authentication: the mode, the admin token's hash, refusal counts.
+    pub access: Arc<access::Access>,
 }
 
 /// The router of the whole API.
@@ -52,6 +55,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/agents/{agent}",
             put(agents::upsert).get(agents::get).delete(agents::delete),
         )
+        .route("/v1/agents/{agent}/token", post(agents::rotate_token))
         .route("/v1/agents/{agent}/heartbeat", post(agents::heartbeat))
         .route("/v1/agents/{agent}/receive", post(messages::receive))
         .route("/v1/agents/{agent}/ack", post(messages::ack))
@@ -84,6 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/v1/stats", get(ops::stats))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::authorize,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(error::BODY_LIMIT_BYTES))

@@ -41,6 +41,14 @@ struct StatsJson<'a> {
     segments: Vec<SegmentJson>,
     agents: Vec<AgentCounts<'a>>,
     ready: bool,
+    auth: AuthJson,
+}
+
+/// Requests refused by authentication (401) and authorization (403) since the start.
+#[derive(Debug, Serialize)]
+struct AuthJson {
+    unauthenticated: u64,
+    forbidden: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -72,6 +80,7 @@ struct AgentCounts<'a> {
 /// `GET /v1/stats`.
 pub async fn stats(State(state): State<AppState>) -> Response {
     let stats = state.broker.stats();
+    let refusals = state.access.refusals();
     let segments = stats
         .segments
         .iter()
@@ -104,6 +113,10 @@ pub async fn stats(State(state): State<AppState>) -> Response {
         segments,
         agents,
         ready: state.broker.is_ready(),
+        auth: AuthJson {
+            unauthenticated: refusals.unauthenticated,
+            forbidden: refusals.forbidden,
+        },
     })
     .into_response()
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::access::Caller;
 use super::error::{parse_json, ApiError, JsonBody};
 use super::messages::traceparent;
 use super::wire::{check_message_size, in_range, MessageView, PublishBody};
@@ -38,6 +39,7 @@ struct Replied<'a> {
 /// 504 `reply_timeout`.
 pub async fn request(
     State(state): State<AppState>,
+    caller: Caller,
     query: Result<Query<RequestQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     JsonBody(bytes): JsonBody,
@@ -59,6 +61,7 @@ pub async fn request(
     check_message_size(bytes.len(), &state.config.limits)?;
     let body: PublishBody = parse_json(&bytes)?;
     let outgoing = body.into_outgoing(traceparent(&headers), &state.config.limits)?;
+    caller.check_sender(&outgoing.message.from)?;
     if !matches!(
         outgoing.to,
         Some(Address::Agent(_) | Address::Capability(_))

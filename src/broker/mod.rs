@@ -34,6 +34,7 @@ use std::time::Duration;
 use courier_storage::{Agent, Index, Log, LogStats, SegmentInfo};
 use tokio::sync::{watch, Notify};
 
+use crate::auth::AgentTokens;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{self, Depth, Policy};
@@ -41,7 +42,7 @@ use crate::delivery::{self, Depth, Policy};
 pub use capabilities::CapabilityView;
 pub use consume::{DeadView, Delivered, InboxRef, ReceiveRequest};
 pub use publish::{Outgoing, Published};
-pub use registry::AgentView;
+pub use registry::{AgentView, Tokens, Upserted};
 pub use requests::RequestOptions;
 pub use topics::{Start, Subscription};
 
@@ -144,6 +145,8 @@ pub struct Broker {
     /// Whether the fail-stop after a panic under the broker lock was logged (the lock's own
     /// poisoning is the failure; see [`Broker::lock`]).
     failure_logged: AtomicBool,
+    /// The agents' token hashes, as durable registrations set them.
+    tokens: Arc<AgentTokens>,
 }
 
 impl Broker {
@@ -158,7 +161,9 @@ impl Broker {
             delivery,
             ..Core::default()
         };
+        let tokens = Arc::new(AgentTokens::default());
         for agent in agents {
+            registry::note_token(&tokens, &agent);
             core.registry.upsert(agent);
         }
         Ok(Self {
@@ -170,6 +175,7 @@ impl Broker {
             sweeper_wakes_at_ms: AtomicU64::new(0),
             closing: watch::Sender::new(false),
             failure_logged: AtomicBool::new(false),
+            tokens,
         })
     }
 

@@ -9,6 +9,7 @@ use courier_storage::{Agent, Record};
 
 use super::commit::{Commit, AGENT, NACK};
 use super::{millis, Broker, Core, Refusal, Result};
+use crate::auth::{AgentTokens, Token, TokenHash};
 use crate::delivery::Depth;
 use crate::ids::AgentId;
 
@@ -183,25 +184,89 @@ impl Registry {
     }
 }
 
+/// Makes `agent`'s token (or none) the one that authenticates it.
+pub(super) fn note_token(tokens: &AgentTokens, agent: &Agent) {
+    let Ok(id) = AgentId::parse(&agent.id) else {
+        return;
+    };
+    let hash = agent.token_hash.as_deref().and_then(TokenHash::from_stored);
+    tokens.set(&id, hash);
+}
+
+/// Whether a registration hands out a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tokens {
+    /// No (`auth.mode = none`): registrations keep whatever token hash they have.
+    Off,
+    /// Yes, to an agent that has none yet (created, or registered while auth was off).
+    Issue,
+}
+
+/// What [`Broker::upsert_agent`] did.
+#[derive(Debug)]
+pub struct Upserted {
+    /// Whether the agent is new.
+    pub created: bool,
+    /// The token handed out with this registration, the only time it is shown.
+    pub token: Option<Token>,
+}
+
 impl Broker {
-    /// Registers or updates an agent; returns whether it is new.
-    pub async fn upsert_agent(self: &Arc<Self>, agent: Agent) -> Result<bool> {
+    /// Registers or updates an agent (its token, if it has one, stays); with
+    /// [`Tokens::Issue`], one without a token gets one.
+    pub async fn upsert_agent(
+        self: &Arc<Self>,
+        mut agent: Agent,
+        tokens: Tokens,
+    ) -> Result<Upserted> {
         let now = self.clock.now_ms();
-        let (created, commit) = {
+        let (upserted, commit) = {
             let mut core = self.lock();
-            let created = !core.registry.contains(&agent.id);
-            let record = Record::AgentUpserted(agent);
-            let commit = self.commit_registration(&mut core, now, record, |core, record| {
-                if let Record::AgentUpserted(agent) = record {
-                    // Its open receives wait on the queues of its capabilities of now.
-                    core.waiters.wake(&[Arc::from(agent.id.as_str())]);
-                    core.registry.upsert(agent);
-                }
-            })?;
-            (created, commit)
+            let existing = core.registry.agent(&agent.id);
+            let created = existing.is_none();
+            agent.token_hash = existing.and_then(|a| a.token_hash.clone());
+            let token = (tokens == Tokens::Issue && agent.token_hash.is_none()).then(|| {
+                let token = Token::generate();
+                agent.token_hash = Some(token.hash().to_stored());
+                token
+            });
+            let commit = self.commit_upsert(&mut core, now, agent)?;
+            (Upserted { created, token }, commit)
         };
         commit.durable().await?;
-        Ok(created)
+        Ok(upserted)
+    }
+
+    /// Gives `id` a new token; the old one stops working once this returns.
+    pub async fn rotate_token(self: &Arc<Self>, id: &AgentId) -> Result<Token> {
+        let now = self.clock.now_ms();
+        let (token, commit) = {
+            let mut core = self.lock();
+            let mut agent = core.registry.get(id.as_str())?.agent.clone();
+            let token = Token::generate();
+            agent.token_hash = Some(token.hash().to_stored());
+            (token, self.commit_upsert(&mut core, now, agent)?)
+        };
+        commit.durable().await?;
+        Ok(token)
+    }
+
+    /// The agent whose token hashes to `hash`, if any.
+    pub fn agent_of_token(&self, hash: &TokenHash) -> Option<AgentId> {
+        self.tokens.find(hash)
+    }
+
+    fn commit_upsert(self: &Arc<Self>, core: &mut Core, now: u64, agent: Agent) -> Result<Commit> {
+        let tokens = self.tokens.clone();
+        let record = Record::AgentUpserted(agent);
+        self.commit_registration(core, now, record, move |core, record| {
+            if let Record::AgentUpserted(agent) = record {
+                note_token(&tokens, &agent);
+                // Its open receives wait on the queues of its capabilities of now.
+                core.waiters.wake(&[Arc::from(agent.id.as_str())]);
+                core.registry.upsert(agent);
+            }
+        })
     }
 
     /// Removes an agent with its inbox and dead letters; `false` if it was not registered.
@@ -220,14 +285,19 @@ impl Broker {
             let record = Record::AgentDeleted {
                 agent: id.to_string(),
             };
-            let commit = self.commit_registration(&mut core, now, record, |core, record| {
-                if let Record::AgentDeleted { agent } = record {
-                    core.registry.remove(&agent);
-                    core.admission.forget(&agent);
-                    // Its open long-polls return (and find no agent).
-                    core.waiters.remove(&agent);
-                }
-            })?;
+            let tokens = self.tokens.clone();
+            let commit =
+                self.commit_registration(&mut core, now, record, move |core, record| {
+                    if let Record::AgentDeleted { agent } = record {
+                        if let Ok(id) = AgentId::parse(&agent) {
+                            tokens.set(&id, None);
+                        }
+                        core.registry.remove(&agent);
+                        core.admission.forget(&agent);
+                        // Its open long-polls return (and find no agent).
+                        core.waiters.remove(&agent);
+                    }
+                })?;
             // Under the same lock: no publish to it is decided after the deletion.
             core.registry.deleting(id.as_str());
             commit

@@ -110,7 +110,7 @@ pub struct Cli {
     #[arg(id = "limits.max_json_depth", long = "limits-max-json-depth")]
     #[arg(env = "COURIER_LIMITS_MAX_JSON_DEPTH", default_value = "64")]
     pub limits_max_json_depth: String,
-    /// none (token auth is not in this build yet)
+    /// none | token: bearer tokens for every route but /healthz and /readyz (SPEC §7)
     #[arg(id = "auth.mode", long = "auth-mode")]
     #[arg(env = "COURIER_AUTH_MODE", default_value = "none")]
     pub auth_mode: String,
@@ -118,6 +118,10 @@ pub struct Cli {
     #[arg(id = "auth.admin_token", long = "auth-admin-token")]
     #[arg(env = "COURIER_AUTH_ADMIN_TOKEN", hide_env_values = true)]
     pub auth_admin_token: Option<String>,
+    /// with auth.mode = token: /metrics and /v1/stats without the admin token
+    #[arg(id = "auth.metrics_open", long = "auth-metrics-open")]
+    #[arg(env = "COURIER_AUTH_METRICS_OPEN", default_value = "false")]
+    pub auth_metrics_open: String,
     /// HMAC-signed publishes (not in this build yet)
     #[arg(id = "auth.signing", long = "auth-signing")]
     #[arg(env = "COURIER_AUTH_SIGNING", default_value = "false")]

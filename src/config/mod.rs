@@ -159,9 +159,9 @@ impl RawConfig {
         let flag_given = matches.value_source("auth.admin_token") == Some(ValueSource::CommandLine);
         if let Some(token) = std::env::var_os(ADMIN_TOKEN_VAR).filter(|_| !flag_given) {
             let origin = Source::Env(ADMIN_TOKEN_VAR.into());
-            let token = token.into_string().map_err(|token| ConfigError::Invalid {
+            let token = token.into_string().map_err(|_| ConfigError::Invalid {
                 key: "auth.admin_token",
-                value: token.to_string_lossy().into_owned(),
+                value: "(not shown)".into(),
                 origin: origin.clone(),
                 reason: "not valid UTF-8".into(),
             })?;
@@ -191,7 +191,12 @@ impl RawConfig {
             .map(Some)
             .map_err(|reason| ConfigError::Invalid {
                 key: name,
-                value: value.clone(),
+                // A secret is not repeated in an error message (which goes to the logs).
+                value: if SECRET_KEYS.contains(&name) {
+                    "(not shown)".into()
+                } else {
+                    value.clone()
+                },
                 origin: source.clone(),
                 reason,
             })
@@ -252,6 +257,15 @@ impl RawConfig {
                 "error" | "warn" | "info" | "debug" | "trace" => Ok(s.to_owned()),
                 _ => Err("expected error, warn, info, debug or trace".into()),
             })?,
+            auth: Auth {
+                mode: self.required("auth.mode", |s| match s {
+                    "none" => Ok(AuthMode::None),
+                    "token" => Ok(AuthMode::Token),
+                    _ => Err("expected `none` or `token`".into()),
+                })?,
+                admin_token: self.parse("auth.admin_token", parse_admin_token)?,
+                metrics_open: self.required("auth.metrics_open", parse_bool)?,
+            },
             insecure: self.insecure,
         };
         self.check_unsupported()?;
@@ -273,12 +287,6 @@ impl RawConfig {
                 reason: reason.into(),
             })
         };
-        if self.parse("auth.mode", |s| Ok(s.to_owned()))?.as_deref() != Some("none") {
-            return not_yet(
-                "auth.mode",
-                "this build serves without authentication only (`none`); token auth is not implemented yet",
-            );
-        }
         if self.parse("auth.signing", parse_bool)? == Some(true) {
             return not_yet(
                 "auth.signing",
@@ -328,8 +336,45 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log level when `RUST_LOG` is unset.
     pub log_level: String,
+    /// Authentication and authorization (SPEC §7).
+    pub auth: Auth,
     /// Allow a non-loopback address without auth.
     pub insecure: bool,
+}
+
+/// Authentication and authorization (SPEC §7).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// Whether requests need a token.
+    pub mode: AuthMode,
+    /// The admin token from the configuration; `None`: `<data_dir>/admin.token` (generated
+    /// at the first start).
+    pub admin_token: Option<String>,
+    /// `/metrics` and `/v1/stats` open to anyone (else the admin's).
+    pub metrics_open: bool,
+}
+
+impl fmt::Debug for Auth {
+    /// Never shows the admin token (the configuration is logged at start).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("mode", &self.mode)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "(set, not shown)"),
+            )
+            .field("metrics_open", &self.metrics_open)
+            .finish()
+    }
+}
+
+/// Whether requests need a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Anyone who reaches the port may do anything (loopback only, unless `--insecure`).
+    None,
+    /// Bearer tokens: the admin's, and one per agent.
+    Token,
 }
 
 /// Exponential backoff of redeliveries after an expired lease.
@@ -382,9 +427,9 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        if !self.listen.ip().is_loopback() && !self.insecure {
+        if !self.listen.ip().is_loopback() && self.auth.mode == AuthMode::None && !self.insecure {
             return Err(ConfigError::Conflict(format!(
-                "refusing to listen on {} without authentication: bind a loopback address, or pass --insecure to serve an unauthenticated API on the network",
+                "refusing to listen on {} without authentication: set auth.mode = token, bind a loopback address, or pass --insecure to serve an unauthenticated API on the network",
                 self.listen
             )));
         }
@@ -451,6 +496,21 @@ fn parse_multiplier(text: &str) -> Result<f64, String> {
         return Err("must be between 1.0 and 100.0".into());
     }
     Ok(x)
+}
+
+/// Keys whose values are secrets: never shown in errors or logs.
+const SECRET_KEYS: &[&str] = &["auth.admin_token"];
+
+/// The smallest admin token the configuration takes: guessing it must be out of reach.
+const MIN_ADMIN_TOKEN_CHARS: usize = 24;
+
+fn parse_admin_token(text: &str) -> Result<String, String> {
+    if text.chars().count() < MIN_ADMIN_TOKEN_CHARS || !text.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "expected at least {MIN_ADMIN_TOKEN_CHARS} visible ASCII characters without spaces (for example 32 random bytes in hex), or leave it unset to have one generated into <data_dir>/admin.token"
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_bool(text: &str) -> Result<bool, String> {

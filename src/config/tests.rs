@@ -124,11 +124,29 @@ fn non_loopback_listen_needs_insecure() {
 }
 
 #[test]
-fn features_not_in_this_build_are_refused_not_ignored() {
+fn token_auth_allows_a_network_listen_and_hides_the_admin_token() {
     let mut raw = RawConfig::defaults();
+    raw.set("listen", "0.0.0.0:7070".into(), Source::Default)
+        .unwrap();
     raw.set("auth.mode", "token".into(), Source::Default)
         .unwrap();
-    check_err(&raw, "not implemented yet");
+    raw.set("auth.admin_token", "short".into(), Source::Default)
+        .unwrap();
+    check_err(&raw, "at least 24");
+    let secret = "0123456789abcdef0123456789abcdef";
+    raw.set("auth.admin_token", secret.into(), Source::Default)
+        .unwrap();
+    let config = raw.validate().unwrap();
+    assert_eq!(config.auth.mode, AuthMode::Token);
+    assert_eq!(config.auth.admin_token.as_deref(), Some(secret));
+    assert!(!format!("{config:?}").contains(secret));
+    raw.set("auth.mode", "tokens".into(), Source::Default)
+        .unwrap();
+    check_err(&raw, "expected `none` or `token`");
+}
+
+#[test]
+fn features_not_in_this_build_are_refused_not_ignored() {
     let mut raw = RawConfig::defaults();
     raw.set("tls.cert", "cert.pem".into(), Source::Default)
         .unwrap();
@@ -137,7 +155,7 @@ fn features_not_in_this_build_are_refused_not_ignored() {
 
 #[test]
 fn every_key_has_flag_and_env_names() {
-    assert_eq!(keys().len(), 28);
+    assert_eq!(keys().len(), 29);
     for key in keys() {
         assert_eq!(key.flag, key.name.replace(['.', '_'], "-"));
         let env = format!("COURIER_{}", key.name.replace('.', "_").to_uppercase());

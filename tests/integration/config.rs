@@ -93,8 +93,13 @@ fn bad_values_stop_the_start_naming_key_value_and_source() {
     );
     check_refused(
         &[],
-        &[("COURIER_AUTH_MODE", "token")],
-        "`auth.mode` (from environment variable COURIER_AUTH_MODE): this build serves without authentication only",
+        &[("COURIER_AUTH_MODE", "tokens")],
+        "invalid value \"tokens\" for `auth.mode` (from environment variable COURIER_AUTH_MODE): expected `none` or `token`",
+    );
+    check_refused(
+        &["--auth-mode", "token"],
+        &[("COURIER_ADMIN_TOKEN", "short")],
+        "invalid value \"(not shown)\" for `auth.admin_token` (from environment variable COURIER_ADMIN_TOKEN): expected at least 24",
     );
 }
 

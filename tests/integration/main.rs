@@ -1,5 +1,8 @@
 //! Integration tests: the real `courier` binary on a loopback port, spoken to over HTTP.
 //!
+//! - `auth`: T13, every route × {no token, malformed, wrong, another agent's, own, admin}
+//!   against the table TESTING.md prints; rotation and deletion revoke (also after SIGKILL);
+//!   no raw token in the data directory or the logs.
 //! - `config`: a bad value from a flag, a variable or the file stops the start (exit 2) naming
 //!   the key, the value and its source; file < environment < flags.
 //! - `publish`: validation and its error shape, ids and idempotency (also across a restart),
@@ -22,6 +25,7 @@
 //!   (`powerfs`); `fsync=never` as the negative control.
 //! - `model`: T10, seeded random operation sequences against a reference model.
 
+mod auth;
 mod capabilities;
 mod config;
 mod crash;

@@ -404,7 +404,10 @@ impl System {
             token_hash: None,
         };
         self.runtime
-            .block_on(self.broker.upsert_agent(agent))
+            .block_on(
+                self.broker
+                    .upsert_agent(agent, courier::broker::Tokens::Off),
+            )
             .expect("register");
     }
 

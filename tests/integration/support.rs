@@ -105,10 +105,6 @@ impl TestServer {
     }
 
     /// Sets (or with `None` removes) an environment variable for the next starts.
-    #[cfg_attr(
-        not(feature = "failpoints"),
-        expect(dead_code, reason = "used by the fail point tests only")
-    )]
     pub fn set_env(&mut self, name: &str, value: Option<&str>) {
         self.env.retain(|(n, _)| n != name);
         if let Some(value) = value {
@@ -147,6 +143,21 @@ impl TestServer {
             Ok(()) => panic!("the server started:\n{}", self.logs()),
             Err(logs) => logs,
         }
+    }
+
+    /// Replaces the extra flags for the next starts.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| (*s).to_owned()).collect();
+    }
+
+    /// Everything the server wrote to stderr, over all its starts.
+    pub fn all_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                std::fs::read_to_string(self.dir.path().join(format!("stderr-{n}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     /// Everything the server wrote to stderr since its last start.
@@ -492,4 +503,18 @@ fn rfc3339_ms_reads_the_servers_times() {
     assert_eq!(rfc3339_ms("1970-01-01T00:00:00.000Z"), 0);
     assert_eq!(rfc3339_ms("2000-02-29T00:00:00.000Z"), 951_782_400_000);
     assert_eq!(rfc3339_ms("2026-11-18T11:06:40.123Z"), 1_795_000_000_123);
+}
+
+/// The route templates of the router (`src/api/mod.rs`), as written there.
+pub fn api_routes() -> Vec<String> {
+    let api = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/api/mod.rs"))
+        .expect("api/mod.rs");
+    let routes: Vec<String> = api
+        .split(".route(")
+        .skip(1)
+        .filter_map(|rest| rest.trim_start().strip_prefix('"')?.split('"').next())
+        .map(str::to_owned)
+        .collect();
+    assert!(routes.len() >= 15, "routes not found: {routes:?}");
+    routes
 }

@@ -23,15 +23,16 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::online::Client;
+use crate::online::{Client, ServerArgs};
 use crate::output::{self, usage, Outcome};
 
 /// The load to generate (the `bench` command's flags).
 #[derive(clap::Args)]
 pub struct BenchOptions {
-    /// The server's base URL.
-    #[arg(long)]
-    pub server: String,
+    /// The server, and with auth on the admin token (the bench registers its agent and
+    /// publishes and receives as it).
+    #[command(flatten)]
+    pub server: ServerArgs,
     /// The agent to publish to (registered if missing).
     #[arg(long, default_value = "bench")]
     pub agent: String,
@@ -359,7 +360,7 @@ fn report(
     let delivery = shared.delivery.lock().expect("histogram").clone();
     let ack = shared.ack.lock().expect("histogram").clone();
     let report = BenchReport {
-        server: options.server.clone(),
+        server: options.server.server.clone(),
         agent: options.agent.clone(),
         publishers: options.publishers,
         consumers: options.consumers,

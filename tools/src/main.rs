@@ -96,9 +96,8 @@ enum Command {
     Replay {
         /// The data directory to read.
         dir: PathBuf,
-        /// The server's base URL.
-        #[arg(long)]
-        server: String,
+        #[command(flatten)]
+        server: online::ServerArgs,
         #[command(flatten)]
         selection: offline::Selection,
         /// Send every message here instead of its original `to` (for example agent:audit).
@@ -129,6 +128,31 @@ enum Command {
         #[command(subcommand)]
         action: Dlq,
     },
+    /// Manage agents on a running server.
+    Agents {
+        #[command(subcommand)]
+        action: Agents,
+    },
+}
+
+#[derive(Subcommand)]
+enum Agents {
+    /// Give an agent a new token (the old one stops working at once) and print it.
+    #[command(
+        after_help = "Example: COURIER_TOKEN=$(cat ./courier-data/admin.token) courierctl agents token-rotate --server http://127.0.0.1:7070 --agent planner\n\
+        Needs the admin token (or the agent's own). Hand the printed token to the agent: it is\n\
+        shown once and the server keeps only its hash."
+    )]
+    TokenRotate {
+        #[command(flatten)]
+        server: online::ServerArgs,
+        /// The agent.
+        #[arg(long)]
+        agent: String,
+        /// JSON instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,9 +162,8 @@ enum Dlq {
         after_help = "Example: courierctl dlq list --server http://127.0.0.1:7070 --agent planner"
     )]
     List {
-        /// The server's base URL.
-        #[arg(long)]
-        server: String,
+        #[command(flatten)]
+        server: online::ServerArgs,
         /// The agent whose dead letters to list.
         #[arg(long)]
         agent: String,
@@ -153,9 +176,8 @@ enum Dlq {
         after_help = "Example: courierctl dlq redrive --server http://127.0.0.1:7070 --agent planner --offset 5 --offset 9"
     )]
     Redrive {
-        /// The server's base URL.
-        #[arg(long)]
-        server: String,
+        #[command(flatten)]
+        server: online::ServerArgs,
         /// The agent whose dead letters to redrive.
         #[arg(long)]
         agent: String,
@@ -208,6 +230,14 @@ fn run(command: Command) -> output::Outcome {
 fn online_command(command: Command) -> output::Outcome {
     match command {
         Command::Dlq { action } => dlq(action),
+        Command::Agents {
+            action:
+                Agents::TokenRotate {
+                    server,
+                    agent,
+                    json,
+                },
+        } => online::token_rotate(&online::Client::new(&server)?, &agent, json),
         Command::Bench { options } => bench::bench(&options),
         Command::Replay {
             dir,

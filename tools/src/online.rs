@@ -9,26 +9,40 @@ use serde_json::{json, Value};
 
 use crate::output::{self, failed, usage, Outcome};
 
+/// Where the server is and how to authenticate to it: the online commands' shared flags.
+#[derive(clap::Args, Clone)]
+pub struct ServerArgs {
+    /// The server's base URL.
+    #[arg(long)]
+    pub server: String,
+    /// A bearer token for a server with `auth.mode = token`: the admin token for operator
+    /// commands (dlq, agents, bench, replay), or an agent's own.
+    #[arg(long, env = "COURIER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
 /// A client of one server.
 pub struct Client {
     base: String,
+    authorization: Option<String>,
     agent: ureq::Agent,
 }
 
 impl Client {
-    /// `server` is the base URL, for example `http://127.0.0.1:7070`. A request that gets no
-    /// answer within a minute fails.
-    pub fn new(server: &str) -> Result<Self, output::Failure> {
+    /// A client of `server` (its base URL, for example `http://127.0.0.1:7070`). A request
+    /// that gets no answer within a minute fails.
+    pub fn new(server: &ServerArgs) -> Result<Self, output::Failure> {
         Self::with_timeout(server, Some(Duration::from_secs(60)))
     }
 
     /// A client without a timeout per request: ureq's timeout bookkeeping costs the load
     /// generator half its throughput (17.8k against 8.3k publishes/s with 64 publishers).
-    pub fn without_timeout(server: &str) -> Result<Self, output::Failure> {
+    pub fn without_timeout(server: &ServerArgs) -> Result<Self, output::Failure> {
         Self::with_timeout(server, None)
     }
 
-    fn with_timeout(server: &str, timeout: Option<Duration>) -> Result<Self, output::Failure> {
+    fn with_timeout(args: &ServerArgs, timeout: Option<Duration>) -> Result<Self, output::Failure> {
+        let server = &args.server;
         let base = server.trim_end_matches('/').to_owned();
         if !base.starts_with("http://") {
             return Err(usage(format!(
@@ -41,6 +55,7 @@ impl Client {
             .build();
         Ok(Self {
             base,
+            authorization: args.token.as_ref().map(|t| format!("Bearer {}", t.trim())),
             agent: config.into(),
         })
     }
@@ -82,20 +97,26 @@ impl Client {
         })
     }
 
+    /// Adds the bearer token, if there is one.
+    fn authorize<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.authorization {
+            Some(value) => request.header("authorization", value),
+            None => request,
+        }
+    }
+
     /// Sends one request and returns the text of a 2xx answer; anything else fails with
     /// the server's error message.
     fn send(&self, method: &str, path: &str, body: String) -> Result<String, output::Failure> {
         let url = format!("{}{path}", self.base);
         let sent = match method {
-            "GET" => self.agent.get(&url).call(),
+            "GET" => self.authorize(self.agent.get(&url)).call(),
             "PUT" => self
-                .agent
-                .put(&url)
+                .authorize(self.agent.put(&url))
                 .header("content-type", "application/json")
                 .send(body),
             _ => self
-                .agent
-                .post(&url)
+                .authorize(self.agent.post(&url))
                 .header("content-type", "application/json")
                 .send(body),
         };
@@ -108,8 +129,12 @@ impl Client {
         if !(200..300).contains(&status) {
             let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             let message = value["error"]["message"].as_str().unwrap_or(&text);
+            let hint = match (status, &self.authorization) {
+                (401, None) => " (pass --token or set COURIER_TOKEN)",
+                _ => "",
+            };
             return Err(failed(anyhow::anyhow!(
-                "{method} {url}: {status}: {message}"
+                "{method} {url}: {status}: {message}{hint}"
             )));
         }
         Ok(text)
@@ -192,6 +217,20 @@ pub fn dlq_redrive(
         output::json(&json!({"agent": agent, "redriven": redriven}));
     } else {
         println!("redrove {redriven} dead letters of {agent} back into its inbox (attempts reset)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `agents token-rotate`: a new token for `agent`, printed once.
+pub fn token_rotate(client: &Client, agent: &str, json: bool) -> Outcome {
+    let reply = client.call("POST", &format!("/v1/agents/{agent}/token"), None)?;
+    let token = reply["token"]
+        .as_str()
+        .ok_or_else(|| failed(anyhow::anyhow!("the server's answer has no token: {reply}")))?;
+    if json {
+        output::json(&json!({"agent": agent, "token": token}));
+    } else {
+        println!("{token}");
     }
     Ok(ExitCode::SUCCESS)
 }

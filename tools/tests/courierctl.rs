@@ -99,11 +99,23 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> (u1
 
 /// One HTTP/1.1 request with a JSON text body; returns the status and the body's text.
 fn http_text(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_as(addr, None, method, path, body)
+}
+
+/// [`http_text`] with a bearer token.
+fn http_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let Ok(mut stream) = TcpStream::connect(addr) else {
         return (0, String::new());
     };
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{authorization}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -601,4 +613,72 @@ fn deeply_nested_bodies_are_listed_dumped_and_replayed_intact() {
         r#"{"max": 1, "wait_ms": 0}"#,
     );
     assert!(received.contains(&format!("\"body\":{deep}")), "{received}");
+}
+
+#[test]
+fn online_commands_take_a_token_and_rotate_agent_tokens() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(&data, &["--auth-mode", "token"]);
+    let admin = std::fs::read_to_string(data.join("admin.token"))
+        .expect("the generated admin token")
+        .trim()
+        .to_owned();
+    let url = format!("http://{}", server.addr);
+    let (status, reply) = http_as(server.addr, Some(&admin), "PUT", "/v1/agents/worker", "{}");
+    assert_eq!(status, 201, "{reply}");
+    let first: Value = serde_json::from_str(&reply).expect("json");
+    let first = first["token"].as_str().expect("a token").to_owned();
+
+    let refused = run(&["dlq", "list", "--server", &url, "--agent", "worker"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("--token"),
+        "{stderr}"
+    );
+
+    let rotated = run(&[
+        "agents",
+        "token-rotate",
+        "--server",
+        &url,
+        "--agent",
+        "worker",
+        "--token",
+        &admin,
+    ]);
+    assert!(rotated.status.success(), "{rotated:?}");
+    let second = String::from_utf8_lossy(&rotated.stdout).trim().to_owned();
+    assert!(second.starts_with("cour_") && second != first, "{second}");
+    let heartbeat = |token: &str| {
+        http_as(
+            server.addr,
+            Some(token),
+            "POST",
+            "/v1/agents/worker/heartbeat",
+            "{}",
+        )
+        .0
+    };
+    assert_eq!(heartbeat(&first), 401);
+    assert_eq!(heartbeat(&second), 200);
+
+    let listed = Command::new(env!("CARGO_BIN_EXE_courierctl"))
+        .args([
+            "dlq", "list", "--server", &url, "--agent", "worker", "--json",
+        ])
+        .env("COURIER_TOKEN", &second)
+        .output()
+        .expect("run courierctl");
+    assert!(listed.status.success(), "the agent's own token: {listed:?}");
+    server.stop();
+
+    let dump = courierctl(&["dump"], &data);
+    let inspect = courierctl(&["inspect", "--json"], &data);
+    for output in [&dump, &inspect] {
+        assert!(output.status.success(), "{output:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(!text.contains(&first) && !text.contains(&second) && !text.contains(&admin));
+    }
 }
