@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -99,6 +99,12 @@ pub const RULES: &[(Method, &str, Rule)] = &[
 
 /// The rule of `method` on the route template `route`.
 pub fn rule(method: &Method, route: &str) -> Rule {
+    // axum answers HEAD with the GET handler.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     RULES
         .iter()
         .find(|(m, r, _)| m == method && *r == route)
@@ -140,6 +146,11 @@ impl Access {
     /// Whether requests need a token.
     pub fn is_on(&self) -> bool {
         self.mode == AuthMode::Token
+    }
+
+    /// Counts a request refused for its signature (a 401 after authentication).
+    pub fn count_bad_signature(&self) {
+        self.unauthenticated.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Refusals so far.
@@ -281,13 +292,9 @@ fn unauthorized(why: Unauthenticated) -> Response {
             r#"Bearer realm="courier", error="invalid_token""#,
         ),
     };
-    let mut response =
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    response
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        .challenge(challenge)
+        .into_response()
 }
 
 fn forbidden(rule: Rule) -> ApiError {

@@ -20,7 +20,12 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for `Retry-After` (429, 503).
     pub retry_after_s: Option<u64>,
+    /// `WWW-Authenticate` (401).
+    pub challenge: Option<&'static str>,
 }
+
+/// The `WWW-Authenticate` challenge of a refused signature.
+pub const SIGNATURE_CHALLENGE: &str = r#"Courier-Signature realm="courier""#;
 
 impl ApiError {
     /// An error with a status, a code and a message.
@@ -30,7 +35,14 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_s: None,
+            challenge: None,
         }
+    }
+
+    /// Adds a `WWW-Authenticate` challenge.
+    pub fn challenge(mut self, challenge: &'static str) -> Self {
+        self.challenge = Some(challenge);
+        self
     }
 
     /// 400 with `code`.
@@ -81,6 +93,12 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response
     }
 }
@@ -106,6 +124,9 @@ impl From<Refusal> for ApiError {
             Refusal::UnknownRequest(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "unknown_request", message)
             }
+            Refusal::IdTaken { .. } => Self::new(StatusCode::CONFLICT, "id_taken", message),
+            Refusal::NonceReused => Self::new(StatusCode::UNAUTHORIZED, "bad_signature", message)
+                .challenge(SIGNATURE_CHALLENGE),
             Refusal::NoResponders(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_responders", message).retry_after(1)
             }

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::access::Caller;
 use super::error::{parse_json, too_large, ApiError, JsonBody};
+use super::signature;
 use super::wire::{
     check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeadLetters, DeliveredView,
     Deliveries, ExtendBody, NackBody, PublishBody, PublishedView, ReceiveBody, RedriveBody,
@@ -48,10 +49,11 @@ pub async fn publish(
     JsonBody(bytes): JsonBody,
 ) -> Result<Response, ApiError> {
     check_message_size(bytes.len(), &state.config.limits)?;
+    let signed = signature::check(&state, &caller.principal, &headers, &bytes)?;
     let body: PublishBody = parse_json(&bytes)?;
     let outgoing = body.into_outgoing(traceparent(&headers), &state.config.limits)?;
     caller.check_sender(&outgoing.message.from)?;
-    let results = state.broker.publish(vec![outgoing]).await?;
+    let results = state.broker.publish_signed(vec![outgoing], signed).await?;
     let result = results.first().expect("one result per message");
     let status = if result.duplicate {
         StatusCode::OK
@@ -72,6 +74,7 @@ pub async fn publish_batch(
     if bytes.len() as u64 > limits.max_batch_bytes {
         return Err(too_large("the batch", limits.max_batch_bytes));
     }
+    let signed = signature::check(&state, &caller.principal, &headers, &bytes)?;
     let batch: BatchBody<'_> = parse_json(&bytes)?;
     if batch.messages.is_empty() || batch.messages.len() > limits.max_batch_messages as usize {
         return Err(ApiError::bad_request(
@@ -97,7 +100,7 @@ pub async fn publish_batch(
             }
         }
     }
-    let results = state.broker.publish(outgoing).await?;
+    let results = state.broker.publish_signed(outgoing, signed).await?;
     let results = results.iter().map(PublishedView::of).collect();
     Ok((StatusCode::CREATED, Json(Results { results })).into_response())
 }

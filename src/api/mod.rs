@@ -10,6 +10,7 @@ pub mod error;
 pub mod messages;
 pub mod ops;
 pub mod requests;
+pub mod signature;
 pub mod topics;
 pub mod wire;
 

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::access::Caller;
 use super::error::{parse_json, ApiError, JsonBody};
 use super::messages::traceparent;
+use super::signature;
 use super::wire::{check_message_size, in_range, MessageView, PublishBody};
 use super::AppState;
 use crate::broker::RequestOptions;
@@ -59,6 +60,7 @@ pub async fn request(
         }
     };
     check_message_size(bytes.len(), &state.config.limits)?;
+    let signed = signature::check(&state, &caller.principal, &headers, &bytes)?;
     let body: PublishBody = parse_json(&bytes)?;
     let outgoing = body.into_outgoing(traceparent(&headers), &state.config.limits)?;
     caller.check_sender(&outgoing.message.from)?;
@@ -74,6 +76,7 @@ pub async fn request(
     let options = RequestOptions {
         timeout: Duration::from_millis(timeout_ms),
         fail_without_responders,
+        signed,
     };
     let frame = state.broker.request(outgoing, options).await?;
     let reply = MessageView::of(&frame).ok_or_else(|| {

@@ -23,6 +23,7 @@ pub fn load_admin_token(configured: Option<&str>, data_dir: &Path) -> anyhow::Re
     let path = data_dir.join(FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
+            warn_if_readable_by_others(&path);
             let text = text.trim();
             anyhow::ensure!(
                 text.len() >= 24 && text.chars().all(|c| c.is_ascii_graphic()),
@@ -46,15 +47,34 @@ pub fn load_admin_token(configured: Option<&str>, data_dir: &Path) -> anyhow::Re
     }
 }
 
+/// Logs a warning when the token file can be read by others than its owner.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the admin token file can be read by other users: chmod 600 it"
+            );
+        }
+    }
+}
+
 fn write_new(data_dir: &Path, path: &Path, token: &Token) -> anyhow::Result<()> {
     let temporary = data_dir.join(format!("{FILE}.tmp"));
     let disk = FileDisk;
     let written = (|| -> std::io::Result<()> {
-        // Created 0600 before a byte is in it: nobody else can have it open.
+        // Created anew (a leftover of a crash is removed, never reused, whatever its mode),
+        // 0600 before a byte is in it: nobody else can have it open.
+        match std::fs::remove_file(&temporary) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&temporary)?;
         let file = disk.open(&temporary, true)?;

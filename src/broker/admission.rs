@@ -6,7 +6,12 @@ use std::collections::HashMap;
 
 use tokio::sync::watch;
 
-use super::{Refusal, Result};
+use std::sync::Arc;
+
+use courier_storage::Record;
+
+use super::commit::{Commit, NONCE};
+use super::{Broker, Core, Refusal, Result};
 use crate::config::Limits;
 use crate::delivery;
 
@@ -141,5 +146,41 @@ impl Admission {
     /// Forgets a deleted agent's rate bucket.
     pub(super) fn forget(&mut self, agent: &str) {
         self.buckets.remove(agent);
+    }
+}
+
+/// A signed request's signature, checked by the API (`auth.signing`): its nonce is spent
+/// durably with what the request writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// Who signed: the agent's id, or `admin`.
+    pub signer: String,
+    /// The client's nonce.
+    pub nonce: String,
+    /// Until when the nonce counts (epoch ms): the signature's time plus the allowed skew.
+    pub until_ms: u64,
+}
+
+impl Broker {
+    /// Spends a signed request's nonce under the lock: refused if it was used within its
+    /// window; else a `NonceUsed` record, applied now (a concurrent replay is refused at
+    /// once) and submitted before whatever the request writes next under the same lock, so
+    /// the request's records are never durable without it.
+    pub(super) fn spend_nonce(
+        self: &Arc<Self>,
+        core: &mut Core,
+        signed: &Signed,
+        now: u64,
+    ) -> Result<Commit> {
+        let key = courier_storage::state::nonce_key(&signed.signer, &signed.nonce);
+        if core.delivery.nonce_used(&key, now) {
+            return Err(Refusal::NonceReused);
+        }
+        let record = Record::NonceUsed {
+            signer: signed.signer.clone(),
+            nonce: signed.nonce.clone(),
+            until_ms: signed.until_ms,
+        };
+        self.commit_now(core, NONCE, now, vec![record])
     }
 }

@@ -50,6 +50,7 @@ pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable")
 pub(super) const SUBSCRIPTION: CrashPoints =
     points("subscription.submitted", "subscription.durable");
 pub(super) const BACKFILL: CrashPoints = points("backfill.submitted", "backfill.durable");
+pub(super) const NONCE: CrashPoints = points("nonce.submitted", "nonce.durable");
 
 type AppendRx = oneshot::Receiver<std::result::Result<Appended, courier_storage::Error>>;
 

@@ -39,6 +39,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{self, Depth, Policy};
 
+pub use admission::Signed;
 pub use capabilities::CapabilityView;
 pub use consume::{DeadView, Delivered, InboxRef, ReceiveRequest};
 pub use publish::{Outgoing, Published};
@@ -82,6 +83,17 @@ pub enum Refusal {
     /// A reply without `to` names no remembered request.
     #[error("`to` is missing and `in_reply_to` {0:?} names no request this server remembers (a request is remembered for its timeout plus dedupe_window); address the reply with `to`")]
     UnknownRequest(String),
+    /// A request id that another sender's remembered request has.
+    #[error("request id `{id}` is another sender's request; use an id of your own")]
+    IdTaken {
+        /// The id.
+        id: String,
+        /// Who sent the request that has it (not shown to the caller).
+        owner: String,
+    },
+    /// A signed request's nonce was used before, within its window.
+    #[error("this signature's nonce was used before (a replay, or a retry that kept its nonce): sign the request again with a new nonce")]
+    NonceReused,
     /// Nobody could take a request with `no_responders=fail`.
     #[error("{0} was seen within presence_ttl, so nobody could take the request; nothing was stored (drop no_responders=fail to leave it waiting)")]
     NoResponders(String),
@@ -147,6 +159,10 @@ pub struct Broker {
     failure_logged: AtomicBool,
     /// The agents' token hashes, as durable registrations set them.
     tokens: Arc<AgentTokens>,
+    /// Held by each registration change (upsert, token rotation, deletion) until it is
+    /// durable: each decides from the one before it (which token an agent has), not from a
+    /// state that a change still on its way to disk is about to replace.
+    registrations: tokio::sync::Mutex<()>,
 }
 
 impl Broker {
@@ -176,6 +192,7 @@ impl Broker {
             closing: watch::Sender::new(false),
             failure_logged: AtomicBool::new(false),
             tokens,
+            registrations: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -325,6 +342,9 @@ pub fn recover_state(
     }
     for (id, request) in index.requests()? {
         state.load_request(&id, request);
+    }
+    for (until_ms, key) in index.nonces()? {
+        state.load_nonce(&key, until_ms);
     }
     for (id, offset, until_ms) in index.remembered()? {
         state.load_remembered(&id, offset, until_ms);

@@ -8,6 +8,7 @@ use courier_storage::state::{queue_inbox, Arrival};
 use courier_storage::{Message, Offset, Record};
 use tokio::sync::watch;
 
+use super::admission::Signed;
 use super::admission::{Candidate, Remembered};
 use super::commit::{Commit, PUBLISH};
 use super::registry::Registry;
@@ -93,13 +94,29 @@ fn reply_address(delivery: &State, in_reply_to: Option<&str>) -> Result<AgentId>
 impl Broker {
     /// Publishes messages all-or-nothing: every destination must exist and have room, or
     /// nothing is written. Returns one result per message, in order, once durable.
-    pub async fn publish(self: &Arc<Self>, mut outgoing: Vec<Outgoing>) -> Result<Vec<Published>> {
+    pub async fn publish(self: &Arc<Self>, outgoing: Vec<Outgoing>) -> Result<Vec<Published>> {
+        self.publish_signed(outgoing, None).await
+    }
+
+    /// [`Broker::publish`] of a signed request: once the messages are admitted, its nonce is
+    /// spent (refused if used before) in the same lock hold, ahead of their records.
+    pub async fn publish_signed(
+        self: &Arc<Self>,
+        mut outgoing: Vec<Outgoing>,
+        signed: Option<Signed>,
+    ) -> Result<Vec<Published>> {
         self.check_writable()?;
         let now = self.clock.now_ms();
-        let staged = {
+        let (staged, spent) = {
             let mut core = self.lock();
             let recalled = self.admit(&mut core, &mut outgoing, now)?;
-            self.stage_publish(&mut core, outgoing, recalled, now)?
+            let spent = signed
+                .map(|signed| self.spend_nonce(&mut core, &signed, now))
+                .transpose()?;
+            (
+                self.stage_publish(&mut core, outgoing, recalled, now)?,
+                spent,
+            )
         };
         let mut results = staged.results;
         if let Some((written, commit)) = staged.append {
@@ -138,6 +155,10 @@ impl Broker {
                 duplicate: true,
                 destinations: 0,
             });
+        }
+        if let Some(spent) = spent {
+            // Before the messages in the log, so durable by now unless all were duplicates.
+            spent.durable().await?;
         }
         let mut results: Vec<Published> = results
             .into_iter()

@@ -219,6 +219,7 @@ impl Broker {
         mut agent: Agent,
         tokens: Tokens,
     ) -> Result<Upserted> {
+        let _one_at_a_time = self.registrations.lock().await;
         let now = self.clock.now_ms();
         let (upserted, commit) = {
             let mut core = self.lock();
@@ -239,6 +240,7 @@ impl Broker {
 
     /// Gives `id` a new token; the old one stops working once this returns.
     pub async fn rotate_token(self: &Arc<Self>, id: &AgentId) -> Result<Token> {
+        let _one_at_a_time = self.registrations.lock().await;
         let now = self.clock.now_ms();
         let (token, commit) = {
             let mut core = self.lock();
@@ -271,6 +273,7 @@ impl Broker {
 
     /// Removes an agent with its inbox and dead letters; `false` if it was not registered.
     pub async fn delete_agent(self: &Arc<Self>, id: &AgentId) -> Result<bool> {
+        let _one_at_a_time = self.registrations.lock().await;
         let now = self.clock.now_ms();
         let commit = {
             let mut core = self.lock();

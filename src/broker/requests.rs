@@ -16,7 +16,8 @@ use courier_storage::{Frame, Offset, Record, Slot};
 use futures_util::future::{FutureExt, Shared};
 use tokio::sync::oneshot;
 
-use super::commit::ACK;
+use super::admission::Signed;
+use super::commit::{Commit, ACK};
 use super::publish::{new_id, Outgoing};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::ids::Address;
@@ -79,13 +80,16 @@ impl Calls {
 }
 
 /// What a request asks for besides its message.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequestOptions {
     /// How long the call waits for the reply.
     pub timeout: Duration,
     /// Answer 503 at once, storing nothing, when no agent that could take the request was
     /// seen within `presence_ttl`.
     pub fail_without_responders: bool,
+    /// The request's checked signature (`auth.signing`): its nonce is spent once the call
+    /// is decided.
+    pub signed: Option<Signed>,
 }
 
 /// A call waiting for its reply; leaving it (dropped) takes it off the waiting calls.
@@ -132,7 +136,10 @@ impl Broker {
             outgoing.message.id = new_id(now).to_string();
         }
         let id = outgoing.message.id.clone();
-        let decided = self.decide_call(&outgoing, options, now)?;
+        let (decided, spent) = self.decide_call(&outgoing, &options, now)?;
+        if let Some(spent) = spent {
+            spent.durable().await?;
+        }
         let (ticket, mut rx, publish) = match decided {
             Decided::Answered(reply) => return self.read_reply(&id, reply).await,
             Decided::Waiting {
@@ -171,34 +178,66 @@ impl Broker {
     }
 
     /// Decides a call under the lock: the stored reply of an answered request, or a wait for
-    /// the reply (after publishing the request if it is new).
+    /// the reply (after publishing the request if it is new). A signed call's nonce is spent
+    /// once every check has passed, before the call waits, in the same lock hold.
     fn decide_call(
-        &self,
+        self: &Arc<Self>,
         outgoing: &Outgoing,
-        options: RequestOptions,
+        options: &RequestOptions,
         now: u64,
-    ) -> Result<Decided> {
+    ) -> Result<(Decided, Option<Commit>)> {
         let mut core = self.lock();
+        let (reply, known) = self.check_call(&core, outgoing, options, now)?;
+        let spent = options
+            .signed
+            .as_ref()
+            .map(|signed| self.spend_nonce(&mut core, signed, now))
+            .transpose()?;
+        let decided = match reply {
+            Some(reply) => Decided::Answered(reply),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let ticket = core.calls.wait(&outgoing.message.id, tx);
+                Decided::Waiting {
+                    ticket,
+                    rx,
+                    publish: !known,
+                }
+            }
+        };
+        Ok((decided, spent))
+    }
+
+    /// The refusals of a call, and else its stored reply (if answered) and whether the
+    /// request is known.
+    fn check_call(
+        &self,
+        core: &Core,
+        outgoing: &Outgoing,
+        options: &RequestOptions,
+        now: u64,
+    ) -> Result<(Option<Offset>, bool)> {
         core.registry.get(&outgoing.message.from)?;
         let id = &outgoing.message.id;
-        let known = core.delivery.request(id).cloned();
-        if let Some(reply) = known.as_ref().and_then(|r| r.reply) {
-            return Ok(Decided::Answered(reply));
+        let known = core.delivery.request(id);
+        if let Some(known) = known.filter(|r| r.from != outgoing.message.from) {
+            // Another sender's request: neither its reply nor a wait for it.
+            return Err(Refusal::IdTaken {
+                id: id.clone(),
+                owner: known.from.clone(),
+            });
+        }
+        if let Some(reply) = known.and_then(|r| r.reply) {
+            return Ok((Some(reply), true));
         }
         if known.is_none() && options.fail_without_responders {
-            self.check_responders(&core, outgoing.to.as_ref(), now)?;
+            self.check_responders(core, outgoing.to.as_ref(), now)?;
         }
         let limit = self.config.limits.max_waiting_requests;
         if core.calls.count >= limit as usize {
             return Err(Refusal::TooManyWaiting { limit });
         }
-        let (tx, rx) = oneshot::channel();
-        let ticket = core.calls.wait(id, tx);
-        Ok(Decided::Waiting {
-            ticket,
-            rx,
-            publish: known.is_none(),
-        })
+        Ok((None, known.is_some()))
     }
 
     /// Refuses a request that no agent could take now: its agent, or any agent declaring

@@ -122,7 +122,7 @@ pub struct Cli {
     #[arg(id = "auth.metrics_open", long = "auth-metrics-open")]
     #[arg(env = "COURIER_AUTH_METRICS_OPEN", default_value = "false")]
     pub auth_metrics_open: String,
-    /// HMAC-signed publishes (not in this build yet)
+    /// with auth.mode = token: publishes and requests carry a Courier-Signature (SPEC §7)
     #[arg(id = "auth.signing", long = "auth-signing")]
     #[arg(env = "COURIER_AUTH_SIGNING", default_value = "false")]
     pub auth_signing: String,

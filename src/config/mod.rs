@@ -111,7 +111,17 @@ impl RawConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let table: toml::Table = toml::from_str(text).map_err(|e| file_error(e.to_string()))?;
+        // The error's message and place, not its snippet of the file: the line may hold a
+        // secret (auth.admin_token).
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let place = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+                format!(" (line {line}, column {column})")
+            });
+            file_error(format!("{}{place}", e.message().trim_end()))
+        })?;
         for (name, value) in table {
             let entries = match value {
                 toml::Value::Table(section) => section
@@ -264,6 +274,7 @@ impl RawConfig {
                     _ => Err("expected `none` or `token`".into()),
                 })?,
                 admin_token: self.parse("auth.admin_token", parse_admin_token)?,
+                signing: self.required("auth.signing", parse_bool)?,
                 metrics_open: self.required("auth.metrics_open", parse_bool)?,
             },
             insecure: self.insecure,
@@ -287,12 +298,6 @@ impl RawConfig {
                 reason: reason.into(),
             })
         };
-        if self.parse("auth.signing", parse_bool)? == Some(true) {
-            return not_yet(
-                "auth.signing",
-                "signed publishes are not implemented yet; set it to false",
-            );
-        }
         for name in ["tls.cert", "tls.key"] {
             if self.get(name).is_some() {
                 return not_yet(
@@ -350,6 +355,8 @@ pub struct Auth {
     /// The admin token from the configuration; `None`: `<data_dir>/admin.token` (generated
     /// at the first start).
     pub admin_token: Option<String>,
+    /// Publishes and requests must carry a valid `Courier-Signature`.
+    pub signing: bool,
     /// `/metrics` and `/v1/stats` open to anyone (else the admin's).
     pub metrics_open: bool,
 }
@@ -363,6 +370,7 @@ impl fmt::Debug for Auth {
                 "admin_token",
                 &self.admin_token.as_ref().map(|_| "(set, not shown)"),
             )
+            .field("signing", &self.signing)
             .field("metrics_open", &self.metrics_open)
             .finish()
     }
@@ -432,6 +440,11 @@ impl Config {
                 "refusing to listen on {} without authentication: set auth.mode = token, bind a loopback address, or pass --insecure to serve an unauthenticated API on the network",
                 self.listen
             )));
+        }
+        if self.auth.signing && self.auth.mode == AuthMode::None {
+            return Err(ConfigError::Conflict(
+                "auth.signing = true needs auth.mode = token: a signature is keyed by the caller's token".into(),
+            ));
         }
         if self.backoff.initial > self.backoff.max {
             return Err(ConfigError::Conflict(format!(

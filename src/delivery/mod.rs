@@ -194,6 +194,10 @@ pub struct State {
     requests: HashMap<String, RequestValue>,
     /// Expiries of `requests`, earliest first.
     request_expiries: BTreeSet<(u64, String)>,
+    /// Used nonces of signed requests: key → until when.
+    nonces: HashMap<String, u64>,
+    /// The same, earliest first.
+    nonce_expiries: BTreeSet<(u64, String)>,
 }
 
 /// A message chosen by [`State::lease`]: from the agent's inbox, or from a capability queue.
@@ -404,6 +408,12 @@ impl State {
     /// The request `id`, if it is remembered.
     pub fn request(&self, id: &str) -> Option<&RequestValue> {
         self.requests.get(id)
+    }
+
+    /// Whether the nonce `key` ([`courier_storage::state::nonce_key`]) was used and still
+    /// counts at `now_ms`.
+    pub fn nonce_used(&self, key: &str, now_ms: u64) -> bool {
+        self.nonces.get(key).is_some_and(|until| *until >= now_ms)
     }
 
     /// Whether `inbox` exists: a registered agent's, or a queue that messages entered.

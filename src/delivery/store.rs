@@ -57,6 +57,11 @@ impl State {
         let Ok(()) = self.put_request(id, &request);
     }
 
+    /// Loads a used nonce as the index holds it (start-up).
+    pub fn load_nonce(&mut self, key: &str, until_ms: u64) {
+        let Ok(()) = self.put_nonce(key, until_ms);
+    }
+
     /// Sets the truncation mark as the index holds it (start-up).
     pub fn load_truncated_below(&mut self, below: Offset) {
         self.truncated_below = below;
@@ -173,7 +178,7 @@ impl State {
                 .first()
                 .is_some_and(|(until, _)| *until <= self.clock_ms)
         };
-        if due(&self.expiries) || due(&self.request_expiries) {
+        if due(&self.expiries) || due(&self.request_expiries) || due(&self.nonce_expiries) {
             let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
         }
     }
@@ -354,6 +359,26 @@ impl Store for State {
             self.requests.remove(id);
         }
         self.request_expiries.remove(&(until_ms, id.to_owned()));
+        Ok(())
+    }
+
+    fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Infallible> {
+        if let Some(old) = self.nonces.insert(key.to_owned(), until_ms) {
+            self.nonce_expiries.remove(&(old, key.to_owned()));
+        }
+        self.nonce_expiries.insert((until_ms, key.to_owned()));
+        Ok(())
+    }
+
+    fn expired_nonces(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
+        let end = (clock_ms.saturating_add(1), String::new());
+        Ok(self.nonce_expiries.range(..end).cloned().collect())
+    }
+
+    fn forget_nonce(&mut self, until_ms: u64, key: &str) -> Result<(), Infallible> {
+        if self.nonce_expiries.remove(&(until_ms, key.to_owned())) {
+            self.nonces.remove(key);
+        }
         Ok(())
     }
 

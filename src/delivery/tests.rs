@@ -333,3 +333,31 @@ fn receipts_round_trip_and_reject_garbage() {
         assert_eq!(Receipt::parse(bad), None, "{bad:?}");
     }
 }
+
+#[test]
+fn a_used_nonce_counts_until_its_time_then_is_forgotten_by_the_record_clock() {
+    let mut state = State::default();
+    let key = courier_storage::state::nonce_key("alice", "n1");
+    let used = Record::NonceUsed {
+        signer: "alice".into(),
+        nonce: "n1".into(),
+        until_ms: 10_000,
+    };
+    state.apply(&used, Offset(0), 1_000);
+    assert!(state.nonce_used(&key, 5_000));
+    assert!(state.nonce_used(&key, 10_000));
+    assert!(
+        !state.nonce_used(&key, 10_001),
+        "past its window it no longer counts"
+    );
+    assert!(!state.nonce_used(&courier_storage::state::nonce_key("bob", "n1"), 5_000));
+    // A later record's time passes the window: the nonce is forgotten.
+    let later = Record::NonceUsed {
+        signer: "bob".into(),
+        nonce: "n2".into(),
+        until_ms: 90_000,
+    };
+    state.apply(&later, Offset(1), 20_000);
+    assert!(!state.nonces.contains_key(&key));
+    assert_eq!(state.nonce_expiries.len(), 1);
+}

@@ -162,6 +162,19 @@ pub enum Record {
         /// One entry per message.
         leases: Vec<Lease>,
     },
+    /// A signed request's nonce was used (`auth.signing`): another request with the same
+    /// signer and nonce is refused until `until_ms`. Written before the records the request
+    /// writes, in the same commit.
+    NonceUsed {
+        /// Who signed: an agent id, or `admin` (no agent id is in the same key space: see
+        /// [`crate::state::nonce_key`]).
+        signer: String,
+        /// The client's nonce.
+        nonce: String,
+        /// Until when it counts (wall-clock ms): the latest time at which the request's
+        /// timestamp is still accepted.
+        until_ms: u64,
+    },
 }
 
 /// One earlier message backfilled into an inbox.

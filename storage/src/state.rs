@@ -303,6 +303,12 @@ pub trait Store {
     /// Unlists the request expiry `(until_ms, id)`, and forgets the request itself if
     /// `forget`.
     fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Self::Error>;
+    /// Remembers the used nonce `key` ([`nonce_key`]) until `until_ms`.
+    fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Self::Error>;
+    /// The used nonces `(until_ms, key)` with `until_ms <= clock_ms`.
+    fn expired_nonces(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Self::Error>;
+    /// Forgets the used nonce `(until_ms, key)`.
+    fn forget_nonce(&mut self, until_ms: u64, key: &str) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, lease
     /// holders, ordering keys, dead letters and remembered ids of messages there (and any location of those records), and
     /// remembers `below` as [`Store::truncated_below`]. Requests below it are forgotten too.
@@ -380,12 +386,29 @@ pub fn apply<'r, S: Store + ?Sized>(
             store.set_backfill(inbox, pattern, next)?;
             Ok(std::slice::from_ref(inbox))
         }
-        Record::Truncated { below } => {
-            store.forget_below(*below)?;
+        Record::Truncated { .. } | Record::Quarantined { .. } | Record::NonceUsed { .. } => {
+            apply_bookkeeping(store, record)?;
             Ok(&[])
         }
-        Record::Quarantined { .. } => Ok(&[]),
     }
+}
+
+/// The records that deliver nothing: retention's, repair's and signatures'.
+fn apply_bookkeeping<S: Store + ?Sized>(store: &mut S, record: &Record) -> Result<(), S::Error> {
+    match record {
+        Record::Truncated { below } => store.forget_below(*below),
+        Record::NonceUsed {
+            signer,
+            nonce,
+            until_ms,
+        } => store.put_nonce(&nonce_key(signer, nonce), *until_ms),
+        _ => Ok(()),
+    }
+}
+
+/// The key of a used nonce: its signer and the nonce, apart (neither holds a space).
+pub fn nonce_key(signer: &str, nonce: &str) -> String {
+    format!("{signer} {nonce}")
 }
 
 /// A published message enters its inboxes; what it means to dedupe, topics and requests.
@@ -631,7 +654,7 @@ fn published(not_before_ms: Option<u64>, expires_at_ms: Option<u64>) -> EntryVal
 }
 
 /// Forgets the client ids whose window ended by `clock_ms`, the latest record timestamp
-/// applied, and the requests remembered until then: a function of the log alone, so every
+/// applied, and the requests and used nonces remembered until then: a function of the log alone, so every
 /// holder forgets the same ones. An id published again after its window keeps its newer
 /// memory.
 pub fn prune_dedupe<S: Store + ?Sized>(store: &mut S, clock_ms: u64) -> Result<(), S::Error> {
@@ -642,6 +665,9 @@ pub fn prune_dedupe<S: Store + ?Sized>(store: &mut S, clock_ms: u64) -> Result<(
     for (until_ms, id) in store.expired_requests(clock_ms)? {
         let current = store.request(&id)?.is_some_and(|r| r.until_ms == until_ms);
         store.unlist_request(until_ms, &id, current)?;
+    }
+    for (until_ms, key) in store.expired_nonces(clock_ms)? {
+        store.forget_nonce(until_ms, &key)?;
     }
     Ok(())
 }

@@ -459,3 +459,42 @@ fn every_route_has_an_access_rule() {
         );
     }
 }
+
+/// Another agent's request id gets neither that request's reply nor a wait for it; HEAD is
+/// treated as GET (open where GET is).
+#[test]
+fn a_request_id_is_its_senders_and_head_follows_get() {
+    let server = TestServer::start(&["--auth-mode", "token"]);
+    let admin = admin_token(&server);
+    let alice = format!("Bearer {}", register(&server, &admin, "alice", json!({})));
+    let bob = format!("Bearer {}", register(&server, &admin, "bob", json!({})));
+    let body = |from: &str| {
+        json!({"id": "req-1", "to": "agent:alice", "from": from, "body": 1}).to_string()
+    };
+    let first = call(
+        &server,
+        "POST",
+        "/v1/requests?timeout_ms=20",
+        Some(&body("alice")),
+        Some(&alice),
+    );
+    assert_eq!(first.status, 504, "{first:?}");
+    let taken = call(
+        &server,
+        "POST",
+        "/v1/requests?timeout_ms=20",
+        Some(&body("bob")),
+        Some(&bob),
+    );
+    assert_eq!(taken.status, 409, "{taken:?}");
+    assert_eq!(taken.code(), "id_taken");
+    assert!(
+        !taken.text.contains("alice"),
+        "the owner is not named: {taken:?}"
+    );
+    assert_eq!(call(&server, "HEAD", "/healthz", None, None).status, 200);
+    assert_eq!(
+        call(&server, "HEAD", "/v1/agents", None, Some(&bob)).status,
+        200
+    );
+}

@@ -3,6 +3,8 @@
 //! - `auth`: T13, every route × {no token, malformed, wrong, another agent's, own, admin}
 //!   against the table TESTING.md prints; rotation and deletion revoke (also after SIGKILL);
 //!   no raw token in the data directory or the logs.
+//! - `signing`: T14, signed publishes, batches and requests: bad MAC, wrong key, skew, a
+//!   malformed header and a reused nonce (also after SIGKILL) → 401 with nothing appended.
 //! - `config`: a bad value from a flag, a variable or the file stops the start (exit 2) naming
 //!   the key, the value and its source; file < environment < flags.
 //! - `publish`: validation and its error shape, ids and idempotency (also across a restart),
@@ -44,6 +46,7 @@ mod power_loss;
 mod powerfs;
 mod publish;
 mod requests;
+mod signing;
 mod support;
 mod topics;
 mod workload;

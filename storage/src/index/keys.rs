@@ -25,6 +25,7 @@ pub(super) const C: u8 = b'c';
 pub(super) const R: u8 = b'r';
 pub(super) const K: u8 = b'k';
 pub(super) const Y: u8 = b'y';
+pub(super) const Z: u8 = b'z';
 
 #[expect(
     clippy::big_endian_bytes,

@@ -50,7 +50,7 @@ use crate::Offset;
 use keys::{
     be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
     slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U,
+    C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U, Z,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -117,6 +117,8 @@ pub struct IndexSnapshot {
     pub requests: BTreeMap<String, RequestValue>,
     /// Ordering keys of messages routed to an inbox: (inbox, offset) → key.
     pub orderings: BTreeMap<(String, Offset), String>,
+    /// Used nonces of signed requests: (until ms, key).
+    pub nonces: std::collections::BTreeSet<(u64, String)>,
 }
 
 /// A run of record positions as the index stores it (`p` keys): its first offset, then the
@@ -647,6 +649,19 @@ impl Index {
             .collect()
     }
 
+    /// Every used nonce still remembered: (until ms, key). Reads them all: for loading the
+    /// server's memory at start.
+    pub fn nonces(&self) -> Result<Vec<(u64, String)>> {
+        self.scan_prefix(&[Z])
+            .map(|item| {
+                let (key, _) = item?;
+                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
+                let nonce = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
+                Ok((until_ms, nonce))
+            })
+            .collect()
+    }
+
     /// Every leased queue message and the agent that holds its lease: (queue, slot, agent).
     pub fn holders(&self) -> Result<Vec<(String, Slot, String)>> {
         self.scan_prefix(&[H])
@@ -725,6 +740,15 @@ impl IndexSnapshot {
                 let agent: Agent = decode_value(value)?;
                 snap.agents.insert(agent.id.clone(), agent);
             }
+            prefix => snap.add_routing(prefix, rest, value)?,
+        }
+        Ok(())
+    }
+
+    /// [`IndexSnapshot::add`] of the keys of routing, requests and signatures.
+    fn add_routing(&mut self, prefix: Option<u8>, rest: &[u8], value: &[u8]) -> Result<()> {
+        let snap = self;
+        match prefix {
             Some(S) => {
                 let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
                 let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
@@ -759,6 +783,11 @@ impl IndexSnapshot {
             Some(R) => {
                 let id = String::from_utf8_lossy(rest).into_owned();
                 snap.requests.insert(id, decode_value(value)?);
+            }
+            Some(Z) => {
+                let until_ms = from_be64(rest.get(..8).unwrap_or_default());
+                let key = String::from_utf8_lossy(rest.get(8..).unwrap_or_default()).into_owned();
+                snap.nonces.insert((until_ms, key));
             }
             Some(H) => {
                 let (queue, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;

@@ -259,6 +259,16 @@ fn part_two(log: &Log) {
         a.destinations.clear();
     }
     log.append(1001, vec![request, answer]).unwrap();
+    // A signed request's nonce, remembered until 300 s.
+    log.append(
+        1002,
+        vec![Record::NonceUsed {
+            signer: "a".into(),
+            nonce: "n-1".into(),
+            until_ms: 300_000,
+        }],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -331,8 +341,14 @@ fn index_records_change_delivery_state_as_documented() {
         .topic_offsets("news.eu", Offset(0), Offset(u64::MAX), 10)
         .unwrap();
     assert_eq!(news.len(), 2, "both topic messages are indexed by topic");
-    let leased_offset = log.durable_end().0 - 6;
-    let end = log.durable_end().0;
+    // The last record is the nonce's.
+    let end = log.durable_end().0 - 1;
+    let leased_offset = end - 6;
+    assert_eq!(
+        index.nonces().unwrap(),
+        vec![(300_000, "a n-1".to_owned())],
+        "the used nonce"
+    );
     assert_eq!(
         index.requests().unwrap(),
         vec![(
@@ -382,7 +398,7 @@ fn index_records_change_delivery_state_as_documented() {
     );
     // The last topic message is just below the Subscribed and Backfilled records, and the
     // five records of the queue.
-    let last = Offset(log.durable_end().0 - 10);
+    let last = Offset(end - 10);
     assert_eq!(
         index.topics().unwrap(),
         vec![(

@@ -1,0 +1,176 @@
+//! Signed publishes (`auth.signing`, SPEC §7): the `Courier-Signature` header of a publish,
+//! a batch or a request, checked before anything is decided.
+//!
+//! `Courier-Signature: t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256>` over
+//! `"<t>.<n>.<raw body>"`, keyed by the caller's bearer token. A bad MAC, a time more than
+//! [`MAX_SKEW_S`] from the server's, or a malformed header → 401 before the body is read; a
+//! nonce used before within its window → 401 from the broker, which spends the nonce durably
+//! with what the request writes ([`crate::broker::Signed`]).
+
+use axum::http::{header, HeaderMap, StatusCode};
+use ring::hmac;
+
+use super::error::{ApiError, SIGNATURE_CHALLENGE};
+use super::AppState;
+use crate::auth::Principal;
+use crate::broker::Signed;
+
+/// The header.
+pub const HEADER: &str = "courier-signature";
+/// How far a signature's time may be from the server's, seconds.
+pub const MAX_SKEW_S: u64 = 300;
+/// The longest nonce.
+pub const MAX_NONCE_CHARS: usize = 64;
+
+/// The signature of a request whose route needs one, checked: `None` when signing is off.
+pub fn check(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<Signed>, ApiError> {
+    if !state.config.auth.signing {
+        return Ok(None);
+    }
+    let signer = match principal {
+        Principal::Agent(id) => id.to_string(),
+        Principal::Admin => "admin".to_owned(),
+        // Signing needs tokens; the configuration refuses one without the other.
+        Principal::Anyone => return Ok(None),
+    };
+    let refused = |message: String| {
+        state.access.count_bad_signature();
+        tracing::warn!(signer, reason = %message, "signature refused");
+        ApiError::new(StatusCode::UNAUTHORIZED, "bad_signature", message)
+            .challenge(SIGNATURE_CHALLENGE)
+    };
+    let value = headers
+        .get(HEADER)
+        .ok_or_else(|| refused("this server needs signed publishes: send `Courier-Signature: t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256 of \"t.n.<body>\" keyed by your token>`".into()))?;
+    let parsed = value
+        .to_str()
+        .ok()
+        .and_then(parse)
+        .ok_or_else(|| refused("the Courier-Signature header is not `t=<unix seconds>,n=<nonce of 1-64 letters, digits, - or _>,s=<64 hex digits>`".into()))?;
+    let now_s = state.broker.clock().now_ms() / 1000;
+    if parsed.time_s.abs_diff(now_s) > MAX_SKEW_S {
+        return Err(refused(format!(
+            "the signature's time t={} is {} s from the server's ({now_s}); more than {MAX_SKEW_S} s is refused: check the client's clock",
+            parsed.time_s,
+            parsed.time_s.abs_diff(now_s)
+        )));
+    }
+    let token = bearer(headers)
+        .ok_or_else(|| refused("no bearer token to check the signature with".into()))?;
+    let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
+    let mut context = hmac::Context::with_key(&key);
+    context.update(format!("{}.{}.", parsed.time_s, parsed.nonce).as_bytes());
+    context.update(body);
+    let expected = context.sign();
+    if !constant_time_eq(expected.as_ref(), &parsed.mac) {
+        return Err(refused("the signature does not match the body: sign \"t.n.<the exact body bytes>\" with HMAC-SHA256 keyed by the same token as the Authorization header".into()));
+    }
+    Ok(Some(Signed {
+        signer,
+        nonce: parsed.nonce,
+        until_ms: parsed
+            .time_s
+            .saturating_add(MAX_SKEW_S)
+            .saturating_mul(1000),
+    }))
+}
+
+/// Whether two MACs are equal, in time that does not depend on where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
+/// The bearer token of the request (the layer has authenticated it).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (_, token) = value.split_once(' ')?;
+    Some(token.trim())
+}
+
+/// A parsed `Courier-Signature`.
+#[derive(Debug, PartialEq, Eq)]
+struct Parsed {
+    time_s: u64,
+    nonce: String,
+    mac: Vec<u8>,
+}
+
+/// Parses `t=…,n=…,s=…` (in any order, each once).
+fn parse(text: &str) -> Option<Parsed> {
+    let (mut time_s, mut nonce, mut mac) = (None, None, None);
+    for part in text.split(',') {
+        let (name, value) = part.trim().split_once('=')?;
+        let slot_taken = match name {
+            "t" => time_s.replace(value.parse::<u64>().ok()?).is_some(),
+            "n" => {
+                let good = !value.is_empty()
+                    && value.len() <= MAX_NONCE_CHARS
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !good {
+                    return None;
+                }
+                nonce.replace(value.to_owned()).is_some()
+            }
+            "s" => mac.replace(hex(value)?).is_some(),
+            _ => return None,
+        };
+        if slot_taken {
+            return None;
+        }
+    }
+    Some(Parsed {
+        time_s: time_s?,
+        nonce: nonce?,
+        mac: mac?,
+    })
+}
+
+/// 64 hex digits → 32 bytes.
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 {
+        return None;
+    }
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| {
+            let digit = |b: u8| char::from(b).to_digit(16);
+            u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_header_in_any_order_and_refuses_the_malformed() {
+        let s = "ab".repeat(32);
+        let parsed = parse(&format!("t=17,n=abc-1_x,s={s}")).unwrap();
+        assert_eq!(parsed.time_s, 17);
+        assert_eq!(parsed.nonce, "abc-1_x");
+        assert_eq!(parsed.mac, vec![0xab; 32]);
+        assert_eq!(parse(&format!("s={s}, n=abc-1_x, t=17")), Some(parsed));
+        for bad in [
+            String::new(),
+            format!("t=17,n=abc,s={s},t=18"),
+            format!("t=-1,n=abc,s={s}"),
+            format!("t=17,n=a b,s={s}"),
+            format!("t=17,n=,s={s}"),
+            format!("t=17,n={},s={s}", "x".repeat(65)),
+            "t=17,n=abc,s=abcd".into(),
+            format!("t=17,n=abc,s={}", "zz".repeat(32)),
+            format!("t=17,n=abc,s={s},x=1"),
+            "t=17,n=abc".into(),
+        ] {
+            assert_eq!(parse(&bad), None, "{bad}");
+        }
+    }
+}

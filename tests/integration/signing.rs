@@ -1,0 +1,217 @@
+//! T14: with `auth.signing = true`, publishes, batches and requests carry a
+//! `Courier-Signature`; a flipped body bit, the wrong key, a time off by more than 300 s, a
+//! reused nonce (also after SIGKILL and restart) or a malformed header → 401 with nothing
+//! appended; ±299 s is accepted.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "signatures carry the client's wall-clock time"
+)]
+
+use serde_json::json;
+
+use crate::support::{Response, TestServer};
+
+struct Signer {
+    token: String,
+}
+
+impl Signer {
+    /// `Courier-Signature` of `body` at `time_s` with `nonce`.
+    fn header(&self, time_s: u64, nonce: &str, body: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.token.as_bytes());
+        let mut message = format!("{time_s}.{nonce}.").into_bytes();
+        message.extend_from_slice(body);
+        let tag = ring::hmac::sign(&key, &message);
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("t={time_s},n={nonce},s={hex}")
+    }
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+fn send(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    body: &[u8],
+    signature: Option<&str>,
+) -> Response {
+    let auth = format!("Bearer {token}");
+    let mut headers = vec![("Authorization", auth.as_str())];
+    if let Some(signature) = signature {
+        headers.push(("Courier-Signature", signature));
+    }
+    server.raw("POST", path, Some(body), Some("application/json"), &headers)
+}
+
+/// The log's end offset (what a refused request must not move).
+fn end(server: &TestServer, admin: &str) -> u64 {
+    let stats = server.raw(
+        "GET",
+        "/v1/stats",
+        None,
+        None,
+        &[("Authorization", &format!("Bearer {admin}"))],
+    );
+    stats.json["log"]["next_offset"]
+        .as_u64()
+        .expect("next_offset")
+}
+
+fn setup() -> (TestServer, String, Signer, Signer) {
+    let server = TestServer::start(&["--auth-mode", "token", "--auth-signing", "true"]);
+    let admin = std::fs::read_to_string(server.data_dir().join("admin.token"))
+        .expect("admin token")
+        .trim()
+        .to_owned();
+    let mut tokens = Vec::new();
+    for agent in ["alice", "bob"] {
+        let response = server.raw(
+            "PUT",
+            &format!("/v1/agents/{agent}"),
+            Some(b"{}"),
+            Some("application/json"),
+            &[("Authorization", &format!("Bearer {admin}"))],
+        );
+        assert_eq!(response.status, 201, "{response:?}");
+        tokens.push(response.json["token"].as_str().unwrap().to_owned());
+    }
+    let bob = Signer {
+        token: tokens.pop().unwrap(),
+    };
+    let alice = Signer {
+        token: tokens.pop().unwrap(),
+    };
+    (server, admin, alice, bob)
+}
+
+fn refused(response: &Response, what: &str) {
+    assert_eq!(response.status, 401, "{what}: {response:?}");
+    assert_eq!(response.code(), "bad_signature", "{what}: {response:?}");
+    assert!(
+        response
+            .header("www-authenticate")
+            .is_some_and(|h| h.starts_with("Courier-Signature")),
+        "{what}: {response:?}"
+    );
+}
+
+/// A publish from alice to bob.
+fn alice_to_bob() -> Vec<u8> {
+    serde_json::to_vec(&json!({"to": "agent:bob", "from": "alice", "body": {"n": 1}})).unwrap()
+}
+
+#[test]
+fn t14_bad_signatures_write_nothing() {
+    let (server, admin, alice, bob) = setup();
+    let (body, now) = (alice_to_bob(), now_s());
+    let before = end(&server, &admin);
+    let publish = |body: &[u8], signature: &str| {
+        send(&server, "/v1/messages", &alice.token, body, Some(signature))
+    };
+
+    let unsigned = send(&server, "/v1/messages", &alice.token, &body, None);
+    refused(&unsigned, "no signature");
+    for bad in ["t=1", "t=x,n=a,s=00", "", "t=1,n=a,s=b,n=c"] {
+        refused(&publish(&body, bad), bad);
+    }
+    let mut flipped = body.clone();
+    flipped[10] ^= 1;
+    let signature = alice.header(now, "flip", &body);
+    refused(&publish(&flipped, &signature), "a flipped body bit");
+    let wrong_key = bob.header(now, "wrong", &body);
+    refused(
+        &publish(&body, &wrong_key),
+        "signed with another agent's token",
+    );
+    for skew in [-301i64, 301] {
+        let time = now.checked_add_signed(skew).unwrap();
+        let signature = alice.header(time, &format!("skew{}", skew + 1000), &body);
+        refused(&publish(&body, &signature), &format!("skew {skew} s"));
+    }
+    assert_eq!(
+        end(&server, &admin),
+        before,
+        "a refused request wrote something"
+    );
+}
+
+#[test]
+fn t14_signatures_299_s_off_pass_and_replays_of_each_kind_are_refused() {
+    let (server, admin, alice, _bob) = setup();
+    let (body, now) = (alice_to_bob(), now_s());
+    // ±299 s is accepted.
+    for skew in [-299i64, 299] {
+        let time = now.checked_add_signed(skew).unwrap();
+        let signature = alice.header(time, &format!("ok{}", skew + 1000), &body);
+        let response = send(
+            &server,
+            "/v1/messages",
+            &alice.token,
+            &body,
+            Some(&signature),
+        );
+        assert_eq!(response.status, 201, "skew {skew}: {response:?}");
+    }
+    // A replay of an accepted publish, batch or request is refused and writes nothing.
+    let batch =
+        serde_json::to_vec(&json!({"messages": [{"to": "agent:bob", "from": "alice", "body": 2}]}))
+            .unwrap();
+    for (path, body, status) in [
+        ("/v1/messages", &body, 201),
+        ("/v1/messages/batch", &batch, 201),
+        ("/v1/requests?timeout_ms=20", &body, 504),
+    ] {
+        let signature = alice.header(now, &format!("once-{}", path.len()), body);
+        let first = send(&server, path, &alice.token, body, Some(&signature));
+        assert_eq!(first.status, status, "{path}: {first:?}");
+        let written = end(&server, &admin);
+        let replay = send(&server, path, &alice.token, body, Some(&signature));
+        refused(&replay, &format!("a replayed {path}"));
+        assert_eq!(end(&server, &admin), written, "the replay of {path} wrote");
+    }
+}
+
+#[test]
+fn t14_used_nonces_survive_sigkill_and_are_each_signers_own() {
+    let (mut server, admin, alice, bob) = setup();
+    let (body, now) = (alice_to_bob(), now_s());
+    let signature = alice.header(now, "once", &body);
+    let first = send(
+        &server,
+        "/v1/messages",
+        &alice.token,
+        &body,
+        Some(&signature),
+    );
+    assert_eq!(first.status, 201, "{first:?}");
+    // Seen nonces survive SIGKILL: the replay is still refused after a restart.
+    server.kill9();
+    server.restart();
+    let restarted = end(&server, &admin);
+    refused(
+        &send(
+            &server,
+            "/v1/messages",
+            &alice.token,
+            &body,
+            Some(&alice.header(now, "once", &body)),
+        ),
+        "a replay after a restart",
+    );
+    assert_eq!(
+        end(&server, &admin),
+        restarted,
+        "the replay wrote something"
+    );
+    // A nonce is the signer's own: bob may use "once" too.
+    let bobs = serde_json::to_vec(&json!({"to": "agent:alice", "from": "bob", "body": 3})).unwrap();
+    let signature = bob.header(now, "once", &bobs);
+    let response = send(&server, "/v1/messages", &bob.token, &bobs, Some(&signature));
+    assert_eq!(response.status, 201, "{response:?}");
+}
