@@ -18,6 +18,7 @@ pub mod auth;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod delivery;
 pub mod ids;
 pub mod server;

@@ -1,9 +1,7 @@
 //! Start-up, serving and shutdown: opens the log, builds the broker, runs the sweeper and
 //! the HTTP server, and on shutdown drains and closes everything in order.
 
-use axum::serve::ListenerExt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use courier_storage::{Log, LogOptions};
@@ -15,6 +13,7 @@ use crate::auth::{load_admin_token, Token};
 use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{AuthMode, Config};
+use crate::connections::{self, ConnectionLimits};
 
 /// How often retention looks for segments to delete: every 30 s, or a quarter of
 /// `retention.max_age` if that is shorter (at least every 100 ms).
@@ -47,21 +46,17 @@ pub async fn run(
         access,
     };
     let closing = broker.clone();
-    // Responses leave at once: without TCP_NODELAY the tail of a large answer (a receive of
-    // many messages) waits for the client's delayed ACK of the segments before it.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: no new connections; open long-polls return now");
-            closing.close();
-        })
-        .await?;
+    let limits = ConnectionLimits {
+        max_connections: config.limits.max_connections as usize,
+        header_timeout: config.limits.header_timeout,
+        body_timeout: config.limits.body_timeout,
+    };
+    connections::serve(listener, api::router(state), limits, async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; open long-polls return now");
+        closing.close();
+    })
+    .await;
     broker.close();
     sweeper.await?;
     retention.await?;

@@ -22,6 +22,8 @@ pub struct ApiError {
     pub retry_after_s: Option<u64>,
     /// `WWW-Authenticate` (401).
     pub challenge: Option<&'static str>,
+    /// Close the connection after this answer (the client is too slow to keep).
+    pub close: bool,
 }
 
 /// The `WWW-Authenticate` challenge of a refused signature.
@@ -36,6 +38,7 @@ impl ApiError {
             message: message.into(),
             retry_after_s: None,
             challenge: None,
+            close: false,
         }
     }
 
@@ -92,6 +95,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some(challenge) = self.challenge {
             response.headers_mut().insert(
@@ -156,8 +164,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
         let is_json = json_content_type(request.headers());
-        let bytes = axum::body::to_bytes(request.into_body(), BODY_LIMIT_BYTES)
+        let timeout = request
+            .extensions()
+            .get::<BodyTimeout>()
+            .map_or(std::time::Duration::MAX, |t| t.0);
+        let read = axum::body::to_bytes(request.into_body(), BODY_LIMIT_BYTES);
+        let bytes = tokio::time::timeout(timeout, read)
             .await
+            .map_err(|_| body_timed_out(timeout))?
             .map_err(|_| too_large("the request body", BODY_LIMIT_BYTES as u64))?;
         if bytes.is_empty() {
             return Ok(Self(Bytes::from_static(b"{}")));
@@ -171,6 +185,25 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         }
         Ok(Self(bytes))
     }
+}
+
+/// How long a request's body may take to arrive (`limits.body_timeout`), set on each request
+/// by [`crate::connections::serve`].
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
+/// 408, and the connection is closed: the body did not arrive in time.
+fn body_timed_out(timeout: std::time::Duration) -> ApiError {
+    let mut error = ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {} ms (limits.body_timeout); send it at once after the headers",
+            timeout.as_millis()
+        ),
+    );
+    error.close = true;
+    error
 }
 
 fn json_content_type(headers: &HeaderMap) -> bool {

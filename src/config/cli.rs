@@ -110,6 +110,18 @@ pub struct Cli {
     #[arg(id = "limits.max_json_depth", long = "limits-max-json-depth")]
     #[arg(env = "COURIER_LIMITS_MAX_JSON_DEPTH", default_value = "64")]
     pub limits_max_json_depth: String,
+    /// time for a request's headers to arrive; a slower client's connection is closed
+    #[arg(id = "limits.header_timeout", long = "limits-header-timeout")]
+    #[arg(env = "COURIER_LIMITS_HEADER_TIMEOUT", default_value = "10s")]
+    pub limits_header_timeout: String,
+    /// time for a request's body to arrive after its headers; else 408 and the connection closes
+    #[arg(id = "limits.body_timeout", long = "limits-body-timeout")]
+    #[arg(env = "COURIER_LIMITS_BODY_TIMEOUT", default_value = "30s")]
+    pub limits_body_timeout: String,
+    /// connections open at once; more wait in the listen backlog
+    #[arg(id = "limits.max_connections", long = "limits-max-connections")]
+    #[arg(env = "COURIER_LIMITS_MAX_CONNECTIONS", default_value = "10000")]
+    pub limits_max_connections: String,
     /// none | token: bearer tokens for every route but /healthz and /readyz (SPEC §7)
     #[arg(id = "auth.mode", long = "auth-mode")]
     #[arg(env = "COURIER_AUTH_MODE", default_value = "none")]

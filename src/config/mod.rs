@@ -257,6 +257,9 @@ impl RawConfig {
                 max_json_depth: self.required("limits.max_json_depth", |s| parse_count(s, 1))?,
                 max_waiting_requests: self
                     .required("limits.max_waiting_requests", |s| parse_count(s, 1))?,
+                header_timeout: self.required("limits.header_timeout", parse_positive_duration)?,
+                body_timeout: self.required("limits.body_timeout", parse_positive_duration)?,
+                max_connections: self.required("limits.max_connections", |s| parse_count(s, 1))?,
             },
             log_format: self.required("log_format", |s| match s {
                 "text" => Ok(LogFormat::Text),
@@ -415,6 +418,12 @@ pub struct Limits {
     pub max_json_depth: u32,
     /// Request calls waiting for their reply at once.
     pub max_waiting_requests: u32,
+    /// Time for a request's headers to arrive.
+    pub header_timeout: Duration,
+    /// Time for a request's body to arrive after its headers.
+    pub body_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: u32,
 }
 
 /// Log output format.

@@ -155,7 +155,7 @@ fn features_not_in_this_build_are_refused_not_ignored() {
 
 #[test]
 fn every_key_has_flag_and_env_names() {
-    assert_eq!(keys().len(), 29);
+    assert_eq!(keys().len(), 32);
     for key in keys() {
         assert_eq!(key.flag, key.name.replace(['.', '_'], "-"));
         let env = format!("COURIER_{}", key.name.replace('.', "_").to_uppercase());

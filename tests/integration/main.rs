@@ -5,6 +5,8 @@
 //!   no raw token in the data directory or the logs.
 //! - `signing`: T14, signed publishes, batches and requests: bad MAC, wrong key, skew, a
 //!   malformed header and a reused nonce (also after SIGKILL) → 401 with nothing appended.
+//! - `slow_clients`: T15, slowloris connections closed by the header timeout while others
+//!   are served, 408 for a late body, the connection cap, 414/431, nothing written.
 //! - `config`: a bad value from a flag, a variable or the file stops the start (exit 2) naming
 //!   the key, the value and its source; file < environment < flags.
 //! - `publish`: validation and its error shape, ids and idempotency (also across a restart),
@@ -47,6 +49,7 @@ mod powerfs;
 mod publish;
 mod requests;
 mod signing;
+mod slow_clients;
 mod support;
 mod topics;
 mod workload;
