@@ -1,8 +1,8 @@
 //! Accepting and serving HTTP connections (SPEC §7, slow and hostile clients): at most
 //! `limits.max_connections` open at once (further ones wait in the listen backlog), request
 //! headers within `limits.header_timeout` (else the connection is closed), the request line
-//! and headers bounded (hyper answers 414 and 431), `TCP_NODELAY`, and a graceful shutdown
-//! that lets requests in flight finish.
+//! and headers bounded (414 and 431), TLS when configured (the handshake within the header
+//! timeout), `TCP_NODELAY`, and a graceful shutdown that lets requests in flight finish.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use axum::http::StatusCode;
@@ -47,6 +48,7 @@ pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -61,23 +63,9 @@ pub async fn serve(
             () = &mut shutdown => break,
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
         };
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(%error, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = accept(&listener, shutdown.as_mut()).await else {
+            break;
         };
-        // Responses leave at once: without TCP_NODELAY the tail of a large answer waits for
-        // the client's delayed ACK of the segments before it.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
-        }
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
@@ -92,10 +80,32 @@ pub async fn serve(
                 router.call(request).await
             }
         });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let connection = http.serve_connection(TokioIo::new(stream), service);
+                    watcher.watch(connection).await
+                }
+                // The handshake is bounded like the headers that follow it.
+                Some(tls) => {
+                    match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let connection = http.serve_connection(TokioIo::new(stream), service);
+                            watcher.watch(connection).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
             drop(slot);
@@ -103,6 +113,34 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The next connection (with `TCP_NODELAY` set), or `None` once `shutdown` completes.
+async fn accept(
+    listener: &TcpListener,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                // Responses leave at once: without TCP_NODELAY the tail of a large answer
+                // waits for the client's delayed ACK of the segments before it.
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+                }
+                return Some((stream, peer));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// 414 for a request target over [`MAX_URI_BYTES`], 431 for headers over [`MAX_HEAD_BYTES`]

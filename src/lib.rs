@@ -23,5 +23,6 @@ pub mod delivery;
 pub mod ids;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 pub use server::run;

@@ -35,7 +35,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
     // The one line on stdout: scripts and tests read the bound address from it.
-    println!("courier listening on http://{address}");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("courier listening on {scheme}://{address}");
     tracing::info!(
         %address,
         data_dir = %config.data_dir.display(),

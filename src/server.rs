@@ -14,6 +14,7 @@ use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{AuthMode, Config};
 use crate::connections::{self, ConnectionLimits};
+use crate::tls::Tls;
 
 /// How often retention looks for segments to delete: every 30 s, or a quarter of
 /// `retention.max_age` if that is shorter (at least every 100 ms).
@@ -34,6 +35,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Before the log is opened: a bad certificate stops the start at once.
+    let tls = config.tls.clone().map(Tls::new).transpose()?;
     let clock = Clock::start();
     let (broker, admin) = open(&config, clock).await?;
     let access = Arc::new(Access::new(&config.auth, admin.as_ref()));
@@ -51,12 +54,24 @@ pub async fn run(
         header_timeout: config.limits.header_timeout,
         body_timeout: config.limits.body_timeout,
     };
-    connections::serve(listener, api::router(state), limits, async move {
+    let reloader = match &tls {
+        // Installed before serving: from here on a SIGHUP reloads, it does not stop us.
+        Some(tls) => {
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            Some(tokio::spawn(reload_on_sighup(tls.clone(), hangups)))
+        }
+        None => None,
+    };
+    let acceptor = tls.as_ref().map(Tls::acceptor);
+    connections::serve(listener, api::router(state), limits, acceptor, async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections; open long-polls return now");
         closing.close();
     })
     .await;
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     broker.close();
     sweeper.await?;
     retention.await?;
@@ -64,6 +79,18 @@ pub async fn run(
     tokio::task::spawn_blocking(move || closer.shutdown_log()).await??;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Reloads the TLS certificate and key at each SIGHUP; a failed reload keeps the old pair.
+async fn reload_on_sighup(tls: Tls, mut hangups: tokio::signal::unix::Signal) {
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate and key"),
+            Err(error) => {
+                tracing::error!("SIGHUP: {error:#}; the previous certificate stays in use");
+            }
+        }
+    }
 }
 
 /// Opens (recovers) the log off the async threads and builds the broker's state; with

@@ -138,11 +138,11 @@ pub struct Cli {
     #[arg(id = "auth.signing", long = "auth-signing")]
     #[arg(env = "COURIER_AUTH_SIGNING", default_value = "false")]
     pub auth_signing: String,
-    /// PEM certificate (TLS is not in this build yet) [default: off]
+    /// PEM certificate chain; with tls.key, serve HTTPS (TLS 1.2/1.3; SIGHUP reloads both) [default: off]
     #[arg(id = "tls.cert", long = "tls-cert")]
     #[arg(env = "COURIER_TLS_CERT")]
     pub tls_cert: Option<String>,
-    /// PEM private key (TLS is not in this build yet) [default: off]
+    /// PEM private key of tls.cert [default: off]
     #[arg(id = "tls.key", long = "tls-key")]
     #[arg(env = "COURIER_TLS_KEY")]
     pub tls_key: Option<String>,

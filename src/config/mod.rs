@@ -19,6 +19,8 @@ use clap::parser::ValueSource;
 use clap::ArgMatches;
 use courier_storage::{duration, FsyncPolicy};
 
+use crate::tls::TlsFiles;
+
 mod cli;
 
 use cli::find_key;
@@ -280,36 +282,24 @@ impl RawConfig {
                 signing: self.required("auth.signing", parse_bool)?,
                 metrics_open: self.required("auth.metrics_open", parse_bool)?,
             },
+            tls: self.tls()?,
             insecure: self.insecure,
         };
-        self.check_unsupported()?;
         config.check()?;
         Ok(config)
     }
 
-    /// Refuses settings of features this build does not have, rather than ignoring them.
-    fn check_unsupported(&self) -> Result<(), ConfigError> {
-        let not_yet = |name: &'static str, reason: &str| {
-            let (value, source) = self
-                .get(name)
-                .cloned()
-                .unwrap_or((String::new(), Source::Default));
-            Err(ConfigError::Invalid {
-                key: name,
-                value,
-                origin: source,
-                reason: reason.into(),
-            })
-        };
-        for name in ["tls.cert", "tls.key"] {
-            if self.get(name).is_some() {
-                return not_yet(
-                    name,
-                    "TLS is not implemented yet; unset it and terminate TLS in a proxy",
-                );
-            }
+    /// TLS files: both or neither.
+    fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let cert = self.parse("tls.cert", |s| Ok(PathBuf::from(s)))?;
+        let key = self.parse("tls.key", |s| Ok(PathBuf::from(s)))?;
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::Conflict(
+                "tls.cert and tls.key go together: set both (TLS on) or neither".into(),
+            )),
         }
-        Ok(())
     }
 }
 
@@ -346,6 +336,8 @@ pub struct Config {
     pub log_level: String,
     /// Authentication and authorization (SPEC §7).
     pub auth: Auth,
+    /// TLS certificate and key, when TLS is on.
+    pub tls: Option<TlsFiles>,
     /// Allow a non-loopback address without auth.
     pub insecure: bool,
 }

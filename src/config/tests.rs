@@ -146,11 +146,16 @@ fn token_auth_allows_a_network_listen_and_hides_the_admin_token() {
 }
 
 #[test]
-fn features_not_in_this_build_are_refused_not_ignored() {
+fn tls_files_go_together() {
     let mut raw = RawConfig::defaults();
     raw.set("tls.cert", "cert.pem".into(), Source::Default)
         .unwrap();
-    check_err(&raw, "TLS");
+    check_err(&raw, "tls.cert and tls.key go together");
+    raw.set("tls.key", "key.pem".into(), Source::Default)
+        .unwrap();
+    let tls = raw.validate().unwrap().tls.expect("TLS on");
+    assert_eq!(tls.cert, PathBuf::from("cert.pem"));
+    assert_eq!(tls.key, PathBuf::from("key.pem"));
 }
 
 #[test]

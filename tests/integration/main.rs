@@ -7,6 +7,9 @@
 //!   malformed header and a reused nonce (also after SIGKILL) → 401 with nothing appended.
 //! - `slow_clients`: T15, slowloris connections closed by the header timeout while others
 //!   are served, 408 for a late body, the connection cap, 414/431, nothing written.
+//! - `tls`: HTTPS over TLS 1.2 and 1.3 with a certificate made in the test, SIGHUP reloads
+//!   (a broken file keeps the old pair) without dropping open connections, bad files stop
+//!   the start.
 //! - `config`: a bad value from a flag, a variable or the file stops the start (exit 2) naming
 //!   the key, the value and its source; file < environment < flags.
 //! - `publish`: validation and its error shape, ids and idempotency (also across a restart),
@@ -51,5 +54,6 @@ mod requests;
 mod signing;
 mod slow_clients;
 mod support;
+mod tls;
 mod topics;
 mod workload;

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -23,6 +24,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     stderr_path: PathBuf,
     starts: u32,
+    /// Speak TLS with this client configuration (a server started with `--tls-*`).
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl TestServer {
@@ -44,7 +47,16 @@ impl TestServer {
             env: Vec::new(),
             addr: "127.0.0.1:0".parse().unwrap(),
             starts: 0,
+            tls: None,
         }
+    }
+
+    /// Starts a server with TLS flags, spoken to over TLS with `client`.
+    pub fn start_tls(args: &[&str], client: Arc<rustls::ClientConfig>) -> Self {
+        let mut server = Self::unstarted(args);
+        server.tls = Some(client);
+        server.spawn();
+        server
     }
 
     /// The data directory.
@@ -81,7 +93,11 @@ impl TestServer {
         BufReader::new(stdout)
             .read_line(&mut line)
             .expect("read stdout");
-        if let Some(addr) = line.trim().strip_prefix("courier listening on http://") {
+        let line = line.trim();
+        if let Some(addr) = line
+            .strip_prefix("courier listening on http://")
+            .or_else(|| line.strip_prefix("courier listening on https://"))
+        {
             self.addr = addr.parse().expect("address");
         }
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -89,8 +105,16 @@ impl TestServer {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(format!("exited with {status}:\n{}", self.logs()));
             }
-            let ready =
-                send(self.addr, "GET", "/readyz", None, None, &[]).is_ok_and(|r| r.status == 200);
+            let ready = send_via(
+                self.addr,
+                self.tls.as_ref(),
+                "GET",
+                "/readyz",
+                None,
+                None,
+                &[],
+            )
+            .is_ok_and(|r| r.status == 200);
             if ready {
                 self.child = Some(child);
                 return Ok(());
@@ -165,6 +189,17 @@ impl TestServer {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// Sends a signal (`HUP`, `TERM`, …) to the running server.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name}");
+    }
+
     /// SIGKILL: no shutdown at all.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -227,8 +262,16 @@ impl TestServer {
         content_type: Option<&str>,
         headers: &[(&str, &str)],
     ) -> Response {
-        send(self.addr, method, path, body, content_type, headers)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
+        send_via(
+            self.addr,
+            self.tls.as_ref(),
+            method,
+            path,
+            body,
+            content_type,
+            headers,
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.logs()))
     }
 
     /// Registers an agent (PUT with `settings`), asserting success.
@@ -320,8 +363,30 @@ pub fn send(
     content_type: Option<&str>,
     headers: &[(&str, &str)],
 ) -> std::io::Result<Response> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    send_via(addr, None, method, path, body, content_type, headers)
+}
+
+/// [`send`], over TLS when `tls` is given.
+pub fn send_via(
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    content_type: Option<&str>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Response> {
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut stream: Box<dyn ReadWrite> = match tls {
+        None => Box::new(tcp),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+            let client = rustls::ClientConnection::new(config.clone(), name)
+                .map_err(std::io::Error::other)?;
+            Box::new(rustls::StreamOwned::new(client, tcp))
+        }
+    };
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if let (Some(_), Some(ct)) = (body, content_type) {
         head.push_str(&format!("Content-Type: {ct}\r\n"));
@@ -390,6 +455,10 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
         data = data.get(size + 2..)?;
     }
 }
+
+/// A byte stream both ways: a TCP stream, or TLS over one.
+pub trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// Starts a POST with a JSON body on its own thread (a call that waits, to observe); join it
 /// for the response and how long it took.
