@@ -19,6 +19,10 @@ pub struct ServerArgs {
     /// commands (dlq, agents, bench, replay), or an agent's own.
     #[arg(long, env = "COURIER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM file of the CA that signed an https:// server's certificate (else the public
+    /// web PKI roots are trusted).
+    #[arg(long, env = "COURIER_CACERT")]
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// A client of one server.
@@ -44,14 +48,19 @@ impl Client {
     fn with_timeout(args: &ServerArgs, timeout: Option<Duration>) -> Result<Self, output::Failure> {
         let server = &args.server;
         let base = server.trim_end_matches('/').to_owned();
-        if !base.starts_with("http://") {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(usage(format!(
-                "--server {server}: expected http://HOST:PORT (TLS is not in this build)"
+                "--server {server}: expected http://HOST:PORT or https://HOST:PORT"
             )));
+        }
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &args.cacert {
+            tls = tls.root_certs(read_cacert(path)?);
         }
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(timeout)
+            .tls_config(tls.build())
             .build();
         Ok(Self {
             base,
@@ -139,6 +148,25 @@ impl Client {
         }
         Ok(text)
     }
+}
+
+/// The certificates of a `--cacert` PEM file, as the roots to trust.
+fn read_cacert(path: &std::path::Path) -> Result<ureq::tls::RootCerts, output::Failure> {
+    let pem = std::fs::read(path)
+        .map_err(|e| usage(format!("--cacert {}: cannot read it: {e}", path.display())))?;
+    let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(usage(format!(
+            "--cacert {}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(ureq::tls::RootCerts::from(certs))
 }
 
 /// A page of `GET /v1/agents/{agent}/dead-letters`, without the message bodies.

@@ -682,3 +682,74 @@ fn online_commands_take_a_token_and_rotate_agent_tokens() {
         assert!(!text.contains(&first) && !text.contains(&second) && !text.contains(&admin));
     }
 }
+
+#[test]
+fn online_commands_speak_https_with_a_cacert() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "courierctl test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        tmp.path().join("ca.pem"),
+        tmp.path().join("cert.pem"),
+        tmp.path().join("key.pem"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cert_pem, cert.pem()).unwrap();
+    std::fs::write(&key_pem, key.serialize_pem()).unwrap();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
+    let mut child = Command::new(exe)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .arg("--tls-cert")
+        .arg(&cert_pem)
+        .arg("--tls-key")
+        .arg(&key_pem)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn courier");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    let port = line.trim().rsplit(':').next().expect("a port").to_owned();
+    let url = format!("https://localhost:{port}");
+    let ca_arg = ca_pem.display().to_string();
+    let list = |extra: &[&str]| {
+        let mut args = vec!["dlq", "list", "--server", &url, "--agent", "nobody"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    // Up once the server answers over TLS: an unknown agent's 404.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let output = list(&["--cacert", &ca_arg]);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if stderr.contains("404") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered over TLS: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Without the CA the server's certificate is not trusted.
+    let untrusted = list(&[]);
+    assert_eq!(untrusted.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!stderr.contains("404"), "{stderr}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
