@@ -37,6 +37,11 @@ pub async fn run(
     let config = Arc::new(config);
     // Before the log is opened: a bad certificate stops the start at once.
     let tls = config.tls.clone().map(Tls::new).transpose()?;
+    // Installed at once: from here on a SIGHUP reloads the TLS files, it does not stop us.
+    let hangups = tls
+        .as_ref()
+        .map(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()))
+        .transpose()?;
     let clock = Clock::start();
     let (broker, admin) = open(&config, clock).await?;
     let access = Arc::new(Access::new(&config.auth, admin.as_ref()));
@@ -54,14 +59,10 @@ pub async fn run(
         header_timeout: config.limits.header_timeout,
         body_timeout: config.limits.body_timeout,
     };
-    let reloader = match &tls {
-        // Installed before serving: from here on a SIGHUP reloads, it does not stop us.
-        Some(tls) => {
-            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-            Some(tokio::spawn(reload_on_sighup(tls.clone(), hangups)))
-        }
-        None => None,
-    };
+    let reloader = tls
+        .clone()
+        .zip(hangups)
+        .map(|(tls, hangups)| tokio::spawn(reload_on_sighup(tls, hangups)));
     let acceptor = tls.as_ref().map(Tls::acceptor);
     connections::serve(listener, api::router(state), limits, acceptor, async move {
         shutdown.await;

@@ -133,8 +133,10 @@ impl From<Refusal> for ApiError {
                 Self::new(StatusCode::BAD_REQUEST, "unknown_request", message)
             }
             Refusal::IdTaken { .. } => Self::new(StatusCode::CONFLICT, "id_taken", message),
-            Refusal::NonceReused => Self::new(StatusCode::UNAUTHORIZED, "bad_signature", message)
-                .challenge(SIGNATURE_CHALLENGE),
+            Refusal::NonceReused | Refusal::SignatureExpired => {
+                Self::new(StatusCode::UNAUTHORIZED, "bad_signature", message)
+                    .challenge(SIGNATURE_CHALLENGE)
+            }
             Refusal::NoResponders(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "no_responders", message).retry_after(1)
             }

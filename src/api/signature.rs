@@ -3,7 +3,7 @@
 //!
 //! `Courier-Signature: t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256>` over
 //! `"<t>.<n>.<raw body>"`, keyed by the caller's bearer token. A bad MAC, a time more than
-//! [`MAX_SKEW_S`] from the server's, or a malformed header → 401 before the body is read; a
+//! [`MAX_SKEW_S`] from the server's, or a malformed header → 401 before the body is parsed; a
 //! nonce used before within its window → 401 from the broker, which spends the nonce durably
 //! with what the request writes ([`crate::broker::Signed`]).
 
@@ -19,6 +19,8 @@ use crate::broker::Signed;
 pub const HEADER: &str = "courier-signature";
 /// How far a signature's time may be from the server's, seconds.
 pub const MAX_SKEW_S: u64 = 300;
+/// The signer name of the admin's signatures: no agent id has a `$`.
+pub const ADMIN_SIGNER: &str = "$admin";
 /// The longest nonce.
 pub const MAX_NONCE_CHARS: usize = 64;
 
@@ -34,7 +36,8 @@ pub fn check(
     }
     let signer = match principal {
         Principal::Agent(id) => id.to_string(),
-        Principal::Admin => "admin".to_owned(),
+        // Not a valid agent id, so the admin's nonces never meet an agent's.
+        Principal::Admin => ADMIN_SIGNER.to_owned(),
         // Signing needs tokens; the configuration refuses one without the other.
         Principal::Anyone => return Ok(None),
     };
@@ -52,12 +55,16 @@ pub fn check(
         .ok()
         .and_then(parse)
         .ok_or_else(|| refused("the Courier-Signature header is not `t=<unix seconds>,n=<nonce of 1-64 letters, digits, - or _>,s=<64 hex digits>`".into()))?;
-    let now_s = state.broker.clock().now_ms() / 1000;
-    if parsed.time_s.abs_diff(now_s) > MAX_SKEW_S {
+    // In milliseconds, so that a signature is accepted exactly while its nonce counts
+    // (until t + 300 s, the `until_ms` below), not for up to a second more.
+    let now_ms = state.broker.clock().now_ms();
+    let time_ms = parsed.time_s.saturating_mul(1000);
+    if time_ms.abs_diff(now_ms) > MAX_SKEW_S * 1000 {
         return Err(refused(format!(
-            "the signature's time t={} is {} s from the server's ({now_s}); more than {MAX_SKEW_S} s is refused: check the client's clock",
+            "the signature's time t={} is {:.1} s from the server's ({}); more than {MAX_SKEW_S} s is refused: check the client's clock",
             parsed.time_s,
-            parsed.time_s.abs_diff(now_s)
+            time_ms.abs_diff(now_ms) as f64 / 1000.0,
+            now_ms / 1000
         )));
     }
     let token = bearer(headers)
@@ -73,10 +80,7 @@ pub fn check(
     Ok(Some(Signed {
         signer,
         nonce: parsed.nonce,
-        until_ms: parsed
-            .time_s
-            .saturating_add(MAX_SKEW_S)
-            .saturating_mul(1000),
+        until_ms: time_ms.saturating_add(MAX_SKEW_S * 1000),
     }))
 }
 

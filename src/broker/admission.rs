@@ -153,7 +153,7 @@ impl Admission {
 /// durably with what the request writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signed {
-    /// Who signed: the agent's id, or `admin`.
+    /// Who signed: the agent's id, or `$admin`.
     pub signer: String,
     /// The client's nonce.
     pub nonce: String,
@@ -162,6 +162,19 @@ pub struct Signed {
 }
 
 impl Broker {
+    /// Refuses a signed request whose nonce was used, before anything else is checked (so
+    /// a replay costs its signer nothing, not even publish-rate tokens).
+    pub(super) fn check_nonce(core: &Core, signed: Option<&Signed>, now: u64) -> Result<()> {
+        let Some(signed) = signed else {
+            return Ok(());
+        };
+        let key = courier_storage::state::nonce_key(&signed.signer, &signed.nonce);
+        if core.delivery.nonce_used(&key, now) {
+            return Err(Refusal::NonceReused);
+        }
+        Ok(())
+    }
+
     /// Spends a signed request's nonce under the lock: refused if it was used within its
     /// window; else a `NonceUsed` record, applied now (a concurrent replay is refused at
     /// once) and submitted before whatever the request writes next under the same lock, so
@@ -175,6 +188,12 @@ impl Broker {
         let key = courier_storage::state::nonce_key(&signed.signer, &signed.nonce);
         if core.delivery.nonce_used(&key, now) {
             return Err(Refusal::NonceReused);
+        }
+        // A window that has ended, by the server's clock or by the record clock (which
+        // forgets nonces and can be ahead after the system clock was set back), could not
+        // be remembered: the nonce would be forgotten at once and could be used again.
+        if signed.until_ms <= now.max(core.delivery.record_clock_ms()) {
+            return Err(Refusal::SignatureExpired);
         }
         let record = Record::NonceUsed {
             signer: signed.signer.clone(),

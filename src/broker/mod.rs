@@ -91,6 +91,9 @@ pub enum Refusal {
         /// Who sent the request that has it (not shown to the caller).
         owner: String,
     },
+    /// A signed request whose window has already ended by the clocks that forget nonces.
+    #[error("this signature's time is too old for the server to remember its nonce (its clock, or the time of its latest record, is past t + 300 s): sign the request again")]
+    SignatureExpired,
     /// A signed request's nonce was used before, within its window.
     #[error("this signature's nonce was used before (a replay, or a retry that kept its nonce): sign the request again with a new nonce")]
     NonceReused,

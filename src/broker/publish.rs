@@ -109,6 +109,7 @@ impl Broker {
         let now = self.clock.now_ms();
         let (staged, spent) = {
             let mut core = self.lock();
+            Self::check_nonce(&core, signed.as_ref(), now)?;
             let recalled = self.admit(&mut core, &mut outgoing, now)?;
             let spent = signed
                 .map(|signed| self.spend_nonce(&mut core, &signed, now))

@@ -137,11 +137,13 @@ impl Broker {
         }
         let id = outgoing.message.id.clone();
         let (decided, spent) = self.decide_call(&outgoing, &options, now)?;
-        if let Some(spent) = spent {
-            spent.durable().await?;
-        }
         let (ticket, mut rx, publish) = match decided {
-            Decided::Answered(reply) => return self.read_reply(&id, reply).await,
+            Decided::Answered(reply) => {
+                if let Some(spent) = spent {
+                    spent.durable().await?;
+                }
+                return self.read_reply(&id, reply).await;
+            }
             Decided::Waiting {
                 ticket,
                 rx,
@@ -149,12 +151,16 @@ impl Broker {
             } => (ticket, rx, publish),
         };
         // However the call ends (answered, failed, timed out, or dropped with its client's
-        // connection), it stops waiting: no leaked slot, no reply settled for nobody.
+        // connection, even while its nonce is being written), it stops waiting: no leaked
+        // slot, no reply settled for nobody.
         let _waiting = Waiting {
             broker: self,
             id: &id,
             ticket,
         };
+        if let Some(spent) = spent {
+            spent.durable().await?;
+        }
         if publish {
             self.publish(vec![outgoing]).await?;
         }
@@ -187,6 +193,7 @@ impl Broker {
         now: u64,
     ) -> Result<(Decided, Option<Commit>)> {
         let mut core = self.lock();
+        Self::check_nonce(&core, options.signed.as_ref(), now)?;
         let (reply, known) = self.check_call(&core, outgoing, options, now)?;
         let spent = options
             .signed

@@ -410,6 +410,12 @@ impl State {
         self.requests.get(id)
     }
 
+    /// The record clock: the latest record time applied (what forgets client ids, requests
+    /// and nonces).
+    pub fn record_clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
     /// Whether the nonce `key` ([`courier_storage::state::nonce_key`]) was used and still
     /// counts at `now_ms`.
     pub fn nonce_used(&self, key: &str, now_ms: u64) -> bool {

@@ -166,8 +166,7 @@ pub enum Record {
     /// signer and nonce is refused until `until_ms`. Written before the records the request
     /// writes, in the same commit.
     NonceUsed {
-        /// Who signed: an agent id, or `admin` (no agent id is in the same key space: see
-        /// [`crate::state::nonce_key`]).
+        /// Who signed: an agent id, or `$admin` (which no agent id can be).
         signer: String,
         /// The client's nonce.
         nonce: String,

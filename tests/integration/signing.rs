@@ -64,7 +64,14 @@ fn end(server: &TestServer, admin: &str) -> u64 {
 }
 
 fn setup() -> (TestServer, String, Signer, Signer) {
-    let server = TestServer::start(&["--auth-mode", "token", "--auth-signing", "true"]);
+    setup_with(&[])
+}
+
+/// A signing server (with `extra` flags) and the admin's, alice's and bob's tokens.
+fn setup_with(extra: &[&str]) -> (TestServer, String, Signer, Signer) {
+    let mut args = vec!["--auth-mode", "token", "--auth-signing", "true"];
+    args.extend_from_slice(extra);
+    let server = TestServer::start(&args);
     let admin = std::fs::read_to_string(server.data_dir().join("admin.token"))
         .expect("admin token")
         .trim()
@@ -214,4 +221,36 @@ fn t14_used_nonces_survive_sigkill_and_are_each_signers_own() {
     let signature = bob.header(now, "once", &bobs);
     let response = send(&server, "/v1/messages", &bob.token, &bobs, Some(&signature));
     assert_eq!(response.status, 201, "{response:?}");
+    // And so may the admin (signing with the admin token), once.
+    let root = Signer { token: admin };
+    once_then_refused(&server, &root, &bobs, "once");
+}
+
+/// Publishes `body` signed by `signer` with `nonce` (201), then replays it (401).
+fn once_then_refused(server: &TestServer, signer: &Signer, body: &[u8], nonce: &str) {
+    let signature = signer.header(now_s(), nonce, body);
+    let first = send(
+        server,
+        "/v1/messages",
+        &signer.token,
+        body,
+        Some(&signature),
+    );
+    assert_eq!(first.status, 201, "{first:?}");
+    let replay = send(
+        server,
+        "/v1/messages",
+        &signer.token,
+        body,
+        Some(&signature),
+    );
+    refused(&replay, &format!("the replay of nonce {nonce}"));
+}
+
+/// A replay is refused before anything else is counted: it costs its signer no publish-rate
+/// token (with one message a second, the replay gets 401, not 429).
+#[test]
+fn t14_a_replay_costs_nothing() {
+    let (server, _admin, alice, _bob) = setup_with(&["--limits-publish-rate", "1"]);
+    once_then_refused(&server, &alice, &alice_to_bob(), "rate");
 }
