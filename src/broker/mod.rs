@@ -83,8 +83,8 @@ pub enum Refusal {
     /// A reply without `to` names no remembered request.
     #[error("`to` is missing and `in_reply_to` {0:?} names no request this server remembers (a request is remembered for its timeout plus dedupe_window); address the reply with `to`")]
     UnknownRequest(String),
-    /// A request id that another sender's remembered request has.
-    #[error("request id `{id}` is another sender's request; use an id of your own")]
+    /// A client id (of a message or a request) that another sender's remembered message has.
+    #[error("id `{id}` is another sender's; use an id of your own")]
     IdTaken {
         /// The id.
         id: String,

@@ -106,6 +106,7 @@ impl Broker {
         signed: Option<Signed>,
     ) -> Result<Vec<Published>> {
         self.check_writable()?;
+        self.check_id_owners(&outgoing).await?;
         let now = self.clock.now_ms();
         let (staged, spent) = {
             let mut core = self.lock();
@@ -167,6 +168,45 @@ impl Broker {
             .collect();
         self.count_original_destinations(&mut results).await?;
         Ok(results)
+    }
+
+    /// Refuses a message whose client id is remembered as another sender's message: a
+    /// client id answers duplicates of its own sender's message only (another agent must
+    /// neither learn of it nor have its own message taken for a duplicate). Reads the
+    /// originals of the remembered ids, before anything is decided.
+    async fn check_id_owners(self: &Arc<Self>, outgoing: &[Outgoing]) -> Result<()> {
+        if outgoing.iter().all(|o| o.client_id.is_none()) {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let recalled: Vec<(usize, Offset)> = {
+            let core = self.lock();
+            outgoing
+                .iter()
+                .enumerate()
+                .filter_map(|(i, o)| Some((i, core.delivery.recall(o.client_id.as_deref()?, now)?)))
+                .collect()
+        };
+        if recalled.is_empty() {
+            return Ok(());
+        }
+        let frames = self
+            .read_messages(recalled.iter().map(|(_, offset)| *offset).collect())
+            .await?;
+        for ((i, _), frame) in recalled.into_iter().zip(frames) {
+            let (Some(o), Some(Record::Message(original))) =
+                (outgoing.get(i), frame.map(|f| f.record))
+            else {
+                continue;
+            };
+            if original.from != o.message.from {
+                return Err(Refusal::IdTaken {
+                    id: o.client_id.clone().unwrap_or_default(),
+                    owner: original.from,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Fills in the destination count of each duplicate from its original record.

@@ -498,3 +498,55 @@ fn a_request_id_is_its_senders_and_head_follows_get() {
         200
     );
 }
+
+/// A client id answers duplicates of its own sender's message only: another agent's
+/// publish with that id gets 409 (it neither learns the offset nor has its message dropped
+/// as a duplicate), in a batch too, with nothing written.
+#[test]
+fn a_client_id_is_its_senders() {
+    let server = TestServer::start(&["--auth-mode", "token"]);
+    let admin = admin_token(&server);
+    let alice = format!("Bearer {}", register(&server, &admin, "alice", json!({})));
+    let bob = format!("Bearer {}", register(&server, &admin, "bob", json!({})));
+    let publish = |from: &str, auth: &str| {
+        let body = json!({"id": "order-42", "to": "agent:alice", "from": from, "body": 1});
+        call(
+            &server,
+            "POST",
+            "/v1/messages",
+            Some(&body.to_string()),
+            Some(auth),
+        )
+    };
+    assert_eq!(publish("alice", &alice).status, 201);
+    let again = publish("alice", &alice);
+    assert_eq!(
+        (again.status, again.json["duplicate"].as_bool()),
+        (200, Some(true))
+    );
+    let stats = |server: &TestServer| {
+        let auth = format!("Bearer {admin}");
+        call(server, "GET", "/v1/stats", None, Some(&auth)).json["log"]["next_offset"].clone()
+    };
+    let before = stats(&server);
+    let taken = publish("bob", &bob);
+    assert_eq!(taken.status, 409, "{taken:?}");
+    assert_eq!(taken.code(), "id_taken");
+    assert!(
+        taken.json["offset"].is_null() && !taken.text.contains("alice"),
+        "{taken:?}"
+    );
+    let batch = json!({"messages": [
+        {"to": "agent:alice", "from": "bob", "body": 2},
+        {"id": "order-42", "to": "agent:alice", "from": "bob", "body": 3},
+    ]});
+    let refused = call(
+        &server,
+        "POST",
+        "/v1/messages/batch",
+        Some(&batch.to_string()),
+        Some(&bob),
+    );
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert_eq!(stats(&server), before, "a refused publish wrote something");
+}
