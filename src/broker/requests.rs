@@ -164,13 +164,32 @@ impl Broker {
         if publish {
             self.publish(vec![outgoing]).await?;
         }
-        let answer = match tokio::time::timeout(options.timeout, &mut rx).await {
-            Ok(answer) => answer.ok(),
-            Err(_) => {
-                // A reply that came as the time ran out took our ticket and sent, under the
-                // lock: after leaving under the lock, it is in `rx` or it never comes.
+        // A shutdown ends the wait too (replies are refused from then on): 503, not a call
+        // that holds the shutdown up for its whole timeout.
+        let mut closing = self.closing.subscribe();
+        let shutting_down = async move {
+            if !*closing.borrow_and_update() {
+                let _ = closing.changed().await;
+            }
+        };
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(options.timeout, &mut rx) => match answer {
+                Ok(answer) => answer.ok(),
+                Err(_) => {
+                    // A reply that came as the time ran out took our ticket and sent, under
+                    // the lock: after leaving under the lock, it is in `rx` or it never comes.
+                    self.lock().calls.leave(&id, ticket);
+                    rx.try_recv().ok()
+                }
+            },
+            () = shutting_down => {
                 self.lock().calls.leave(&id, ticket);
-                rx.try_recv().ok()
+                match rx.try_recv() {
+                    Ok(answer) => Some(answer),
+                    Err(_) => return Err(Refusal::Unavailable(format!(
+                        "the server is shutting down; request `{id}` is stored and a reply reaches the sender's inbox: after the restart, call again with this id to get the reply"
+                    ))),
+                }
             }
         };
         let Some((reply, settled)) = answer else {

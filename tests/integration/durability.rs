@@ -125,6 +125,36 @@ fn sigterm_wakes_long_polls_and_exits_zero() {
     );
 }
 
+/// A request call waiting for its reply does not hold a shutdown up for its timeout: it gets
+/// 503 at once, and its request (stored) is answered after the restart by its id.
+#[test]
+fn sigterm_ends_waiting_request_calls_with_503() {
+    let mut server = TestServer::start(&[]);
+    server.register("asker", json!({}));
+    server.register("worker", json!({}));
+    let body = json!({"id": "ask-1", "to": "agent:worker", "from": "asker", "body": 1});
+    let call = crate::support::post_in_background(&server, "/v1/requests?timeout_ms=120000", &body);
+    eventually(Duration::from_secs(10), "the request to be stored", || {
+        (server.get("/v1/agents/worker").json["inbox"]["ready"] == json!(1)).then_some(())
+    });
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        server.logs()
+    );
+    let (response, took) = call.join().unwrap();
+    assert_eq!(response.status, 503, "{response:?}");
+    assert!(response.text.contains("ask-1"), "{response:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "the call held the shutdown up: {took:?}"
+    );
+    server.restart();
+    let messages = server.receive("worker", json!({"wait_ms": 0}));
+    assert_eq!(messages.len(), 1, "the request survives the shutdown");
+}
+
 #[test]
 fn torn_tail_is_truncated_at_startup_and_earlier_messages_survive() {
     let mut server = TestServer::start(&[]);
