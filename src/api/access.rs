@@ -164,7 +164,7 @@ impl Access {
 
 /// Why a request was not authenticated.
 #[derive(Debug, Clone, Copy)]
-enum Unauthenticated {
+pub(super) enum Unauthenticated {
     Missing,
     Malformed,
     Unknown,
@@ -182,18 +182,7 @@ impl Unauthenticated {
 
 /// Who holds the bearer token of `headers`.
 fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Unauthenticated> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or(Unauthenticated::Missing)?;
-    let text = value.to_str().map_err(|_| Unauthenticated::Malformed)?;
-    let (scheme, token) = text.split_once(' ').ok_or(Unauthenticated::Malformed)?;
-    let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer")
-        || token.is_empty()
-        || !token.bytes().all(|b| b.is_ascii_graphic())
-    {
-        return Err(Unauthenticated::Malformed);
-    }
+    let token = bearer_token(headers)?;
     let hash = TokenHash::of(token.as_bytes());
     if state
         .access
@@ -208,6 +197,24 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Principal, Unau
         .agent_of_token(&hash)
         .map(Principal::Agent)
         .ok_or(Unauthenticated::Unknown)
+}
+
+/// The token of the request's `Authorization: Bearer <token>` header (also the key of its
+/// signature, [`super::signature`]).
+pub(super) fn bearer_token(headers: &HeaderMap) -> Result<&str, Unauthenticated> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or(Unauthenticated::Missing)?;
+    let text = value.to_str().map_err(|_| Unauthenticated::Malformed)?;
+    let (scheme, token) = text.split_once(' ').ok_or(Unauthenticated::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer")
+        || token.is_empty()
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Unauthenticated::Malformed);
+    }
+    Ok(token)
 }
 
 /// The layer: authenticates the request and checks its route's rule; the principal goes
@@ -239,11 +246,18 @@ pub async fn authorize(State(state): State<AppState>, request: Request, next: Ne
             return unauthorized(why);
         }
     };
-    let params = RawPathParams::from_request_parts(&mut parts, &state).await;
+    // Only an agent on a route of its own or of a capability needs the path's parameters.
+    let needs_params = matches!(principal, Principal::Agent(_))
+        && matches!(rule, Rule::OwnAgent | Rule::DeclaredCapability);
+    let params = match needs_params {
+        true => RawPathParams::from_request_parts(&mut parts, &state)
+            .await
+            .ok(),
+        false => None,
+    };
     let param = |name: &str| {
         params
             .as_ref()
-            .ok()
             .and_then(|p| {
                 p.iter()
                     .find(|(n, _)| *n == name)

@@ -7,12 +7,13 @@
 //! nonce used before within its window → 401 from the broker, which spends the nonce durably
 //! with what the request writes ([`crate::broker::Signed`]).
 
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use ring::hmac;
 
+use super::access::bearer_token;
 use super::error::{ApiError, SIGNATURE_CHALLENGE};
 use super::AppState;
-use crate::auth::Principal;
+use crate::auth::{constant_time_eq, Principal};
 use crate::broker::Signed;
 
 /// The header.
@@ -67,8 +68,8 @@ pub fn check(
             now_ms / 1000
         )));
     }
-    let token = bearer(headers)
-        .ok_or_else(|| refused("no bearer token to check the signature with".into()))?;
+    let token = bearer_token(headers)
+        .map_err(|_| refused("no bearer token to check the signature with".into()))?;
     let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
     let mut context = hmac::Context::with_key(&key);
     context.update(format!("{}.{}.", parsed.time_s, parsed.nonce).as_bytes());
@@ -82,18 +83,6 @@ pub fn check(
         nonce: parsed.nonce,
         until_ms: time_ms.saturating_add(MAX_SKEW_S * 1000),
     }))
-}
-
-/// Whether two MACs are equal, in time that does not depend on where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
-}
-
-/// The bearer token of the request (the layer has authenticated it).
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (_, token) = value.split_once(' ')?;
-    Some(token.trim())
 }
 
 /// A parsed `Courier-Signature`.

@@ -10,7 +10,7 @@ mod admin;
 mod token;
 
 pub use admin::load_admin_token;
-pub use token::{Token, TokenHash, TOKEN_PREFIX};
+pub use token::{constant_time_eq, Token, TokenHash, TOKEN_PREFIX};
 
 use std::collections::HashMap;
 use std::sync::{PoisonError, RwLock};

@@ -78,12 +78,14 @@ impl TokenHash {
 
     /// Whether two hashes are equal, in time that does not depend on where they differ.
     pub fn matches(&self, other: &Self) -> bool {
-        self.0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
-            == 0
+        constant_time_eq(&self.0, &other.0)
     }
+}
+
+/// Whether two byte strings are equal, in time that does not depend on where they differ
+/// (only on their lengths): for hashes and MACs.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
 }
 
 impl fmt::Debug for TokenHash {

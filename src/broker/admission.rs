@@ -185,10 +185,7 @@ impl Broker {
         signed: &Signed,
         now: u64,
     ) -> Result<Commit> {
-        let key = courier_storage::state::nonce_key(&signed.signer, &signed.nonce);
-        if core.delivery.nonce_used(&key, now) {
-            return Err(Refusal::NonceReused);
-        }
+        Self::check_nonce(core, Some(signed), now)?;
         // A window that has ended, by the server's clock or by the record clock (which
         // forgets nonces and can be ahead after the system clock was set back), could not
         // be remembered: the nonce would be forgotten at once and could be used again.

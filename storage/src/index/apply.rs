@@ -6,9 +6,9 @@ use std::ops::Bound;
 
 use super::keys::{
     backfill_key, be64, dead_key, decode_location, expiry_key, from_be64, inbox_prefix,
-    ordering_key, parse_slot_key, positions_key, slot_key, subscription_key, timer_key,
-    topic_offset_key, trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I, K, N, O,
-    P, R, S, TRUNCATED_KEY, U, X, Y, Z,
+    ordering_key, parse_expiry_key, parse_slot_key, positions_key, slot_key, subscription_key,
+    timer_key, topic_offset_key, trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I,
+    K, N, O, P, R, S, TRUNCATED_KEY, U, X, Y, Z,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -99,12 +99,7 @@ impl Txn<'_> {
     fn expired(&mut self, prefix: u8, clock_ms: u64) -> Result<Vec<(u64, String)>> {
         let end = Bound::Excluded(with_prefix(prefix, &be64(clock_ms.saturating_add(1))));
         self.range(Bound::Included(vec![prefix]), end)
-            .map(|item| {
-                let (key, _) = item?;
-                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
-                let id = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
-                Ok((until_ms, id))
-            })
+            .map(|item| Ok(parse_expiry_key(&item?.0)))
             .collect()
     }
 

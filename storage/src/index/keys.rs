@@ -173,13 +173,20 @@ pub(super) fn backfill_key(agent: &str, pattern: &str) -> Vec<u8> {
     key
 }
 
-/// `prefix` (`x` for client ids, `y` for requests), remembered-until ms, id: the expiry
-/// order of the remembered client ids (`u`) or requests (`r`).
+/// `prefix` (`x` for client ids, `y` for requests, `z` for used nonces), remembered-until ms,
+/// id: the expiry order of the remembered client ids (`u`), requests (`r`) or nonces.
 pub(super) fn expiry_key(prefix: u8, until_ms: u64, id: &str) -> Vec<u8> {
     let mut key = vec![prefix];
     key.extend_from_slice(&be64(until_ms));
     key.extend_from_slice(id.as_bytes());
     key
+}
+
+/// The remembered-until ms and the id of an [`expiry_key`] (whatever its prefix).
+pub(super) fn parse_expiry_key(key: &[u8]) -> (u64, String) {
+    let until_ms = from_be64(key.get(1..9).unwrap_or_default());
+    let id = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
+    (until_ms, id)
 }
 
 pub(super) fn positions_key(first: Offset) -> Vec<u8> {

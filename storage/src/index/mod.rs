@@ -48,9 +48,10 @@ use crate::record::{Agent, Frame, Slot};
 pub use crate::state::{DeadEntry, EntryState, EntryValue, RequestValue, TimerKind, TopicSeen};
 use crate::Offset;
 use keys::{
-    be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
-    slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
-    C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U, Z,
+    be64, decode_location, from_be64, inbox_prefix, parse_expiry_key, parse_slot_key,
+    parse_timer_key, positions_key, slot_key, take_str, topic_offset_key, trailing_offset, u64_le,
+    with_prefix, A, APPLIED_KEY, B, C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U,
+    Z,
 };
 use overlay::{prefix_end, Layer, Layers, Merged, Txn};
 
@@ -653,12 +654,7 @@ impl Index {
     /// server's memory at start.
     pub fn nonces(&self) -> Result<Vec<(u64, String)>> {
         self.scan_prefix(&[Z])
-            .map(|item| {
-                let (key, _) = item?;
-                let until_ms = from_be64(key.get(1..9).unwrap_or_default());
-                let nonce = String::from_utf8_lossy(key.get(9..).unwrap_or_default()).into_owned();
-                Ok((until_ms, nonce))
-            })
+            .map(|item| Ok(parse_expiry_key(&item?.0)))
             .collect()
     }
 
@@ -740,15 +736,16 @@ impl IndexSnapshot {
                 let agent: Agent = decode_value(value)?;
                 snap.agents.insert(agent.id.clone(), agent);
             }
-            prefix => snap.add_routing(prefix, rest, value)?,
+            _ => snap.add_routing(key, value)?,
         }
         Ok(())
     }
 
     /// [`IndexSnapshot::add`] of the keys of routing, requests and signatures.
-    fn add_routing(&mut self, prefix: Option<u8>, rest: &[u8], value: &[u8]) -> Result<()> {
+    fn add_routing(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         let snap = self;
-        match prefix {
+        let rest = key.get(1..).unwrap_or_default();
+        match key.first().copied() {
             Some(S) => {
                 let (agent, rest) = take_str(rest).ok_or_else(bad_key)?;
                 let (topic, _) = take_str(rest).ok_or_else(bad_key)?;
@@ -785,9 +782,7 @@ impl IndexSnapshot {
                 snap.requests.insert(id, decode_value(value)?);
             }
             Some(Z) => {
-                let until_ms = from_be64(rest.get(..8).unwrap_or_default());
-                let key = String::from_utf8_lossy(rest.get(8..).unwrap_or_default()).into_owned();
-                snap.nonces.insert((until_ms, key));
+                snap.nonces.insert(parse_expiry_key(key));
             }
             Some(H) => {
                 let (queue, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;

@@ -58,7 +58,12 @@ impl Layers {
         self.active
             .changes
             .get(key)
-            .or_else(|| self.frozen.as_ref()?.changes.get(key))
+            .or_else(|| self.frozen_change(key))
+    }
+
+    /// The frozen layer's change to `key`, if a checkpoint is under way and it has one.
+    fn frozen_change(&self, key: &[u8]) -> Option<&Change> {
+        self.frozen.as_ref()?.changes.get(key)
     }
 
     /// The layers' changes in `range`, newest winning, in key order.
@@ -222,9 +227,7 @@ impl<'a> Txn<'a> {
             Some(Some(change)) => return Ok(change.value().map(<[u8]>::to_vec)),
             // Taken out of the active layer: what lies below it.
             Some(None) => read(self.layers)
-                .frozen
-                .as_ref()
-                .and_then(|frozen| frozen.changes.get(key))
+                .frozen_change(key)
                 .map(|c| c.value().map(<[u8]>::to_vec)),
             None => read(self.layers)
                 .lookup(key)
@@ -288,9 +291,7 @@ impl<'a> Txn<'a> {
                 let below = match change {
                     Some(change) => Some(change.value().map(<[u8]>::to_vec)),
                     None => layers
-                        .frozen
-                        .as_ref()
-                        .and_then(|frozen| frozen.changes.get(key))
+                        .frozen_change(key)
                         .map(|c| c.value().map(<[u8]>::to_vec)),
                 };
                 match below {
