@@ -195,9 +195,10 @@ pub struct State {
     /// Expiries of `requests`, earliest first.
     request_expiries: BTreeSet<(u64, String)>,
     /// Used nonces of signed requests: key → until when.
-    nonces: HashMap<String, u64>,
-    /// The same, earliest first.
-    nonce_expiries: BTreeSet<(u64, String)>,
+    nonces: HashMap<Arc<str>, u64>,
+    /// The same by until when, earliest first (the nonces signed in one second share a
+    /// time). A key whose time changed since stays listed under its old one too.
+    nonce_expiries: BTreeMap<u64, Vec<Arc<str>>>,
 }
 
 /// A message chosen by [`State::lease`]: from the agent's inbox, or from a capability queue.

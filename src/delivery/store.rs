@@ -178,7 +178,11 @@ impl State {
                 .first()
                 .is_some_and(|(until, _)| *until <= self.clock_ms)
         };
-        if due(&self.expiries) || due(&self.request_expiries) || due(&self.nonce_expiries) {
+        let nonces_due = self
+            .nonce_expiries
+            .first_key_value()
+            .is_some_and(|(until, _)| *until <= self.clock_ms);
+        if due(&self.expiries) || due(&self.request_expiries) || nonces_due {
             let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
         }
     }
@@ -363,21 +367,23 @@ impl Store for State {
     }
 
     fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Infallible> {
-        if let Some(old) = self.nonces.insert(key.to_owned(), until_ms) {
-            self.nonce_expiries.remove(&(old, key.to_owned()));
-        }
-        self.nonce_expiries.insert((until_ms, key.to_owned()));
+        let key: Arc<str> = key.into();
+        self.nonces.insert(key.clone(), until_ms);
+        self.nonce_expiries.entry(until_ms).or_default().push(key);
         Ok(())
     }
 
-    fn expired_nonces(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Infallible> {
-        let end = (clock_ms.saturating_add(1), String::new());
-        Ok(self.nonce_expiries.range(..end).cloned().collect())
-    }
-
-    fn forget_nonce(&mut self, until_ms: u64, key: &str) -> Result<(), Infallible> {
-        if self.nonce_expiries.remove(&(until_ms, key.to_owned())) {
-            self.nonces.remove(key);
+    fn forget_nonces(&mut self, clock_ms: u64) -> Result<(), Infallible> {
+        while let Some(entry) = self.nonce_expiries.first_entry() {
+            if *entry.key() > clock_ms {
+                break;
+            }
+            let until = *entry.key();
+            for key in entry.remove() {
+                if self.nonces.get(&key) == Some(&until) {
+                    self.nonces.remove(&key);
+                }
+            }
         }
         Ok(())
     }

@@ -358,6 +358,20 @@ fn a_used_nonce_counts_until_its_time_then_is_forgotten_by_the_record_clock() {
         until_ms: 90_000,
     };
     state.apply(&later, Offset(1), 20_000);
-    assert!(!state.nonces.contains_key(&key));
+    assert!(!state.nonces.contains_key(key.as_str()));
     assert_eq!(state.nonce_expiries.len(), 1);
+    // Used again later (a replay after its window): it counts until its new time, and the
+    // old time passing does not forget it.
+    let again = |until_ms| Record::NonceUsed {
+        signer: "carol".into(),
+        nonce: "n3".into(),
+        until_ms,
+    };
+    let carol = courier_storage::state::nonce_key("carol", "n3");
+    state.apply(&again(30_000), Offset(2), 20_000);
+    state.apply(&again(60_000), Offset(3), 20_000);
+    state.apply(&later, Offset(4), 30_000);
+    assert!(state.nonce_used(&carol, 50_000));
+    state.apply(&later, Offset(5), 60_000);
+    assert!(!state.nonces.contains_key(carol.as_str()));
 }

@@ -305,10 +305,10 @@ pub trait Store {
     fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Self::Error>;
     /// Remembers the used nonce `key` ([`nonce_key`]) until `until_ms`.
     fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Self::Error>;
-    /// The used nonces `(until_ms, key)` with `until_ms <= clock_ms`.
-    fn expired_nonces(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>, Self::Error>;
-    /// Forgets the used nonce `(until_ms, key)`.
-    fn forget_nonce(&mut self, until_ms: u64, key: &str) -> Result<(), Self::Error>;
+    /// Forgets the used nonces remembered until `clock_ms` or before. A holder may drop
+    /// them later (the index drops a whole bucket of them at a checkpoint), but never again
+    /// reports one as used.
+    fn forget_nonces(&mut self, clock_ms: u64) -> Result<(), Self::Error>;
     /// Retention removed the records below `below`: forgets the pending entries, lease
     /// holders, ordering keys, dead letters and remembered ids of messages there (and any location of those records), and
     /// remembers `below` as [`Store::truncated_below`]. Requests below it are forgotten too.
@@ -666,10 +666,7 @@ pub fn prune_dedupe<S: Store + ?Sized>(store: &mut S, clock_ms: u64) -> Result<(
         let current = store.request(&id)?.is_some_and(|r| r.until_ms == until_ms);
         store.unlist_request(until_ms, &id, current)?;
     }
-    for (until_ms, key) in store.expired_nonces(clock_ms)? {
-        store.forget_nonce(until_ms, &key)?;
-    }
-    Ok(())
+    store.forget_nonces(clock_ms)
 }
 
 /// Whether a remembered id still counts at `now_ms`: its window has not ended.

@@ -8,7 +8,7 @@ use super::keys::{
     backfill_key, be64, dead_key, decode_location, expiry_key, from_be64, inbox_prefix,
     ordering_key, parse_expiry_key, parse_slot_key, positions_key, slot_key, subscription_key,
     timer_key, topic_offset_key, trailing_offset, u64_le, with_prefix, A, B, C, CLOCK_KEY, D, H, I,
-    K, N, O, P, R, S, TRUNCATED_KEY, U, X, Y, Z,
+    K, N, O, P, R, S, TRUNCATED_KEY, U, X, Y,
 };
 use super::overlay::Txn;
 use super::{decode_value, encode_value, DedupeValue};
@@ -306,16 +306,13 @@ impl Store for Txn<'_> {
     }
 
     fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<()> {
-        self.insert(expiry_key(Z, until_ms, key), Vec::new());
+        self.nonces.push((until_ms, key.to_owned()));
         Ok(())
     }
 
-    fn expired_nonces(&mut self, clock_ms: u64) -> Result<Vec<(u64, String)>> {
-        self.expired(Z, clock_ms)
-    }
-
-    fn forget_nonce(&mut self, until_ms: u64, key: &str) -> Result<()> {
-        self.remove(expiry_key(Z, until_ms, key));
+    /// Nothing now: a checkpoint drops the nonces' buckets once the clock has passed them,
+    /// and reads filter by the clock ([`super::nonces`]).
+    fn forget_nonces(&mut self, _clock_ms: u64) -> Result<()> {
         Ok(())
     }
 

@@ -25,6 +25,8 @@ pub(super) const C: u8 = b'c';
 pub(super) const R: u8 = b'r';
 pub(super) const K: u8 = b'k';
 pub(super) const Y: u8 = b'y';
+pub(super) const W: u8 = b'w';
+/// Used nonces one key each, as indexes before [`super::nonces`] kept them (migrated at open).
 pub(super) const Z: u8 = b'z';
 
 #[expect(
@@ -173,8 +175,9 @@ pub(super) fn backfill_key(agent: &str, pattern: &str) -> Vec<u8> {
     key
 }
 
-/// `prefix` (`x` for client ids, `y` for requests, `z` for used nonces), remembered-until ms,
-/// id: the expiry order of the remembered client ids (`u`), requests (`r`) or nonces.
+/// `prefix` (`x` for client ids, `y` for requests, `z` for used nonces of older indexes),
+/// remembered-until ms, id: the expiry order of the remembered client ids (`u`), requests (`r`)
+/// or nonces.
 pub(super) fn expiry_key(prefix: u8, until_ms: u64, id: &str) -> Vec<u8> {
     let mut key = vec![prefix];
     key.extend_from_slice(&be64(until_ms));

@@ -25,12 +25,14 @@
 //! | `k` | inbox, offset (u64 BE) | ordering key of a message routed there (kept until retention removes it) |
 //! | `r` | request id | [`RequestValue`] (bincode): offset, sender, remembered-until ms, first reply |
 //! | `y` | remembered-until ms (u64 BE), request id | empty (expiry order of `r`) |
+//! | `w` | until ms ≫ 10 (u64 BE), checkpoint's applied offset (u64 BE) | bincode list of used nonces (until ms, signer and nonce), see [`nonces`] |
 //!
 //! **Invariant:** the index is a pure function of the log: deleting `index/` and reopening
 //! rebuilds an equal [`IndexSnapshot`].
 
 mod apply;
 mod keys;
+mod nonces;
 mod overlay;
 mod store;
 
@@ -48,12 +50,11 @@ use crate::record::{Agent, Frame, Slot};
 pub use crate::state::{DeadEntry, EntryState, EntryValue, RequestValue, TimerKind, TopicSeen};
 use crate::Offset;
 use keys::{
-    be64, decode_location, from_be64, inbox_prefix, parse_expiry_key, parse_slot_key,
-    parse_timer_key, positions_key, slot_key, take_str, topic_offset_key, trailing_offset, u64_le,
-    with_prefix, A, APPLIED_KEY, B, C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U,
-    Z,
+    be64, decode_location, from_be64, inbox_prefix, parse_slot_key, parse_timer_key, positions_key,
+    slot_key, take_str, topic_offset_key, trailing_offset, u64_le, with_prefix, A, APPLIED_KEY, B,
+    C, CLOCK_KEY, D, H, I, K, N, O, P, R, S, T, TRUNCATED_KEY, U,
 };
-use overlay::{prefix_end, Layer, Layers, Merged, Txn};
+use overlay::{prefix_end, Change, Layer, Layers, Merged, Txn};
 
 const CONFIG: bincode::config::Configuration = bincode::config::standard();
 
@@ -205,6 +206,7 @@ impl Index {
             }
         };
         let tree = db.open_tree("courier")?;
+        nonces::migrate(&tree)?;
         Ok(Self {
             db,
             tree,
@@ -246,7 +248,8 @@ impl Index {
 
     /// Changes waiting for the next checkpoint.
     pub fn pending_changes(&self) -> usize {
-        self.layers().active.changes.len()
+        let layers = self.layers();
+        layers.active.changes.len() + layers.active.nonces.len()
     }
 
     /// Writes every change applied so far to sled, atomically with the watermark, and flushes
@@ -261,6 +264,7 @@ impl Index {
                 &mut layers.active,
                 Layer {
                     changes: BTreeMap::new(),
+                    nonces: Vec::new(),
                     applied,
                 },
             );
@@ -270,6 +274,9 @@ impl Index {
                 let mut changes = failed.changes.clone();
                 changes.append(&mut active.changes);
                 active.changes = changes;
+                let mut nonces = failed.nonces.clone();
+                nonces.append(&mut active.nonces);
+                active.nonces = nonces;
             }
             let frozen = Arc::new(active);
             layers.frozen = Some(frozen.clone());
@@ -281,6 +288,12 @@ impl Index {
         )]
         let started = std::time::Instant::now();
         let mut batch = store::batch(&self.tree, &frozen.changes)?;
+        let clock = match frozen.changes.get(CLOCK_KEY).and_then(Change::value) {
+            Some(clock) => u64_le(clock),
+            None => self.tree.get(CLOCK_KEY)?.map_or(0, |v| u64_le(&v)),
+        };
+        let seq = frozen.applied.map_or(0, |a| a.0);
+        nonces::write(&self.tree, &mut batch, &frozen.nonces, seq, clock)?;
         let prepared = started.elapsed();
         if let Some(applied) = frozen.applied {
             batch.insert(APPLIED_KEY, &applied.0.to_le_bytes());
@@ -653,9 +666,19 @@ impl Index {
     /// Every used nonce still remembered: (until ms, key). Reads them all: for loading the
     /// server's memory at start.
     pub fn nonces(&self) -> Result<Vec<(u64, String)>> {
-        self.scan_prefix(&[Z])
-            .map(|item| Ok(parse_expiry_key(&item?.0)))
-            .collect()
+        let clock = self.clock()?;
+        let layered: Vec<(u64, String)> = {
+            let layers = self.layers();
+            let frozen = layers.frozen.iter().flat_map(|f| f.nonces.iter());
+            frozen
+                .chain(&layers.active.nonces)
+                .filter(|(until, _)| *until > clock)
+                .cloned()
+                .collect()
+        };
+        let mut all = nonces::read(&self.tree, clock)?;
+        all.extend(layered);
+        Ok(all)
     }
 
     /// Every leased queue message and the agent that holds its lease: (queue, slot, agent).
@@ -692,6 +715,7 @@ impl Index {
             let (key, value) = item?;
             snap.add(&key, &value)?;
         }
+        snap.nonces = self.nonces()?.into_iter().collect();
         Ok(snap)
     }
 }
@@ -781,9 +805,6 @@ impl IndexSnapshot {
                 let id = String::from_utf8_lossy(rest).into_owned();
                 snap.requests.insert(id, decode_value(value)?);
             }
-            Some(Z) => {
-                snap.nonces.insert(parse_expiry_key(key));
-            }
             Some(H) => {
                 let (queue, slot) = parse_slot_key(rest).ok_or_else(bad_key)?;
                 let agent = String::from_utf8_lossy(value).into_owned();
@@ -800,6 +821,7 @@ mod tests {
     use super::*;
     use crate::Record;
     use apply::MAX_RUN;
+    use keys::W;
 
     fn run(first: u64, positions: &[u32]) -> PositionRun {
         PositionRun {
@@ -984,6 +1006,109 @@ mod tests {
         assert_eq!(
             located(8 + MAX_RUN as u64 - 1),
             Some((20 + MAX_RUN as u64 - 1, 1))
+        );
+    }
+
+    fn used(offset: u64, timestamp_ms: u64, nonce: &str, until_ms: u64) -> Frame {
+        Frame {
+            offset: Offset(offset),
+            timestamp_ms,
+            record: Record::NonceUsed {
+                signer: "alice".into(),
+                nonce: nonce.into(),
+                until_ms,
+            },
+        }
+    }
+
+    fn keys_with(index: &Index, prefix: u8) -> Vec<Vec<u8>> {
+        index
+            .tree
+            .scan_prefix([prefix])
+            .map(|item| item.unwrap().0.to_vec())
+            .collect()
+    }
+
+    fn nonces(index: &Index) -> Vec<(u64, String)> {
+        let mut all = index.nonces().unwrap();
+        all.sort();
+        all
+    }
+
+    /// Used nonces reach sled as one list per bucket and checkpoint, are read back from the
+    /// layers and from sled alike, stop counting once the record clock passes them, and their
+    /// bucket leaves sled at the first checkpoint after the clock has passed all of it.
+    #[test]
+    fn used_nonces_are_kept_by_bucket_until_the_clock_passes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        index
+            .apply(
+                &[used(0, 1_000, "a", 5_000), used(1, 1_000, "b", 5_100)],
+                &[run(0, &[0, 10, 20])],
+            )
+            .unwrap();
+        let both = vec![(5_000, "alice a".to_owned()), (5_100, "alice b".to_owned())];
+        assert_eq!(nonces(&index), both, "from the active layer");
+        index.checkpoint().unwrap();
+        assert_eq!(nonces(&index), both, "from sled");
+        assert_eq!(keys_with(&index, W).len(), 1, "one bucket (4096..5120 ms)");
+        // A later nonce in the same bucket, at another checkpoint: a second list.
+        index
+            .apply(&[used(2, 2_000, "c", 5_119)], &[run(2, &[20, 30])])
+            .unwrap();
+        index.checkpoint().unwrap();
+        assert_eq!(keys_with(&index, W).len(), 2);
+        assert_eq!(index.snapshot().unwrap().nonces.len(), 3);
+
+        // The clock passes 5,000 and 5,100: those no longer count; 5,119 still does.
+        index
+            .apply(&[used(3, 5_100, "d", 9_000)], &[run(3, &[30, 40])])
+            .unwrap();
+        let left = vec![(5_119, "alice c".to_owned()), (9_000, "alice d".to_owned())];
+        assert_eq!(nonces(&index), left);
+        index.checkpoint().unwrap();
+        assert_eq!(keys_with(&index, W).len(), 3, "bucket 4 is not over yet");
+        // At 5,119 the whole bucket is over: its lists go.
+        index
+            .apply(&[used(4, 5_119, "e", 9_001)], &[run(4, &[40, 50])])
+            .unwrap();
+        index.checkpoint().unwrap();
+        assert_eq!(
+            keys_with(&index, W).len(),
+            2,
+            "bucket 8 (8192..9216), twice"
+        );
+        drop(index);
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            nonces(&index),
+            vec![(9_000, "alice d".to_owned()), (9_001, "alice e".to_owned())]
+        );
+    }
+
+    /// An index that kept one `z` key per nonce has them moved into buckets at open.
+    #[test]
+    fn nonces_kept_one_key_each_are_moved_into_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        for (until, key) in [(7_000, "bob n1"), (70_000, "bob n2")] {
+            index
+                .tree
+                .insert(keys::expiry_key(keys::Z, until, key), Vec::new())
+                .unwrap();
+        }
+        index
+            .tree
+            .insert(CLOCK_KEY, &1_000u64.to_le_bytes())
+            .unwrap();
+        drop(index);
+        let index = Index::open(dir.path(), 1 << 20).unwrap();
+        assert!(keys_with(&index, keys::Z).is_empty());
+        assert_eq!(keys_with(&index, W).len(), 2);
+        assert_eq!(
+            nonces(&index),
+            vec![(7_000, "bob n1".to_owned()), (70_000, "bob n2".to_owned())]
         );
     }
 }

@@ -42,6 +42,8 @@ pub(super) type KeyChange = (Vec<u8>, Option<Vec<u8>>);
 #[derive(Debug, Default)]
 pub(super) struct Layer {
     pub(super) changes: BTreeMap<Vec<u8>, Change>,
+    /// Nonces used since the previous layer: (until ms, key) ([`super::nonces`]).
+    pub(super) nonces: Vec<(u64, String)>,
     pub(super) applied: Option<Offset>,
 }
 
@@ -164,6 +166,8 @@ pub(super) struct Txn<'a> {
     /// The batch's changes over the active layer; `None`: the active layer's change to the
     /// key is taken out (a key created and removed between two checkpoints).
     changes: BTreeMap<Vec<u8>, Option<Change>>,
+    /// Nonces the batch used: (until ms, key).
+    pub(super) nonces: Vec<(u64, String)>,
     /// The last offset the batch applies.
     pub(super) applied: Option<Offset>,
 }
@@ -174,6 +178,7 @@ impl<'a> Txn<'a> {
             layers,
             tree,
             changes: BTreeMap::new(),
+            nonces: Vec::new(),
             applied: None,
         }
     }
@@ -187,6 +192,7 @@ impl<'a> Txn<'a> {
                 None => layers.active.changes.remove(&key),
             };
         }
+        layers.active.nonces.extend(self.nonces);
         if self.applied.is_some() {
             layers.active.applied = self.applied;
         }
