@@ -11,6 +11,8 @@
 //! - [`delivery`]: the pure core: inboxes, leases, attempts, timers, dead letters.
 //! - [`ids`]: validated agent ids, message ids and addresses.
 //! - [`clock`]: the only place that reads the time.
+//! - [`metrics`]: the Prometheus series: events counted as they become durable, state read
+//!   when scraped.
 //! - [`telemetry`]: logging set-up.
 
 pub mod api;
@@ -21,6 +23,7 @@ pub mod config;
 pub mod connections;
 pub mod delivery;
 pub mod ids;
+pub mod metrics;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

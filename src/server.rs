@@ -14,6 +14,7 @@ use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::{AuthMode, Config};
 use crate::connections::{self, ConnectionLimits};
+use crate::metrics::Metrics;
 use crate::tls::Tls;
 
 /// How often retention looks for segments to delete: every 30 s, or a quarter of
@@ -43,7 +44,8 @@ pub async fn run(
         .map(|_| tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()))
         .transpose()?;
     let clock = Clock::start();
-    let (broker, admin) = open(&config, clock).await?;
+    let metrics = Arc::new(Metrics::new(clock.now_ms() as f64 / 1000.0));
+    let (broker, admin) = open(&config, clock, metrics).await?;
     let access = Arc::new(Access::new(&config.auth, admin.as_ref()));
     broker.resume_backfills();
     let sweeper = tokio::spawn(broker.clone().run_sweeper());
@@ -94,13 +96,18 @@ async fn reload_on_sighup(tls: Tls, mut hangups: tokio::signal::unix::Signal) {
     }
 }
 
-/// Opens (recovers) the log off the async threads and builds the broker's state; with
-/// `auth.mode = token`, also finds (or makes) the admin token.
-async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<(Arc<Broker>, Option<Token>)> {
+/// Opens (recovers) the log off the async threads and builds the broker's state, counting
+/// in `metrics`; with `auth.mode = token`, also finds (or makes) the admin token.
+async fn open(
+    config: &Arc<Config>,
+    clock: Clock,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(Arc<Broker>, Option<Token>)> {
     let options = LogOptions {
         fsync: config.fsync,
         segment_bytes: config.segment_bytes,
         max_record_bytes: config.limits.max_batch_bytes + 1024 * 1024,
+        observer: Some(metrics.clone()),
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();
@@ -124,7 +131,7 @@ async fn open(config: &Arc<Config>, clock: Clock) -> anyhow::Result<(Arc<Broker>
             AuthMode::Token => Some(load_admin_token(config.auth.admin_token.as_deref(), &dir)?),
             AuthMode::None => None,
         };
-        let broker = Broker::new(log, config, clock)?;
+        let broker = Broker::new(log, config, clock, metrics)?;
         Ok((Arc::new(broker), admin))
     })
     .await?

@@ -44,6 +44,7 @@ pub const RULES: &[(Method, &str, Rule)] = &[
     (Method::GET, "/healthz", Rule::Open),
     (Method::GET, "/readyz", Rule::Open),
     (Method::GET, "/v1/stats", Rule::Operator),
+    (Method::GET, "/metrics", Rule::Operator),
     (Method::POST, "/v1/messages", Rule::Authenticated),
     (Method::POST, "/v1/messages/batch", Rule::Authenticated),
     (Method::POST, "/v1/requests", Rule::Authenticated),
@@ -120,6 +121,7 @@ pub struct Access {
     metrics_open: bool,
     unauthenticated: AtomicU64,
     forbidden: AtomicU64,
+    bad_signatures: AtomicU64,
 }
 
 /// Refusals so far, for `/v1/stats`.
@@ -129,6 +131,8 @@ pub struct Refusals {
     pub unauthenticated: u64,
     /// 403s: a known caller, not allowed that.
     pub forbidden: u64,
+    /// 401s of signed requests (`bad_signature`), also counted in `unauthenticated`.
+    pub bad_signatures: u64,
 }
 
 impl Access {
@@ -140,6 +144,7 @@ impl Access {
             metrics_open: auth.metrics_open,
             unauthenticated: AtomicU64::new(0),
             forbidden: AtomicU64::new(0),
+            bad_signatures: AtomicU64::new(0),
         }
     }
 
@@ -151,6 +156,7 @@ impl Access {
     /// Counts a request refused for its signature (a 401 after authentication).
     pub fn count_bad_signature(&self) {
         self.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        self.bad_signatures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Refusals so far.
@@ -158,6 +164,7 @@ impl Access {
         Refusals {
             unauthenticated: self.unauthenticated.load(Ordering::Relaxed),
             forbidden: self.forbidden.load(Ordering::Relaxed),
+            bad_signatures: self.bad_signatures.load(Ordering::Relaxed),
         }
     }
 }

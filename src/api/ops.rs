@@ -1,13 +1,14 @@
-//! Operations: liveness, readiness and statistics.
+//! Operations: liveness, readiness, statistics and metrics.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::metrics::{Scraped, CONTENT_TYPE};
 
 /// `{"status": ...}`.
 #[derive(Debug, Serialize)]
@@ -119,4 +120,31 @@ pub async fn stats(State(state): State<AppState>) -> Response {
         },
     })
     .into_response()
+}
+
+/// `GET /metrics`: every series in the Prometheus text format ([`crate::metrics`]).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.broker.stats();
+    let refusals = state.access.refusals();
+    let mut inboxes = stats.agents;
+    inboxes.extend(stats.queues);
+    let scraped = Scraped {
+        ready: state.broker.is_ready(),
+        next_offset: stats.durable_end,
+        log_bytes: stats.segments.iter().map(|s| s.bytes).sum(),
+        segments: stats.segments.len() as u64,
+        records_written: stats.log.records,
+        commits: stats.log.commits,
+        fsyncs: stats.log.fsyncs,
+        bytes_written: stats.log.bytes_written,
+        unauthenticated: refusals
+            .unauthenticated
+            .saturating_sub(refusals.bad_signatures),
+        forbidden: refusals.forbidden,
+        bad_signatures: refusals.bad_signatures,
+        inboxes,
+        max_inbox_series: state.config.metrics.max_agent_series as usize,
+    };
+    let text = state.broker.metrics().render(&scraped);
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }

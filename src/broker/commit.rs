@@ -20,6 +20,7 @@
 
 use std::sync::Arc;
 
+use crate::metrics::{Tally, Writing};
 use courier_storage::{failpoint, Appended, Offset, Record};
 use tokio::sync::oneshot;
 
@@ -32,18 +33,35 @@ use super::{Broker, Core, Refusal, Result};
 pub(super) struct CrashPoints {
     submitted: &'static str,
     durable: &'static str,
+    /// What the write's records count as in the metrics.
+    writing: Writing,
 }
 
 const fn points(submitted: &'static str, durable: &'static str) -> CrashPoints {
-    CrashPoints { submitted, durable }
+    CrashPoints {
+        submitted,
+        durable,
+        writing: Writing::Other,
+    }
+}
+
+const fn counted(points: CrashPoints, writing: Writing) -> CrashPoints {
+    CrashPoints { writing, ..points }
 }
 
 pub(super) const PUBLISH: CrashPoints = points("publish.submitted", "publish.durable");
-pub(super) const LEASE: CrashPoints = points("lease.submitted", "lease.durable");
+pub(super) const LEASE: CrashPoints = counted(
+    points("lease.submitted", "lease.durable"),
+    Writing::Deliveries,
+);
 pub(super) const ACK: CrashPoints = points("ack.submitted", "ack.durable");
-pub(super) const NACK: CrashPoints = points("nack.submitted", "nack.durable");
+pub(super) const NACK: CrashPoints =
+    counted(points("nack.submitted", "nack.durable"), Writing::Nacks);
 pub(super) const EXTEND: CrashPoints = points("extend.submitted", "extend.durable");
-pub(super) const EXPIRY: CrashPoints = points("expiry.submitted", "expiry.durable");
+pub(super) const EXPIRY: CrashPoints = counted(
+    points("expiry.submitted", "expiry.durable"),
+    Writing::Expiries,
+);
 pub(super) const DEAD_LETTER: CrashPoints = points("dead_letter.submitted", "dead_letter.durable");
 pub(super) const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.durable");
 pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
@@ -137,10 +155,14 @@ impl Broker {
     ) -> Commit {
         let (tx, rx) = oneshot::channel();
         let broker = self.clone();
+        let tally = Tally::of(&records, points.writing);
         self.log.submit(now, records, move |result| {
             match &result {
                 Ok(appended) => {
                     failpoint::crash(points.durable);
+                    if !tally.is_empty() {
+                        broker.metrics.count(&tally, points.writing);
+                    }
                     if let Some(apply) = apply {
                         let mut core = broker.lock();
                         let woken = apply(&mut core, *appended);

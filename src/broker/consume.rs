@@ -83,6 +83,7 @@ impl Broker {
             broker: self,
             agent,
         };
+        let _waiting = self.metrics.long_poll();
         let mut closing = self.closing.subscribe();
         let deadline = tokio::time::Instant::now() + request.wait;
         loop {
@@ -153,12 +154,17 @@ impl Broker {
         commit.durable().await?;
         let offsets = draws.iter().map(|d| d.lease.slot.offset).collect();
         let frames = self.read_messages(offsets).await?;
+        let now = self.clock.now_ms();
         let mut delivered = Vec::with_capacity(draws.len());
         for (draw, frame) in draws.into_iter().zip(frames) {
             // A message that age retention deleted meanwhile is gone: nothing to deliver.
             let Some(frame) = frame else {
                 continue;
             };
+            if draw.lease.attempt == 1 {
+                let waited_ms = now.saturating_sub(frame.timestamp_ms);
+                self.metrics.first_delivery_after(waited_ms as f64 / 1000.0);
+            }
             delivered.push(Delivered {
                 frame,
                 attempt: draw.lease.attempt,

@@ -38,6 +38,7 @@ use crate::auth::AgentTokens;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{self, Depth, Policy};
+use crate::metrics::Metrics;
 
 pub use admission::Signed;
 pub use capabilities::CapabilityView;
@@ -166,14 +167,18 @@ pub struct Broker {
     /// durable: each decides from the one before it (which token an agent has), not from a
     /// state that a change still on its way to disk is about to replace.
     registrations: tokio::sync::Mutex<()>,
+    /// The Prometheus series the broker counts.
+    metrics: Arc<Metrics>,
 }
 
 impl Broker {
-    /// Builds the in-memory state from the recovered index and returns the broker.
+    /// Builds the in-memory state from the recovered index and returns the broker, which
+    /// counts its events in `metrics`.
     pub fn new(
         log: Log,
         config: Arc<Config>,
         clock: Clock,
+        metrics: Arc<Metrics>,
     ) -> std::result::Result<Self, courier_storage::Error> {
         let (delivery, agents) = recover_state(log.index())?;
         let mut core = Core {
@@ -196,7 +201,13 @@ impl Broker {
             failure_logged: AtomicBool::new(false),
             tokens,
             registrations: tokio::sync::Mutex::new(()),
+            metrics,
         })
+    }
+
+    /// The Prometheus series (events counted here, and by the API and the log).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Takes the broker lock. A panic while it was held (a bug) may have left the state half
@@ -277,17 +288,25 @@ impl Broker {
     /// Log figures and per-agent counts. The per-agent counts are read in chunks, so the
     /// lock that the log's completions also take is never held for all agents at once.
     pub fn stats(&self) -> Stats {
-        let ids = self.lock().registry.ids();
-        let mut agents = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(256) {
+        let (ids, queues): (Vec<Arc<str>>, Vec<Arc<str>>) = {
             let core = self.lock();
-            agents.extend(chunk.iter().map(|id| (id.clone(), core.delivery.depth(id))));
-        }
+            let queues = core.delivery.queue_names().map(Arc::from).collect();
+            (core.registry.ids(), queues)
+        };
+        let depths = |names: &[Arc<str>]| {
+            let mut depths = Vec::with_capacity(names.len());
+            for chunk in names.chunks(256) {
+                let core = self.lock();
+                depths.extend(chunk.iter().map(|id| (id.clone(), core.delivery.depth(id))));
+            }
+            depths
+        };
         Stats {
             durable_end: self.log.durable_end().0,
             segments: self.log.segments(),
             log: self.log.stats(),
-            agents,
+            agents: depths(&ids),
+            queues: depths(&queues),
         }
     }
 }
@@ -303,6 +322,8 @@ pub struct Stats {
     pub log: LogStats,
     /// Every agent's inbox counts, by id.
     pub agents: Vec<(Arc<str>, Depth)>,
+    /// Every capability queue's counts, by inbox name (`capability:<name>`).
+    pub queues: Vec<(Arc<str>, Depth)>,
 }
 
 /// Rebuilds the in-memory delivery state and the agent registry from a recovered index

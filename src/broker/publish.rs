@@ -13,6 +13,7 @@ use super::admission::{Candidate, Remembered};
 use super::commit::{Commit, PUBLISH};
 use super::registry::Registry;
 use super::{millis, Broker, Core, Refusal, Result};
+use crate::clock::Stopwatch;
 use crate::delivery::State;
 use crate::ids::{Address, AgentId};
 
@@ -106,6 +107,7 @@ impl Broker {
         signed: Option<Signed>,
     ) -> Result<Vec<Published>> {
         self.check_writable()?;
+        let stopwatch = Stopwatch::start();
         self.check_id_owners(&outgoing).await?;
         let now = self.clock.now_ms();
         let (staged, spent) = {
@@ -167,6 +169,7 @@ impl Broker {
             .map(|r| r.expect("every message has a result"))
             .collect();
         self.count_original_destinations(&mut results).await?;
+        self.metrics.published_in(stopwatch.seconds());
         Ok(results)
     }
 

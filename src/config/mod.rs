@@ -272,6 +272,10 @@ impl RawConfig {
                 "error" | "warn" | "info" | "debug" | "trace" => Ok(s.to_owned()),
                 _ => Err("expected error, warn, info, debug or trace".into()),
             })?,
+            metrics: Metrics {
+                max_agent_series: self
+                    .required("metrics.max_agent_series", |s| parse_count(s, 0))?,
+            },
             auth: Auth {
                 mode: self.required("auth.mode", |s| match s {
                     "none" => Ok(AuthMode::None),
@@ -334,12 +338,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log level when `RUST_LOG` is unset.
     pub log_level: String,
+    /// Prometheus metrics (SPEC §8).
+    pub metrics: Metrics,
     /// Authentication and authorization (SPEC §7).
     pub auth: Auth,
     /// TLS certificate and key, when TLS is on.
     pub tls: Option<TlsFiles>,
     /// Allow a non-loopback address without auth.
     pub insecure: bool,
+}
+
+/// Prometheus metrics (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metrics {
+    /// Inboxes with depth series of their own; the others are summed into one series.
+    pub max_agent_series: u32,
 }
 
 /// Authentication and authorization (SPEC §7).

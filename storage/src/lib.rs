@@ -48,7 +48,7 @@ pub use dir::SegmentInfo;
 pub use error::{Corruption, Error, Result};
 pub use index::{Index, IndexSnapshot};
 pub use log::Log;
-pub use options::{FsyncPolicy, LogOptions, Retention};
+pub use options::{FsyncPolicy, LogObserver, LogOptions, Retention};
 pub use record::{
     Agent, Backfill, DeadLetter, DeadReason, Frame, Lease, Message, Record, Release, Slot,
 };

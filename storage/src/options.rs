@@ -67,6 +67,17 @@ pub struct LogOptions {
     /// nothing. Paused while less than four segments' worth of space is free (looked at again
     /// at every roll).
     pub preallocate: bool,
+    /// Told of every fdatasync and group commit as it happens (metrics); none by default.
+    pub observer: Option<Arc<dyn LogObserver>>,
+}
+
+/// What the writer tells of its work as it does it, on its own thread: implementations must
+/// be cheap and must not block (an atomic add, a histogram observation).
+pub trait LogObserver: Send + Sync + std::fmt::Debug {
+    /// An fdatasync of a segment took `took`.
+    fn synced(&self, took: Duration);
+    /// A group commit made `records` records durable (visible to readers).
+    fn committed(&self, records: u64);
 }
 
 impl Default for LogOptions {
@@ -81,6 +92,7 @@ impl Default for LogOptions {
             verify_sealed: true,
             checkpoint_interval: Duration::from_secs(1),
             preallocate: true,
+            observer: None,
         }
     }
 }

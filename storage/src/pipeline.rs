@@ -252,6 +252,9 @@ impl Outlet {
         let end = batch.end;
         self.shared.recent.add(&batch.runs);
         self.shared.counters.committed(batch.frames.len() as u64);
+        if let Some(observer) = &self.shared.options.observer {
+            observer.committed(batch.frames.len() as u64);
+        }
         self.shared.durable.advance(end);
         let job = IndexJob {
             frames: batch.frames,
@@ -417,6 +420,7 @@ impl Writer {
     }
 
     fn sync(&mut self) -> Result<()> {
+        let started = monotonic_now();
         self.active
             .file
             .sync_data()
@@ -424,6 +428,9 @@ impl Writer {
         self.unsynced = false;
         self.last_sync = monotonic_now();
         self.shared.counters.synced();
+        if let Some(observer) = &self.shared.options.observer {
+            observer.synced(self.last_sync.saturating_duration_since(started));
+        }
         Ok(())
     }
 
@@ -653,7 +660,7 @@ impl Writer {
 
 #[expect(
     clippy::disallowed_methods,
-    reason = "the fsync interval is measured on the monotonic clock"
+    reason = "the fsync interval and the fsyncs' durations are measured on the monotonic clock"
 )]
 pub(crate) fn monotonic_now() -> Instant {
     Instant::now()

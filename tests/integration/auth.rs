@@ -51,6 +51,7 @@ fn table() -> Vec<Row> {
         row("GET", "/healthz", None, OPEN),
         row("GET", "/readyz", None, OPEN),
         row("GET", "/v1/stats", None, ADMIN),
+        row("GET", "/metrics", None, ADMIN),
         row(
             "POST",
             "/v1/messages",

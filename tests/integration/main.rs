@@ -45,6 +45,7 @@ mod failpoints;
 mod fuzz_corpus;
 mod hostile;
 mod limits;
+mod metrics;
 mod model;
 mod ordering;
 mod power_loss;

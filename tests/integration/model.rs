@@ -370,7 +370,9 @@ impl System {
             ..LogOptions::default()
         };
         let (log, _) = Log::open(data_dir(), options).expect("open");
-        let broker = Broker::new(log, config(), Clock::manual(time.clone())).expect("broker");
+        let metrics = Arc::new(courier::metrics::Metrics::new(0.0));
+        let broker =
+            Broker::new(log, config(), Clock::manual(time.clone()), metrics).expect("broker");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
