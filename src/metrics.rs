@@ -187,7 +187,7 @@ impl Metrics {
             .expect("registered once");
         let long_polls = IntGauge::new(
             "courier_long_polls_open",
-            "Receive calls waiting for messages now.",
+            "Receive calls in progress (long-polls waiting for messages, and calls being answered).",
         )
         .expect("a valid gauge");
         r.register(Box::new(long_polls.clone()))
@@ -198,11 +198,11 @@ impl Metrics {
             redeliveries: counter(r, "courier_redeliveries_total", "Deliveries of a message delivered before (attempt 2 or later)."),
             acks: counter(r, "courier_acks_total", "Messages acknowledged."),
             nacks: counter(r, "courier_nacks_total", "Messages nacked by a consumer (released to be delivered again, or dead-lettered with dead_letter: true)."),
-            lease_expiries: counter(r, "courier_lease_expirations_total", "Leases that ran out without an ack (the message is delivered again)."),
+            lease_expiries: counter(r, "courier_lease_expirations_total", "Leases that ran out without an ack and were released for another delivery (one that runs out on the last attempt is a max_attempts dead letter instead)."),
             expired: counter(r, "courier_messages_expired_total", "Messages whose ttl_ms passed before they were acked (also counted in courier_dead_letters_total{reason=\"expired\"})."),
             dead_letters,
             publish_seconds: histogram(r, "courier_publish_duration_seconds", "Publishes (single and batch), from the decision to the durable answer.", PUBLISH_BUCKETS),
-            end_to_end_seconds: histogram(r, "courier_end_to_end_latency_seconds", "From a message's publish to its first delivery.", END_TO_END_BUCKETS),
+            end_to_end_seconds: histogram(r, "courier_end_to_end_latency_seconds", "From a message's publish to its first delivery (a redriven message's next delivery counts again, from its publish).", END_TO_END_BUCKETS),
             fsync_seconds: histogram(r, "courier_fsync_duration_seconds", "fdatasync calls of the log's segments.", FSYNC_BUCKETS),
             commit_records: histogram(r, "courier_group_commit_records", "Records made durable together by one group commit.", BATCH_BUCKETS),
             http_requests,
@@ -222,7 +222,10 @@ impl Metrics {
         self.nacks
             .inc_by(tally.dead[reason_index(DeadReason::Rejected)]);
         match writing {
-            Writing::Nacks => self.nacks.inc_by(tally.released),
+            // A nack on a message's last attempt dead-letters it (`max_attempts`).
+            Writing::Nacks => self
+                .nacks
+                .inc_by(tally.released + tally.dead[reason_index(DeadReason::MaxAttempts)]),
             Writing::Expiries => self.lease_expiries.inc_by(tally.released),
             Writing::Deliveries | Writing::Other => {}
         }

@@ -45,6 +45,7 @@ pub const RULES: &[(Method, &str, Rule)] = &[
     (Method::GET, "/readyz", Rule::Open),
     (Method::GET, "/v1/stats", Rule::Operator),
     (Method::GET, "/metrics", Rule::Operator),
+    (Method::GET, "/openapi.json", Rule::Open),
     (Method::POST, "/v1/messages", Rule::Authenticated),
     (Method::POST, "/v1/messages/batch", Rule::Authenticated),
     (Method::POST, "/v1/requests", Rule::Authenticated),
@@ -131,7 +132,7 @@ pub struct Refusals {
     pub unauthenticated: u64,
     /// 403s: a known caller, not allowed that.
     pub forbidden: u64,
-    /// 401s of signed requests (`bad_signature`), also counted in `unauthenticated`.
+    /// 401s of signed requests (`bad_signature`), not in `unauthenticated`.
     pub bad_signatures: u64,
 }
 
@@ -155,7 +156,6 @@ impl Access {
 
     /// Counts a request refused for its signature (a 401 after authentication).
     pub fn count_bad_signature(&self) {
-        self.unauthenticated.fetch_add(1, Ordering::Relaxed);
         self.bad_signatures.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -7,8 +7,9 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::error::{parse_json, ApiError, JsonBody};
+use super::error::{parse_json, ApiError, ErrorBody, JsonBody};
 use super::messages::MAX_LEASE_MS;
+use super::openapi::AgentPath;
 use super::wire::{check_json_depth, in_range, AgentBody};
 use super::{agent_id, AppState};
 use crate::auth::Token;
@@ -23,10 +24,12 @@ pub const MAX_CAPABILITIES: usize = 64;
 pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// An agent as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AgentJson<'a> {
     id: &'a str,
     capabilities: &'a [String],
+    /// What the agent registered as its metadata.
+    #[schema(value_type = Object)]
     metadata: &'a RawValue,
     lease_ms: Option<u64>,
     max_attempts: Option<u32>,
@@ -39,7 +42,7 @@ struct AgentJson<'a> {
 }
 
 /// An inbox's counts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct InboxJson {
     ready: u64,
     in_flight: u64,
@@ -47,7 +50,7 @@ struct InboxJson {
 }
 
 /// `{"agents": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AgentList<'a> {
     agents: Vec<AgentJson<'a>>,
 }
@@ -81,6 +84,18 @@ fn view_json(view: &AgentView) -> AgentJson<'_> {
 }
 
 /// `PUT /v1/agents/{agent}` → 201 created / 200 updated.
+#[utoipa::path(
+    put,
+    path = "/v1/agents/{agent}",
+    operation_id = "register_agent",
+    tag = "agents",
+    params(AgentPath),
+    request_body(content = AgentBody, example = json!({"capabilities": ["summarize"], "metadata": {"model": "m-1"}, "lease_ms": 60000, "max_attempts": 5})),
+    responses(
+        (status = 201, description = "Registered; with auth.mode = token, `token` is the agent's token, shown this once.", body = Registered),
+        (status = 200, description = "Updated (the token is kept and not shown).", body = Registered),
+    )
+)]
 pub async fn upsert(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -155,7 +170,7 @@ pub async fn upsert(
 }
 
 /// A registration's answer: the agent, and its token the one time it is handed out.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Registered<'a> {
     #[serde(flatten)]
     agent: AgentJson<'a>,
@@ -164,12 +179,22 @@ struct Registered<'a> {
 }
 
 /// `{"token": "cour_..."}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Rotated<'a> {
     token: &'a str,
 }
 
 /// `POST /v1/agents/{agent}/token`: a new token for the agent; the old one stops working.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/token",
+    tag = "agents",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent's new token; the old one stops working at once.", body = Rotated),
+        (status = 400, description = "Not a valid agent id, or tokens are off (`auth_off`).", body = ErrorBody),
+    )
+)]
 pub async fn rotate_token(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -187,6 +212,16 @@ fn unknown(id: &str) -> ApiError {
 }
 
 /// `GET /v1/agents/{agent}`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent}",
+    operation_id = "get_agent",
+    tag = "agents",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent, its presence and its inbox's counts.", body = AgentJson),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -200,6 +235,16 @@ pub async fn get(
 }
 
 /// `DELETE /v1/agents/{agent}` → 204.
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{agent}",
+    operation_id = "delete_agent",
+    tag = "agents",
+    params(AgentPath),
+    responses(
+        (status = 204, description = "Deleted, with its inbox, dead letters, subscriptions and token."),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -213,6 +258,15 @@ pub async fn delete(
 }
 
 /// `POST /v1/agents/{agent}/heartbeat`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/heartbeat",
+    tag = "agents",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "Marked online for `presence_ttl`.", body = AgentJson),
+    )
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -226,13 +280,22 @@ pub async fn heartbeat(
 }
 
 /// Query of `GET /v1/agents`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     capability: Option<String>,
 }
 
 /// `GET /v1/agents?capability=X`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents",
+    operation_id = "list_agents",
+    tag = "agents",
+    params(ListQuery),
+    responses((status = 200, description = "Every registered agent (with `capability`: those that declare it).", body = AgentList))
+)]
 pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,

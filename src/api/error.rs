@@ -65,15 +65,19 @@ impl ApiError {
     }
 }
 
-/// `{"error": {"code", "message"}}`.
-#[derive(Serialize)]
-struct ErrorBody<'a> {
+/// `{"error": {"code", "message"}}`: the shape of every error.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": {"code": "unknown_agent", "message": "no agent `bob` is registered; register it with PUT /v1/agents/bob"}}))]
+pub struct ErrorBody<'a> {
     error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
+/// What went wrong.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// A stable snake_case code.
     code: &'static str,
+    /// What went wrong and how to fix it.
     message: &'a str,
 }
 

@@ -9,7 +9,8 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::access::Caller;
-use super::error::{parse_json, too_large, ApiError, JsonBody};
+use super::error::{parse_json, too_large, ApiError, ErrorBody, JsonBody};
+use super::openapi::AgentPath;
 use super::signature;
 use super::wire::{
     check_message_size, in_range, AckBody, BatchBody, DeadLetterView, DeadLetters, DeliveredView,
@@ -42,6 +43,21 @@ pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `POST /v1/messages`.
+#[utoipa::path(
+    post,
+    path = "/v1/messages",
+    tag = "messages",
+    params(("Courier-Signature" = Option<String>, Header, description = "With auth.signing: `t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256 of \"t.n.<body>\" keyed by the bearer token>`"), ("traceparent" = Option<String>, Header, description = "W3C trace context, stored with the message unless its headers carry one")),
+    request_body(content = PublishBody, example = json!({"to": "agent:planner", "from": "researcher", "type": "task.assign", "priority": 7, "headers": {"k": "v"}, "body": {"task": "summarize", "doc": 42}})),
+    responses(
+        (status = 201, description = "Stored durably and routed.", body = PublishedView, example = json!({"id": "01JD3Q8Z5X0000000000000000", "offset": 41, "duplicate": false, "destinations": 1})),
+        (status = 200, description = "A duplicate of a message with the same `id` within the dedupe window: the first one's offset, nothing written.", body = PublishedView),
+        (status = 401, description = "With auth.signing: a missing, malformed, stale or replayed signature (`bad_signature`).", body = ErrorBody),
+        (status = 404, description = "The address names an agent or a capability nobody declares (`unknown_agent`, `unknown_capability`).", body = ErrorBody),
+        (status = 409, description = "The `id` is another sender's message (`id_taken`).", body = ErrorBody),
+        (status = 429, description = "A destination inbox is full (`inbox_full`) or the sender is over `limits.publish_rate` (`rate_limited`); see `Retry-After`.", body = ErrorBody),
+    )
+)]
 pub async fn publish(
     State(state): State<AppState>,
     caller: Caller,
@@ -64,6 +80,20 @@ pub async fn publish(
 }
 
 /// `POST /v1/messages/batch`: all-or-nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/messages/batch",
+    tag = "messages",
+    params(("Courier-Signature" = Option<String>, Header, description = "With auth.signing: `t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256 of \"t.n.<body>\" keyed by the bearer token>`"), ("traceparent" = Option<String>, Header, description = "W3C trace context, stored with the message unless its headers carry one")),
+    request_body(content = BatchBody, example = json!({"messages": [{"to": "agent:planner", "from": "researcher", "body": 1}, {"to": "topic:news.eu", "from": "researcher", "body": 2}]})),
+    responses(
+        (status = 201, description = "Every message stored, in order (all or nothing).", body = Results<PublishedView>),
+        (status = 401, description = "With auth.signing: a bad signature (`bad_signature`).", body = ErrorBody),
+        (status = 404, description = "A message names an unknown agent or capability; nothing was written.", body = ErrorBody),
+        (status = 409, description = "An `id` is another sender's message (`id_taken`); nothing was written.", body = ErrorBody),
+        (status = 429, description = "An inbox is full or the sender is over its rate; nothing was written.", body = ErrorBody),
+    )
+)]
 pub async fn publish_batch(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,6 +136,17 @@ pub async fn publish_batch(
 }
 
 /// `POST /v1/agents/{agent}/receive`: long-poll.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/receive",
+    tag = "messages",
+    params(AgentPath),
+    request_body(content = ReceiveBody, example = json!({"max": 10, "wait_ms": 20000, "lease_ms": 30000})),
+    responses(
+        (status = 200, description = "Up to `max` messages leased to the caller (empty after `wait_ms` without any).", body = Deliveries),
+        (status = 429, description = "Too many receive calls open for this agent (`too_many_receivers`).", body = ErrorBody),
+    )
+)]
 pub async fn receive(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -160,6 +201,16 @@ async fn settle(
 }
 
 /// `POST /v1/agents/{agent}/ack`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/ack",
+    tag = "messages",
+    params(AgentPath),
+    request_body(content = AckBody),
+    responses(
+        (status = 200, description = "One status per receipt, in order: acked, or `stale` (the lease ended) or `unknown`.", body = Results<SettledView>),
+    )
+)]
 pub async fn ack(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -170,6 +221,16 @@ pub async fn ack(
 }
 
 /// `POST /v1/agents/{agent}/nack`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/nack",
+    tag = "messages",
+    params(AgentPath),
+    request_body(content = NackBody),
+    responses(
+        (status = 200, description = "One status per receipt, in order: nacked or dead-lettered, or `stale` (the lease ended) or `unknown`.", body = Results<SettledView>),
+    )
+)]
 pub async fn nack(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -184,6 +245,16 @@ pub async fn nack(
 }
 
 /// `POST /v1/agents/{agent}/extend`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/extend",
+    tag = "messages",
+    params(AgentPath),
+    request_body(content = ExtendBody),
+    responses(
+        (status = 200, description = "One status per receipt, in order: extended, or `stale` (the lease ended) or `unknown`.", body = Results<SettledView>),
+    )
+)]
 pub async fn extend(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -198,7 +269,8 @@ pub async fn extend(
 }
 
 /// Query of `GET /v1/agents/{agent}/dead-letters`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
     limit: Option<i64>,
@@ -206,6 +278,16 @@ pub struct DeadLetterQuery {
 }
 
 /// `GET /v1/agents/{agent}/dead-letters?limit=100&after=<offset>`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent}/dead-letters",
+    operation_id = "agent_dead_letters",
+    tag = "messages",
+    params(AgentPath, DeadLetterQuery),
+    responses(
+        (status = 200, description = "A page of the agent's dead letters, oldest first, with why each died.", body = DeadLetters),
+    )
+)]
 pub async fn dead_letters(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -216,6 +298,17 @@ pub async fn dead_letters(
 }
 
 /// `POST /v1/agents/{agent}/dead-letters/redrive`: `{"offsets": [...]}` or `{"all": true}`.
+#[utoipa::path(
+    post,
+    path = "/v1/agents/{agent}/dead-letters/redrive",
+    operation_id = "redrive_agent_dead_letters",
+    tag = "messages",
+    params(AgentPath),
+    request_body(content = RedriveBody, example = json!({"all": true})),
+    responses(
+        (status = 200, description = "How many dead letters went back to the inbox, attempts reset.", body = Redriven),
+    )
+)]
 pub async fn redrive(
     State(state): State<AppState>,
     Path(agent): Path<String>,

@@ -8,6 +8,7 @@ pub mod agents;
 pub mod capabilities;
 pub mod error;
 pub mod messages;
+pub mod openapi;
 pub mod ops;
 pub mod requests;
 pub mod signature;
@@ -91,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/v1/stats", get(ops::stats))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(openapi::document))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::authorize,

@@ -6,22 +6,37 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::AppState;
 use crate::metrics::{Scraped, CONTENT_TYPE};
 
 /// `{"status": ...}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Status {
     status: &'static str,
 }
 
 /// `GET /healthz`: the process is alive.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process is alive.", body = Status, example = json!({"status": "ok"})))
+)]
 pub async fn healthz() -> Response {
     Json(Status { status: "ok" }).into_response()
 }
 
 /// `GET /readyz`: recovery is done and the log takes writes; else 503.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Recovered, and the log takes writes.", body = Status, example = json!({"status": "ready"})),
+        (status = 503, description = "Shutting down, or the log failed (`not_ready`).", body = ErrorBody),
+    )
+)]
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
     if state.broker.is_ready() {
         Ok(Json(Status { status: "ready" }).into_response())
@@ -36,7 +51,7 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
 }
 
 /// The answer of `GET /v1/stats`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct StatsJson<'a> {
     log: LogJson,
     segments: Vec<SegmentJson>,
@@ -46,13 +61,13 @@ struct StatsJson<'a> {
 }
 
 /// Requests refused by authentication (401) and authorization (403) since the start.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AuthJson {
     unauthenticated: u64,
     forbidden: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct LogJson {
     next_offset: u64,
     segments: usize,
@@ -63,14 +78,14 @@ struct LogJson {
     bytes_written: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SegmentJson {
     base_offset: u64,
     bytes: u64,
     path: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct AgentCounts<'a> {
     id: &'a str,
     ready: u64,
@@ -79,6 +94,12 @@ struct AgentCounts<'a> {
 }
 
 /// `GET /v1/stats`.
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "operations",
+    responses((status = 200, description = "Log offsets, segments, bytes, writer counters, per-agent counts, refusals.", body = StatsJson))
+)]
 pub async fn stats(State(state): State<AppState>) -> Response {
     let stats = state.broker.stats();
     let refusals = state.access.refusals();
@@ -115,7 +136,7 @@ pub async fn stats(State(state): State<AppState>) -> Response {
         agents,
         ready: state.broker.is_ready(),
         auth: AuthJson {
-            unauthenticated: refusals.unauthenticated,
+            unauthenticated: refusals.unauthenticated + refusals.bad_signatures,
             forbidden: refusals.forbidden,
         },
     })
@@ -123,6 +144,12 @@ pub async fn stats(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: every series in the Prometheus text format ([`crate::metrics`]).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Every series in the Prometheus text format (see the README's Observability).", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String))
+)]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.broker.stats();
     let refusals = state.access.refusals();
@@ -137,9 +164,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         commits: stats.log.commits,
         fsyncs: stats.log.fsyncs,
         bytes_written: stats.log.bytes_written,
-        unauthenticated: refusals
-            .unauthenticated
-            .saturating_sub(refusals.bad_signatures),
+        unauthenticated: refusals.unauthenticated,
         forbidden: refusals.forbidden,
         bad_signatures: refusals.bad_signatures,
         inboxes,

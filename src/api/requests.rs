@@ -9,7 +9,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 
 use super::access::Caller;
-use super::error::{parse_json, ApiError, JsonBody};
+use super::error::{parse_json, ApiError, ErrorBody, JsonBody};
 use super::messages::traceparent;
 use super::signature;
 use super::wire::{check_message_size, in_range, MessageView, PublishBody};
@@ -23,7 +23,8 @@ pub const MAX_TIMEOUT_MS: i64 = 300_000;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 
 /// Query of `POST /v1/requests`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RequestQuery {
     timeout_ms: Option<i64>,
@@ -31,13 +32,29 @@ pub struct RequestQuery {
 }
 
 /// `{"reply": <message>}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct Replied<'a> {
     reply: MessageView<'a>,
 }
 
 /// `POST /v1/requests`: publishes the request durably and answers with its first reply, or
 /// 504 `reply_timeout`.
+#[utoipa::path(
+    post,
+    path = "/v1/requests",
+    tag = "requests",
+    params(RequestQuery, ("Courier-Signature" = Option<String>, Header, description = "With auth.signing: `t=<unix seconds>,n=<nonce>,s=<hex HMAC-SHA256 of \"t.n.<body>\" keyed by the bearer token>`"), ("traceparent" = Option<String>, Header, description = "W3C trace context, stored with the message unless its headers carry one")),
+    request_body(content = PublishBody, example = json!({"to": "capability:translate", "from": "planner", "id": "req-7", "body": {"text": "bonjour"}})),
+    responses(
+        (status = 200, description = "The first reply to the request.", body = Replied),
+        (status = 401, description = "With auth.signing: a bad signature (`bad_signature`).", body = ErrorBody),
+        (status = 404, description = "The address names an unknown agent or capability.", body = ErrorBody),
+        (status = 409, description = "The `id` is another sender's request (`id_taken`).", body = ErrorBody),
+        (status = 429, description = "Too many calls waiting (`too_many_requests`), an inbox full or the sender over its rate.", body = ErrorBody),
+        (status = 503, description = "`no_responders=fail` and nobody could take the request (`no_responders`), or the server refuses writes.", body = ErrorBody),
+        (status = 504, description = "No reply within `timeout_ms` (`reply_timeout`); the request stays stored and a later call with the same `id` gets its reply.", body = ErrorBody),
+    )
+)]
 pub async fn request(
     State(state): State<AppState>,
     caller: Caller,

@@ -7,13 +7,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::error::{parse_json, ApiError, JsonBody};
+use super::error::{parse_json, ApiError, ErrorBody, JsonBody};
+use super::openapi::{AgentPath, SubscriptionPath};
 use super::{agent_id, AppState};
 use crate::broker::Start;
 use crate::ids::{AgentId, TopicPattern};
 
 /// Body of `PUT /v1/agents/{agent}/subscriptions/{pattern}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SubscribeBody {
     /// `latest` (the default) or `earliest`.
@@ -21,7 +22,7 @@ struct SubscribeBody {
 }
 
 /// A subscription as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SubscriptionJson<'a> {
     agent: &'a str,
     pattern: &'a str,
@@ -29,25 +30,25 @@ struct SubscriptionJson<'a> {
 }
 
 /// `{"subscriptions": [{"pattern": ...}]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct SubscriptionList<'a> {
     subscriptions: Vec<PatternJson<'a>>,
 }
 
 /// One pattern of a listing.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct PatternJson<'a> {
     pattern: &'a str,
 }
 
 /// `{"topics": [...]}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TopicList<'a> {
     topics: Vec<TopicJson<'a>>,
 }
 
 /// A topic as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TopicJson<'a> {
     name: &'a str,
     messages: u64,
@@ -63,6 +64,17 @@ fn pattern(agent: &str, text: &str) -> Result<(AgentId, TopicPattern), ApiError>
 }
 
 /// `PUT /v1/agents/{agent}/subscriptions/{pattern}` → 201 subscribed / 200 already was.
+#[utoipa::path(
+    put,
+    path = "/v1/agents/{agent}/subscriptions/{pattern}",
+    tag = "topics",
+    params(SubscriptionPath),
+    request_body(content = SubscribeBody, example = json!({"start": "earliest"})),
+    responses(
+        (status = 201, description = "Subscribed.", body = SubscriptionJson),
+        (status = 200, description = "It already was.", body = SubscriptionJson),
+    )
+)]
 pub async fn subscribe(
     State(state): State<AppState>,
     Path((agent, text)): Path<(String, String)>,
@@ -98,6 +110,17 @@ pub async fn subscribe(
 }
 
 /// `DELETE /v1/agents/{agent}/subscriptions/{pattern}` → 204, or 404 if there was none.
+#[utoipa::path(
+    delete,
+    path = "/v1/agents/{agent}/subscriptions/{pattern}",
+    tag = "topics",
+    params(SubscriptionPath),
+    responses(
+        (status = 204, description = "Unsubscribed; messages already routed stay in the inbox."),
+        (status = 400, description = "A bad agent id or pattern.", body = ErrorBody),
+        (status = 404, description = "No such agent, or no such subscription (`not_subscribed`).", body = ErrorBody),
+    )
+)]
 pub async fn unsubscribe(
     State(state): State<AppState>,
     Path((agent, text)): Path<(String, String)>,
@@ -115,6 +138,16 @@ pub async fn unsubscribe(
 }
 
 /// `GET /v1/agents/{agent}/subscriptions`.
+#[utoipa::path(
+    get,
+    path = "/v1/agents/{agent}/subscriptions",
+    operation_id = "list_subscriptions",
+    tag = "topics",
+    params(AgentPath),
+    responses(
+        (status = 200, description = "The agent's subscription patterns.", body = SubscriptionList),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     Path(agent): Path<String>,
@@ -131,6 +164,13 @@ pub async fn list(
 }
 
 /// `GET /v1/topics`: the topics messages were published to, with their subscriber counts.
+#[utoipa::path(
+    get,
+    path = "/v1/topics",
+    operation_id = "list_topics",
+    tag = "topics",
+    responses((status = 200, description = "The topics messages were published to, with their subscriber counts.", body = TopicList))
+)]
 pub async fn topics(State(state): State<AppState>) -> Result<Response, ApiError> {
     let views = state.broker.topics();
     let topics = views

@@ -25,11 +25,13 @@ pub const MAX_LABEL_BYTES: usize = 128;
 pub const MAX_DELAY_MS: i64 = 30 * 86_400_000;
 
 /// `POST /v1/messages` and each element of a batch.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
     to: Option<String>,
     from: String,
+    /// The payload: any JSON value, nested at most `limits.max_json_depth` deep.
+    #[schema(value_type = serde_json::Value)]
     body: Box<RawValue>,
     id: Option<String>,
     #[serde(rename = "type")]
@@ -44,10 +46,12 @@ pub struct PublishBody {
 }
 
 /// `POST /v1/messages/batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchBody<'a> {
     #[serde(borrow)]
+    /// The messages, each shaped like a single publish.
+    #[schema(value_type = Vec<PublishBody>)]
     pub messages: Vec<&'a RawValue>,
 }
 
@@ -249,7 +253,7 @@ pub fn check_message_size(bytes: usize, limits: &Limits) -> Result<(), ApiError>
 }
 
 /// A published message as clients see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct MessageView<'a> {
     id: &'a str,
     from: &'a str,
@@ -264,6 +268,8 @@ pub struct MessageView<'a> {
     in_reply_to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ordering_key: Option<&'a str>,
+    /// The payload as published.
+    #[schema(value_type = serde_json::Value)]
     body: &'a RawValue,
     offset: u64,
     published_at: String,
@@ -308,7 +314,7 @@ impl<'a> MessageView<'a> {
 }
 
 /// A message delivered under a lease.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeliveredView<'a> {
     #[serde(flatten)]
     message: MessageView<'a>,
@@ -330,7 +336,7 @@ impl<'a> DeliveredView<'a> {
 }
 
 /// A dead letter: the message plus why and when it died.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetterView<'a> {
     #[serde(flatten)]
     message: MessageView<'a>,
@@ -352,7 +358,7 @@ impl<'a> DeadLetterView<'a> {
 }
 
 /// The answer for one published message.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PublishedView<'a> {
     id: &'a str,
     offset: u64,
@@ -373,14 +379,14 @@ impl<'a> PublishedView<'a> {
 }
 
 /// `{"results": [...]}`: one entry per message or receipt, in request order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Results<T> {
     /// The entries.
     pub results: Vec<T>,
 }
 
 /// The answer for one receipt of an ack, nack or extend.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SettledView<'a> {
     /// The receipt as sent.
     pub receipt: &'a str,
@@ -389,28 +395,28 @@ pub struct SettledView<'a> {
 }
 
 /// `{"messages": [...]}`: the answer of a receive.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Deliveries<'a> {
     /// The delivered messages, in delivery order.
     pub messages: Vec<DeliveredView<'a>>,
 }
 
 /// `{"dead_letters": [...]}`: a page of dead letters.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeadLetters<'a> {
     /// Dead letters, oldest first.
     pub dead_letters: Vec<DeadLetterView<'a>>,
 }
 
 /// `{"redriven": n}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Redriven {
     /// How many dead letters went back to the inbox.
     pub redriven: usize,
 }
 
 /// `POST /v1/agents/{agent}/receive`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveBody {
     pub max: Option<i64>,
@@ -419,14 +425,14 @@ pub struct ReceiveBody {
 }
 
 /// `POST /v1/agents/{agent}/ack`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AckBody {
     pub receipts: Vec<String>,
 }
 
 /// `POST /v1/agents/{agent}/nack`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NackBody {
     pub receipts: Vec<String>,
@@ -435,7 +441,7 @@ pub struct NackBody {
 }
 
 /// `POST /v1/agents/{agent}/extend`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendBody {
     pub receipts: Vec<String>,
@@ -443,10 +449,12 @@ pub struct ExtendBody {
 }
 
 /// `PUT /v1/agents/{agent}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentBody {
     pub capabilities: Option<Vec<String>>,
+    /// Free-form JSON object about the agent (at most 64 KiB).
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Box<RawValue>>,
     pub lease_ms: Option<i64>,
     pub max_attempts: Option<i64>,
@@ -454,7 +462,7 @@ pub struct AgentBody {
 }
 
 /// `POST /v1/agents/{agent}/dead-letters/redrive`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveBody {
     pub offsets: Option<Vec<u64>>,

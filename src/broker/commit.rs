@@ -63,6 +63,11 @@ pub(super) const EXPIRY: CrashPoints = counted(
     Writing::Expiries,
 );
 pub(super) const DEAD_LETTER: CrashPoints = points("dead_letter.submitted", "dead_letter.durable");
+/// A sweep that dead-letters: its releases, if any, are leases that ran out too.
+pub(super) const SWEPT_DEAD_LETTER: CrashPoints = counted(DEAD_LETTER, Writing::Expiries);
+/// The queue leases of a deleted agent going back to their queues: at the crash points of a
+/// nack, but not counted as nacks.
+pub(super) const UNHOLD: CrashPoints = counted(NACK, Writing::Other);
 pub(super) const REDRIVE: CrashPoints = points("redrive.submitted", "redrive.durable");
 pub(super) const AGENT: CrashPoints = points("agent.submitted", "agent.durable");
 pub(super) const SUBSCRIPTION: CrashPoints =

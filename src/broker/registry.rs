@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use courier_storage::{Agent, Record};
 
-use super::commit::{Commit, AGENT, NACK};
+use super::commit::{Commit, AGENT, UNHOLD};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::auth::{AgentTokens, Token, TokenHash};
 use crate::delivery::Depth;
@@ -283,7 +283,7 @@ impl Broker {
             // The queue leases it holds go back to their queues now, for the other agents.
             let released = core.delivery.release_held(id.as_str(), now);
             if !released.is_empty() {
-                self.commit_now(&mut core, NACK, now, released)?.detach();
+                self.commit_now(&mut core, UNHOLD, now, released)?.detach();
             }
             let record = Record::AgentDeleted {
                 agent: id.to_string(),

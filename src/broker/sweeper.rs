@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use courier_storage::Record;
 
-use super::commit::{DEAD_LETTER, EXPIRY};
+use super::commit::{EXPIRY, SWEPT_DEAD_LETTER};
 use super::{Broker, Core};
 
 impl Broker {
@@ -39,12 +39,14 @@ impl Broker {
                 .delivery
                 .tick(now, |inbox| self.policy(core.registry.agent(inbox)));
             if !tick.records.is_empty() {
+                // The crash points say which kind of write this is; either way its releases
+                // are leases that ran out (the metrics count them so).
                 let points = if tick
                     .records
                     .iter()
                     .any(|r| matches!(r, Record::DeadLettered { .. }))
                 {
-                    DEAD_LETTER
+                    SWEPT_DEAD_LETTER
                 } else {
                     EXPIRY
                 };

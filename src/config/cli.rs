@@ -122,7 +122,7 @@ pub struct Cli {
     #[arg(id = "limits.max_connections", long = "limits-max-connections")]
     #[arg(env = "COURIER_LIMITS_MAX_CONNECTIONS", default_value = "10000")]
     pub limits_max_connections: String,
-    /// inboxes (agents and capability queues) with depth series of their own in /metrics; the rest are summed under inbox="_other"
+    /// inboxes (agents and capability queues) with depth series of their own in /metrics; the rest are summed under inbox="$other"
     #[arg(id = "metrics.max_agent_series", long = "metrics-max-agent-series")]
     #[arg(env = "COURIER_METRICS_MAX_AGENT_SERIES", default_value = "1000")]
     pub metrics_max_agent_series: String,

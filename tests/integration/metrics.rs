@@ -59,7 +59,8 @@ fn events_move_their_series_by_exactly_what_happened() {
     server.publish("slow", json!({"late": true}));
     assert_eq!(server.receive("slow", json!({"wait_ms": 0})).len(), 1);
     let again = eventually(Duration::from_secs(10), "the lease to run out", || {
-        let messages = server.receive("slow", json!({"wait_ms": 500}));
+        // A long lease this time, so that it is still held at the scrape.
+        let messages = server.receive("slow", json!({"wait_ms": 500, "lease_ms": 600_000}));
         (!messages.is_empty()).then_some(messages)
     });
     assert_eq!(again[0]["attempt"], 2);
@@ -86,6 +87,7 @@ fn events_move_their_series_by_exactly_what_happened() {
         ("courier_inbox_in_flight_messages{inbox=\"slow\"}", 1.0),
     ];
     for (series, by) in expected {
+        assert!(after.contains_key(series), "{series} is not served");
         assert_eq!(moved(&before, &after, series), by, "{series}");
     }
     // Every durable write was fsynced (fsync = always): the histogram saw each fsync, and
@@ -154,8 +156,73 @@ fn metrics_need_the_admin_token_unless_opened() {
     assert_eq!(response.status, 200);
     assert!(response
         .text
-        .contains("courier_auth_failures_total{reason=\"unauthenticated\"} 1"));
+        .lines()
+        .any(|line| line == "courier_auth_failures_total{reason=\"unauthenticated\"} 1"));
     server.set_args(&["--auth-mode", "token", "--auth-metrics-open", "true"]);
     server.restart();
     assert_eq!(server.get("/metrics").status, 200);
+}
+
+/// Releases are told apart by who made them: a consumer's nack (also on the last attempt,
+/// which dead-letters), a lease that ran out (also in a sweep that dead-letters another
+/// message at the same time), a deleted agent's queue leases going back (neither).
+#[test]
+fn nacks_expiries_and_deletions_are_told_apart() {
+    let server = TestServer::start(&["--backoff-initial", "0s"]);
+    server.register("last", json!({"max_attempts": 1}));
+    server.register("mixed", json!({"max_attempts": 2}));
+    server.register("holder", json!({"capabilities": ["work"]}));
+    let before = scrape(&server);
+
+    // A nack on the last attempt dead-letters the message: a nack all the same.
+    server.publish("last", json!(1));
+    let messages = server.receive("last", json!({"wait_ms": 0}));
+    let receipt = receipts(&messages);
+    let nacked = server.settle("last", "nack", json!({}), &[receipt[0].as_str()]);
+    assert_eq!(nacked, ["dead_lettered"]);
+
+    // A deleted agent's queue lease goes back to the queue: not a nack.
+    let queued = server.post(
+        "/v1/messages",
+        json!({"to": "capability:work", "from": "tester", "body": 2}),
+    );
+    assert_eq!(queued.status, 201, "{queued:?}");
+    assert_eq!(server.receive("holder", json!({"wait_ms": 0})).len(), 1);
+    assert_eq!(
+        server.request("DELETE", "/v1/agents/holder", None).status,
+        204
+    );
+
+    // One sweep both releases a lease (attempt 1 of 2) and dead-letters another message
+    // (attempt 2 of 2): both leases were taken in one receive, so they end together.
+    server.publish("mixed", json!("a"));
+    assert_eq!(
+        server
+            .receive("mixed", json!({"wait_ms": 0, "lease_ms": 100}))
+            .len(),
+        1
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the first lease to run out",
+        || {
+            let depth = &server.get("/v1/agents/mixed").json["inbox"];
+            (depth["ready"] == 1).then_some(())
+        },
+    );
+    server.publish("mixed", json!("b"));
+    let both = server.receive("mixed", json!({"max": 2, "wait_ms": 0, "lease_ms": 300}));
+    assert_eq!(both.len(), 2);
+    eventually(Duration::from_secs(10), "both leases to run out", || {
+        let depth = &server.get("/v1/agents/mixed").json["inbox"];
+        (depth["dead_letters"] == 1 && depth["ready"] == 1).then_some(())
+    });
+    let after = scrape(&server);
+    for (series, by) in [
+        ("courier_nacks_total", 1.0),
+        ("courier_dead_letters_total{reason=\"max_attempts\"}", 2.0),
+        ("courier_lease_expirations_total", 2.0),
+    ] {
+        assert_eq!(moved(&before, &after, series), by, "{series}");
+    }
 }
