@@ -284,6 +284,7 @@ pub async fn heartbeat(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only the agents that declare this capability.
     capability: Option<String>,
 }
 

@@ -273,7 +273,10 @@ pub async fn extend(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
+    /// At most this many (1-1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    /// Only those above this offset (the last of the previous page).
     after: Option<u64>,
 }
 

@@ -15,7 +15,7 @@ use axum::http::{header, Method};
 use axum::response::{IntoResponse, Response};
 use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{RefOr, ResponseBuilder};
+use utoipa::openapi::{RefOr, Required, ResponseBuilder, Schema};
 use utoipa::{IntoParams, Modify, OpenApi};
 
 use super::access::{rule, Rule};
@@ -47,7 +47,12 @@ pub struct SubscriptionPath {
     #[param(pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$")]
     pub agent: String,
     /// A topic name or pattern, URL-encoded: dot-separated segments of `a-z 0-9 _ -`, `*` for
-    /// one segment, a final `>` for one or more (`orders.*.created`, `news.>`).
+    /// one segment, a final `>` for one or more (`orders.*.created`, `news.>`); 1-128
+    /// characters.
+    #[param(
+        max_length = 128,
+        pattern = r"^((\*|[a-z0-9_-]+)\.)*(\*|>|[a-z0-9_-]+)$"
+    )]
     pub pattern: String,
 }
 
@@ -119,6 +124,7 @@ impl Modify for Shared {
                     .build(),
             ),
         );
+        let optional_bodies = all_optional_schemas(openapi);
         for (path, item) in &mut openapi.paths.paths {
             let operations = [
                 (Method::GET, &mut item.get),
@@ -130,9 +136,42 @@ impl Modify for Shared {
                 if let Some(operation) = operation {
                     add_shared(operation, rule(&method, path), method != Method::GET);
                     add_unknown(operation, path);
+                    make_optional(operation, &optional_bodies);
                 }
             }
         }
+    }
+}
+
+/// The names of the object schemas none of whose fields is required.
+fn all_optional_schemas(openapi: &utoipa::openapi::OpenApi) -> Vec<String> {
+    let Some(components) = &openapi.components else {
+        return Vec::new();
+    };
+    components
+        .schemas
+        .iter()
+        .filter_map(|(name, schema)| match schema {
+            RefOr::T(Schema::Object(object)) if object.required.is_empty() => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A JSON body whose fields are all optional may be left out: the server reads an empty
+/// body as `{}` ([`super::error::JsonBody`]).
+fn make_optional(operation: &mut Operation, optional_bodies: &[String]) {
+    let Some(body) = &mut operation.request_body else {
+        return;
+    };
+    let optional = body.content.values().all(|content| match &content.schema {
+        Some(RefOr::Ref(reference)) => optional_bodies
+            .iter()
+            .any(|name| reference.ref_location.ends_with(&format!("/{name}"))),
+        _ => false,
+    });
+    if optional {
+        body.required = Some(Required::False);
     }
 }
 

@@ -27,7 +27,10 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RequestQuery {
+    /// How long to wait for the reply, ms (1-300000, default 30000).
+    #[param(minimum = 1, maximum = 300_000)]
     timeout_ms: Option<i64>,
+    /// `fail`: 503 at once when nobody could take the request; `wait` (default): wait.
     no_responders: Option<String>,
 }
 

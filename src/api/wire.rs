@@ -28,20 +28,58 @@ pub const MAX_DELAY_MS: i64 = 30 * 86_400_000;
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
+    /// Where it goes: `agent:<id>`, `topic:<name>` or `capability:<name>`; a reply (with
+    /// `in_reply_to`) may leave it out to go to the request's sender.
+    #[schema(
+        pattern = r"^(agent:[a-z0-9][a-z0-9._-]{0,63}|topic:[a-z0-9_-]+(\.[a-z0-9_-]+)*|capability:[a-z0-9][a-z0-9._/:-]{0,127})$"
+    )]
     to: Option<String>,
+    /// The sender's agent id (with tokens on, the caller's own).
+    #[schema(pattern = r"^[a-z0-9][a-z0-9._-]{0,63}$")]
     from: String,
     /// The payload: any JSON value, nested at most `limits.max_json_depth` deep.
     #[schema(value_type = serde_json::Value)]
     body: Box<RawValue>,
+    /// A client id: a repeat within `dedupe_window` is answered as a duplicate.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     id: Option<String>,
+    /// A label for consumers (1-128 bytes, no control characters).
     #[serde(rename = "type")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     kind: Option<String>,
+    /// 0-9, higher first; 4 by default.
+    #[schema(minimum = 0, maximum = 9)]
     priority: Option<i64>,
+    /// At most 64 headers; names 1-128 bytes without control characters, values at most
+    /// 4096 bytes. `traceparent` carries a W3C trace context.
     headers: Option<BTreeMap<String, String>>,
+    /// Free text for the application (1-128 bytes, no control characters).
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     correlation_id: Option<String>,
+    /// The id of the request this message answers.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$")]
     in_reply_to: Option<String>,
+    /// Not delivered before this many ms from now (at most 30 days).
+    #[schema(minimum = 0, maximum = 2_592_000_000_i64)]
     delay_ms: Option<i64>,
+    /// Dead-lettered (`expired`) if not acked this many ms from now; 0 or absent: never.
+    #[schema(minimum = 0, maximum = 2_592_000_000_i64)]
     ttl_ms: Option<i64>,
+    /// Messages with one key are delivered one at a time, in order, per inbox (1-128 bytes,
+    /// no control characters).
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*$"
+    )]
     ordering_key: Option<String>,
 }
 
@@ -51,7 +89,7 @@ pub struct PublishBody {
 pub struct BatchBody<'a> {
     #[serde(borrow)]
     /// The messages, each shaped like a single publish.
-    #[schema(value_type = Vec<PublishBody>)]
+    #[schema(value_type = Vec<PublishBody>, min_items = 1, max_items = 1000)]
     pub messages: Vec<&'a RawValue>,
 }
 
@@ -419,8 +457,14 @@ pub struct Redriven {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiveBody {
+    /// At most this many messages (1-1000, default 10).
+    #[schema(minimum = 1, maximum = 1000)]
     pub max: Option<i64>,
+    /// How long to wait for the first message, ms (0-60000, default 20000).
+    #[schema(minimum = 0, maximum = 60_000)]
     pub wait_ms: Option<i64>,
+    /// The lease of what is delivered, ms (1 ms to 12 h; default the agent's, else `lease`).
+    #[schema(minimum = 1, maximum = 43_200_000)]
     pub lease_ms: Option<i64>,
 }
 
@@ -428,6 +472,8 @@ pub struct ReceiveBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AckBody {
+    /// The receipts of the deliveries (1-1000).
+    #[schema(min_items = 1, max_items = 1000)]
     pub receipts: Vec<String>,
 }
 
@@ -435,8 +481,13 @@ pub struct AckBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NackBody {
+    /// The receipts of the deliveries (1-1000).
+    #[schema(min_items = 1, max_items = 1000)]
     pub receipts: Vec<String>,
+    /// Ready again after this many ms (at most 30 days; default 0).
+    #[schema(minimum = 0, maximum = 2_592_000_000_i64)]
     pub delay_ms: Option<i64>,
+    /// Move them to the dead letters (`rejected`) instead.
     pub dead_letter: Option<bool>,
 }
 
@@ -444,7 +495,11 @@ pub struct NackBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendBody {
+    /// The receipts of the deliveries (1-1000).
+    #[schema(min_items = 1, max_items = 1000)]
     pub receipts: Vec<String>,
+    /// The new lease from now, ms (1 ms to 12 h; default the agent's, else `lease`).
+    #[schema(minimum = 1, maximum = 43_200_000)]
     pub lease_ms: Option<i64>,
 }
 
@@ -452,12 +507,20 @@ pub struct ExtendBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentBody {
+    /// What it can do (at most 64): each makes it draw from the queue `capability:<name>`.
+    #[schema(max_items = 64)]
     pub capabilities: Option<Vec<String>>,
     /// Free-form JSON object about the agent (at most 64 KiB).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Box<RawValue>>,
+    /// Its deliveries' lease, ms (1 ms to 12 h; default `lease`).
+    #[schema(minimum = 1, maximum = 43_200_000)]
     pub lease_ms: Option<i64>,
+    /// Deliveries before dead-lettering (1-1000; default `max_attempts`).
+    #[schema(minimum = 1, maximum = 1000)]
     pub max_attempts: Option<i64>,
+    /// Messages it may hold leased at once (1-1000000; default unlimited).
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_in_flight: Option<i64>,
 }
 
@@ -465,7 +528,10 @@ pub struct AgentBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RedriveBody {
+    /// The dead letters to redrive, by offset (1-10000); or
+    #[schema(min_items = 1, max_items = 10_000)]
     pub offsets: Option<Vec<u64>>,
+    /// `true`: every dead letter.
     pub all: Option<bool>,
 }
 
