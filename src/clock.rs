@@ -106,6 +106,24 @@ pub fn rfc3339(ms: u64) -> String {
     out
 }
 
+/// Measures how long something took, on the monotonic clock (for metrics only: nothing is
+/// decided by it).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch(Instant);
+
+impl Stopwatch {
+    /// Starts measuring.
+    #[expect(clippy::disallowed_methods, reason = "clock.rs is where time is read")]
+    pub fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    /// The time since [`Stopwatch::start`], in seconds.
+    pub fn seconds(&self) -> f64 {
+        self.0.elapsed().as_secs_f64()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,23 +156,5 @@ mod tests {
         let a = clock.now_ms();
         let b = clock.now_ms();
         assert!(b >= a);
-    }
-}
-
-/// Measures how long something took, on the monotonic clock (for metrics only: nothing is
-/// decided by it).
-#[derive(Debug, Clone, Copy)]
-pub struct Stopwatch(Instant);
-
-impl Stopwatch {
-    /// Starts measuring.
-    #[expect(clippy::disallowed_methods, reason = "clock.rs is where time is read")]
-    pub fn start() -> Self {
-        Self(Instant::now())
-    }
-
-    /// The time since [`Stopwatch::start`], in seconds.
-    pub fn seconds(&self) -> f64 {
-        self.0.elapsed().as_secs_f64()
     }
 }

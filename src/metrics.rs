@@ -58,7 +58,8 @@ pub struct Metrics {
     acks: IntCounter,
     nacks: IntCounter,
     lease_expiries: IntCounter,
-    dead_letters: IntCounterVec,
+    /// `courier_dead_letters_total` of each reason, in [`REASONS`] order.
+    dead_letters: [IntCounter; 3],
     expired: IntCounter,
     publish_seconds: Histogram,
     end_to_end_seconds: Histogram,
@@ -76,7 +77,9 @@ pub struct Tally {
     delivered: u64,
     redelivered: u64,
     acked: u64,
-    released: u64,
+    nacked: u64,
+    lease_expired: u64,
+    /// Dead letters by reason, in [`REASONS`] order.
     dead: [u64; 3],
 }
 
@@ -108,10 +111,23 @@ impl Tally {
                     tally.redelivered += leases.iter().filter(|l| l.attempt > 1).count() as u64;
                 }
                 Record::Acked { slots, .. } => tally.acked += slots.len() as u64,
-                Record::Released { releases, .. } => tally.released += releases.len() as u64,
+                Record::Released { releases, .. } => {
+                    let released = releases.len() as u64;
+                    match writing {
+                        Writing::Nacks => tally.nacked += released,
+                        Writing::Expiries => tally.lease_expired += released,
+                        Writing::Deliveries | Writing::Other => {}
+                    }
+                }
                 Record::DeadLettered { letters, .. } => {
                     for letter in letters {
                         tally.dead[reason_index(letter.reason)] += 1;
+                        // A nack with `dead_letter: true` (the only `rejected` dead letters),
+                        // or on the message's last attempt (`max_attempts`), is a nack too.
+                        let nack = letter.reason == DeadReason::Rejected
+                            || (writing == Writing::Nacks
+                                && letter.reason == DeadReason::MaxAttempts);
+                        tally.nacked += u64::from(nack);
                     }
                 }
                 _ => {}
@@ -140,21 +156,27 @@ fn reason_index(reason: DeadReason) -> usize {
     }
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let counter = IntCounter::new(name, help).expect("a valid counter");
+/// `metric`, registered in `registry` (each name once).
+fn registered<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry
-        .register(Box::new(counter.clone()))
+        .register(Box::new(metric.clone()))
         .expect("registered once");
-    counter
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(
+        registry,
+        IntCounter::new(name, help).expect("a valid counter"),
+    )
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
     let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
-    let histogram = Histogram::with_opts(opts).expect("a valid histogram");
-    registry
-        .register(Box::new(histogram.clone()))
-        .expect("registered once");
-    histogram
+    registered(
+        registry,
+        Histogram::with_opts(opts).expect("a valid histogram"),
+    )
 }
 
 impl Metrics {
@@ -162,45 +184,45 @@ impl Metrics {
     pub fn new(start_time_seconds: f64) -> Self {
         let registry = Registry::new();
         let r = &registry;
-        let dead_letters = IntCounterVec::new(
-            Opts::new(
-                "courier_dead_letters_total",
-                "Messages moved to dead letters, by reason (max_attempts, rejected, expired).",
-            ),
-            &["reason"],
-        )
-        .expect("a valid counter");
-        r.register(Box::new(dead_letters.clone()))
-            .expect("registered once");
-        for reason in REASONS {
-            dead_letters.with_label_values(&[reason.as_str()]);
-        }
-        let http_requests = IntCounterVec::new(
-            Opts::new(
-                "courier_http_requests_total",
-                "HTTP requests answered, by route template, method and status class.",
-            ),
-            &["route", "method", "status"],
-        )
-        .expect("a valid counter");
-        r.register(Box::new(http_requests.clone()))
-            .expect("registered once");
-        let long_polls = IntGauge::new(
-            "courier_long_polls_open",
-            "Receive calls in progress (long-polls waiting for messages, and calls being answered).",
-        )
-        .expect("a valid gauge");
-        r.register(Box::new(long_polls.clone()))
-            .expect("registered once");
+        let dead_letters = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "courier_dead_letters_total",
+                    "Messages moved to dead letters, by reason (max_attempts, rejected, expired).",
+                ),
+                &["reason"],
+            )
+            .expect("a valid counter"),
+        );
+        let http_requests = registered(
+            r,
+            IntCounterVec::new(
+                Opts::new(
+                    "courier_http_requests_total",
+                    "HTTP requests answered, by route template, method and status class.",
+                ),
+                &["route", "method", "status"],
+            )
+            .expect("a valid counter"),
+        );
+        let long_polls = registered(
+            r,
+            IntGauge::new(
+                "courier_long_polls_open",
+                "Receive calls in progress (long-polls waiting for messages, and calls being answered).",
+            )
+            .expect("a valid gauge"),
+        );
         Self {
             published: counter(r, "courier_messages_published_total", "Messages published (each once, whatever the number of its destinations)."),
             deliveries: counter(r, "courier_deliveries_total", "Messages handed to a consumer under a lease, redeliveries included."),
             redeliveries: counter(r, "courier_redeliveries_total", "Deliveries of a message delivered before (attempt 2 or later)."),
             acks: counter(r, "courier_acks_total", "Messages acknowledged."),
-            nacks: counter(r, "courier_nacks_total", "Messages nacked by a consumer (released to be delivered again, or dead-lettered with dead_letter: true)."),
+            nacks: counter(r, "courier_nacks_total", "Messages nacked by a consumer (released to be delivered again, or dead-lettered: with dead_letter: true, or on their last attempt)."),
             lease_expiries: counter(r, "courier_lease_expirations_total", "Leases that ran out without an ack and were released for another delivery (one that runs out on the last attempt is a max_attempts dead letter instead)."),
             expired: counter(r, "courier_messages_expired_total", "Messages whose ttl_ms passed before they were acked (also counted in courier_dead_letters_total{reason=\"expired\"})."),
-            dead_letters,
+            dead_letters: REASONS.map(|reason| dead_letters.with_label_values(&[reason.as_str()])),
             publish_seconds: histogram(r, "courier_publish_duration_seconds", "Publishes (single and batch), from the decision to the durable answer.", PUBLISH_BUCKETS),
             end_to_end_seconds: histogram(r, "courier_end_to_end_latency_seconds", "From a message's publish to its first delivery (a redriven message's next delivery counts again, from its publish).", END_TO_END_BUCKETS),
             fsync_seconds: histogram(r, "courier_fsync_duration_seconds", "fdatasync calls of the log's segments.", FSYNC_BUCKETS),
@@ -213,28 +235,15 @@ impl Metrics {
     }
 
     /// Counts a durable write's events.
-    pub fn count(&self, tally: &Tally, writing: Writing) {
+    pub fn count(&self, tally: &Tally) {
         self.published.inc_by(tally.published);
         self.deliveries.inc_by(tally.delivered);
         self.redeliveries.inc_by(tally.redelivered);
         self.acks.inc_by(tally.acked);
-        // A nack with `dead_letter: true` is a nack too: the only `rejected` dead letters.
-        self.nacks
-            .inc_by(tally.dead[reason_index(DeadReason::Rejected)]);
-        match writing {
-            // A nack on a message's last attempt dead-letters it (`max_attempts`).
-            Writing::Nacks => self
-                .nacks
-                .inc_by(tally.released + tally.dead[reason_index(DeadReason::MaxAttempts)]),
-            Writing::Expiries => self.lease_expiries.inc_by(tally.released),
-            Writing::Deliveries | Writing::Other => {}
-        }
-        for (reason, n) in REASONS.iter().zip(tally.dead) {
-            if n > 0 {
-                self.dead_letters
-                    .with_label_values(&[reason.as_str()])
-                    .inc_by(n);
-            }
+        self.nacks.inc_by(tally.nacked);
+        self.lease_expiries.inc_by(tally.lease_expired);
+        for (counter, n) in self.dead_letters.iter().zip(tally.dead) {
+            counter.inc_by(n);
         }
         self.expired
             .inc_by(tally.dead[reason_index(DeadReason::Expired)]);

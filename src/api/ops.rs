@@ -154,7 +154,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     let stats = state.broker.stats();
     let refusals = state.access.refusals();
     let mut inboxes = stats.agents;
-    inboxes.extend(stats.queues);
+    inboxes.extend(state.broker.queue_depths());
     let scraped = Scraped {
         ready: state.broker.is_ready(),
         next_offset: stats.durable_end,

@@ -166,7 +166,7 @@ impl Broker {
                 Ok(appended) => {
                     failpoint::crash(points.durable);
                     if !tally.is_empty() {
-                        broker.metrics.count(&tally, points.writing);
+                        broker.metrics.count(&tally);
                     }
                     if let Some(apply) = apply {
                         let mut core = broker.lock();

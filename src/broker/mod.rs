@@ -288,26 +288,30 @@ impl Broker {
     /// Log figures and per-agent counts. The per-agent counts are read in chunks, so the
     /// lock that the log's completions also take is never held for all agents at once.
     pub fn stats(&self) -> Stats {
-        let (ids, queues): (Vec<Arc<str>>, Vec<Arc<str>>) = {
-            let core = self.lock();
-            let queues = core.delivery.queue_names().map(Arc::from).collect();
-            (core.registry.ids(), queues)
-        };
-        let depths = |names: &[Arc<str>]| {
-            let mut depths = Vec::with_capacity(names.len());
-            for chunk in names.chunks(256) {
-                let core = self.lock();
-                depths.extend(chunk.iter().map(|id| (id.clone(), core.delivery.depth(id))));
-            }
-            depths
-        };
+        let ids = self.lock().registry.ids();
         Stats {
             durable_end: self.log.durable_end().0,
             segments: self.log.segments(),
             log: self.log.stats(),
-            agents: depths(&ids),
-            queues: depths(&queues),
+            agents: self.depths_of(&ids),
         }
+    }
+
+    /// Every capability queue's counts, by inbox name (`capability:<name>`), read like
+    /// [`Broker::stats`]'s per-agent counts.
+    pub fn queue_depths(&self) -> Vec<(Arc<str>, Depth)> {
+        let queues: Vec<Arc<str>> = self.lock().delivery.queue_names().map(Arc::from).collect();
+        self.depths_of(&queues)
+    }
+
+    /// The counts of the inboxes `names`, 256 per lock hold.
+    fn depths_of(&self, names: &[Arc<str>]) -> Vec<(Arc<str>, Depth)> {
+        let mut depths = Vec::with_capacity(names.len());
+        for chunk in names.chunks(256) {
+            let core = self.lock();
+            depths.extend(chunk.iter().map(|id| (id.clone(), core.delivery.depth(id))));
+        }
+        depths
     }
 }
 
@@ -322,8 +326,6 @@ pub struct Stats {
     pub log: LogStats,
     /// Every agent's inbox counts, by id.
     pub agents: Vec<(Arc<str>, Depth)>,
-    /// Every capability queue's counts, by inbox name (`capability:<name>`).
-    pub queues: Vec<(Arc<str>, Depth)>,
 }
 
 /// Rebuilds the in-memory delivery state and the agent registry from a recovered index
