@@ -17,6 +17,36 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Starts the real server on a loopback port with `flags`; returns it and the line it prints
+/// once listening (`courier listening on <url>`).
+fn spawn_courier<S: AsRef<std::ffi::OsStr>>(data: &Path, flags: &[S]) -> (Child, String) {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
+    assert!(
+        exe.exists(),
+        "{} is missing: build the server first (cargo build -p courier)",
+        exe.display()
+    );
+    let mut child = Command::new(exe)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--segment-bytes",
+            "4096",
+            "--data-dir",
+        ])
+        .arg(data)
+        .args(flags)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn courier");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the listening line");
+    (child, line)
+}
+
 /// A real server on a loopback port.
 struct Server {
     child: Child,
@@ -30,30 +60,7 @@ impl Server {
 
     /// A server with extra flags.
     fn start_with(data: &Path, flags: &[&str]) -> Self {
-        let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
-        assert!(
-            exe.exists(),
-            "{} is missing: build the server first (cargo build -p courier)",
-            exe.display()
-        );
-        let mut child = Command::new(exe)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--segment-bytes",
-                "4096",
-                "--data-dir",
-            ])
-            .arg(data)
-            .args(flags)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn courier");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the listening line");
+        let (child, line) = spawn_courier(data, flags);
         let addr = line
             .trim()
             .strip_prefix("courier listening on http://")
@@ -707,22 +714,13 @@ fn online_commands_speak_https_with_a_cacert() {
     std::fs::write(&ca_pem, ca.pem()).unwrap();
     std::fs::write(&cert_pem, cert.pem()).unwrap();
     std::fs::write(&key_pem, key.serialize_pem()).unwrap();
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_courierctl")).with_file_name("courier");
-    let mut child = Command::new(exe)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path().join("data"))
-        .arg("--tls-cert")
-        .arg(&cert_pem)
-        .arg("--tls-key")
-        .arg(&key_pem)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn courier");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("the listening line");
+    let tls_flags = [
+        "--tls-cert".as_ref(),
+        cert_pem.as_os_str(),
+        "--tls-key".as_ref(),
+        key_pem.as_os_str(),
+    ];
+    let (mut child, line) = spawn_courier(&tmp.path().join("data"), &tls_flags);
     let port = line.trim().rsplit(':').next().expect("a port").to_owned();
     let url = format!("https://localhost:{port}");
     let ca_arg = ca_pem.display().to_string();
