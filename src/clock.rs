@@ -124,6 +124,16 @@ impl Stopwatch {
     }
 }
 
+/// Now, in nanoseconds since the Unix epoch, from the wall clock: the start and end of a
+/// trace span (tracing only: nothing is decided by it).
+#[expect(clippy::disallowed_methods, reason = "clock.rs is where time is read")]
+pub fn unix_nanos() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

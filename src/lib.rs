@@ -13,7 +13,8 @@
 //! - [`clock`]: the only place that reads the time.
 //! - [`metrics`]: the Prometheus series: events counted as they become durable, state read
 //!   when scraped.
-//! - [`telemetry`]: logging set-up.
+//! - [`telemetry`]: logging, request spans joining W3C `traceparent`, and (feature `otel`)
+//!   span export over OTLP/HTTP.
 
 pub mod api;
 pub mod auth;

@@ -343,6 +343,38 @@ pub struct Scraped {
     pub inboxes: Vec<(Arc<str>, Depth)>,
     /// How many inboxes get series of their own.
     pub max_inbox_series: usize,
+    /// What became of finished trace spans, when they are exported (feature `otel`).
+    pub trace_spans: Option<SpanCounts>,
+}
+
+/// What became of finished trace spans since the start (see `telemetry::export`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SpanCounts {
+    /// Accepted by the collector.
+    pub exported: u64,
+    /// Dropped: the export queue was full.
+    pub queue_full: u64,
+    /// Dropped: their export failed, timed out, or the collector rejected them.
+    pub export_failed: u64,
+}
+
+impl SpanCounts {
+    fn families(self) -> Vec<MetricFamily> {
+        let mut all = total(
+            "courier_trace_spans_exported_total",
+            "Trace spans the OTLP collector accepted.",
+            self.exported,
+        );
+        all.extend(by_reason(
+            "courier_trace_spans_dropped_total",
+            "Trace spans dropped, by reason: queue_full (the collector is slower than the server), export_failed (unreachable, failed, timed out or rejected).",
+            &[
+                ("queue_full", self.queue_full),
+                ("export_failed", self.export_failed),
+            ],
+        ));
+        all
+    }
 }
 
 fn family(metric: &impl Collector) -> Vec<MetricFamily> {
@@ -358,6 +390,15 @@ fn gauge(name: &str, help: &str, value: i64) -> Vec<MetricFamily> {
 fn total(name: &str, help: &str, value: u64) -> Vec<MetricFamily> {
     let counter = IntCounter::new(name, help).expect("a valid counter");
     counter.inc_by(value);
+    family(&counter)
+}
+
+/// A counter with one series per `reason`.
+fn by_reason(name: &str, help: &str, counts: &[(&str, u64)]) -> Vec<MetricFamily> {
+    let counter = IntCounterVec::new(Opts::new(name, help), &["reason"]).expect("a valid counter");
+    for (reason, n) in counts {
+        counter.with_label_values(&[*reason]).inc_by(*n);
+    }
     family(&counter)
 }
 
@@ -412,19 +453,18 @@ impl Scraped {
             "Bytes written to the log's segments.",
             self.bytes_written,
         ));
-        let refusals = IntCounterVec::new(
-            Opts::new("courier_auth_failures_total", "Requests refused by authentication or authorization, by reason (unauthenticated, forbidden, bad_signature)."),
-            &["reason"],
-        )
-        .expect("a valid counter");
-        for (reason, n) in [
-            ("unauthenticated", self.unauthenticated),
-            ("forbidden", self.forbidden),
-            ("bad_signature", self.bad_signatures),
-        ] {
-            refusals.with_label_values(&[reason]).inc_by(n);
+        all.extend(by_reason(
+            "courier_auth_failures_total",
+            "Requests refused by authentication or authorization, by reason (unauthenticated, forbidden, bad_signature).",
+            &[
+                ("unauthenticated", self.unauthenticated),
+                ("forbidden", self.forbidden),
+                ("bad_signature", self.bad_signatures),
+            ],
+        ));
+        if let Some(spans) = self.trace_spans {
+            all.extend(spans.families());
         }
-        all.extend(family(&refusals));
         all.extend(self.depths());
         all
     }

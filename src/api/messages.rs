@@ -20,6 +20,7 @@ use super::wire::{
 use super::{agent_id, AppState};
 use crate::broker::{InboxRef, ReceiveRequest};
 use crate::delivery::{Outcome, Settle};
+use crate::telemetry::context::TraceParent;
 
 /// Most messages one receive returns.
 pub const MAX_RECEIVE: i64 = 1000;
@@ -34,12 +35,14 @@ pub const MAX_RECEIPTS: usize = 1000;
 /// Most dead letters one listing returns.
 pub const MAX_DEAD_LETTERS: i64 = 1000;
 
-/// The request's W3C `traceparent` header, if it has a usable one.
+/// The request's W3C `traceparent` header, if it is valid (an invalid one is ignored, as the
+/// recommendation says: it is not stored with the message).
 pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
     headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 256)
+        .map(|v| v.trim_matches([' ', '\t']))
+        .filter(|v| v.len() <= 256 && TraceParent::parse(v).is_some())
 }
 
 /// `POST /v1/messages`.

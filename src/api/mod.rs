@@ -34,7 +34,9 @@ use tower_service::Service;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::telemetry::{self, context::TraceParent};
 use error::ApiError;
+use tracing::Instrument;
 
 /// What every handler gets.
 #[derive(Clone)]
@@ -104,10 +106,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The outermost layer of every route: answers a handler that panics with 500 in the error
-/// shape, and logs the panic with the request's method and route, instead of dropping the
-/// connection without an answer; and counts every answer by route template, method and
-/// status class (`courier_http_requests_total`). A service of its own rather than
+/// The outermost layer of every route: runs the request in its span
+/// ([`telemetry::request_span`], joining the caller's `traceparent`); answers a handler that
+/// panics with 500 in the error shape, and logs the panic with the request's method and
+/// route, instead of dropping the connection without an answer; and counts every answer by
+/// route template, method and status class (`courier_http_requests_total`). A service of its own rather than
 /// `middleware::from_fn`, which costs three allocations per request where this costs one.
 #[derive(Debug, Clone)]
 struct GuardLayer(Arc<Metrics>);
@@ -140,23 +143,40 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let method = request.method().clone();
         let route = request.extensions().get::<MatchedPath>().cloned();
+        let caller = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let span = telemetry::request_span(
+            method_label(&method),
+            route.as_ref().map_or("unmatched", MatchedPath::as_str),
+            caller,
+        );
         let inner = &mut self.0;
         let metrics = self.1.clone();
-        let called = std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request)));
-        Box::pin(async move {
-            let answered = match called {
-                Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
-                Err(panic) => Err(panic),
-            };
-            let response =
-                answered.unwrap_or_else(|panic| Ok(panicked(&method, route.as_ref(), &*panic)))?;
-            metrics.answered(
-                route.as_ref().map_or("unmatched", MatchedPath::as_str),
-                method_label(&method),
-                response.status().as_u16(),
-            );
-            Ok(response)
-        })
+        let called =
+            span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))));
+        let answering = span.clone();
+        Box::pin(
+            async move {
+                let answered = match called {
+                    Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                    Err(panic) => Err(panic),
+                };
+                let response = answered
+                    .unwrap_or_else(|panic| Ok(panicked(&method, route.as_ref(), &*panic)))?;
+                let status = response.status().as_u16();
+                answering.record("status", status);
+                metrics.answered(
+                    route.as_ref().map_or("unmatched", MatchedPath::as_str),
+                    method_label(&method),
+                    status,
+                );
+                Ok(response)
+            }
+            .instrument(span),
+        )
     }
 }
 

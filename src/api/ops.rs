@@ -169,6 +169,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         bad_signatures: refusals.bad_signatures,
         inboxes,
         max_inbox_series: state.config.metrics.max_agent_series as usize,
+        trace_spans: crate::telemetry::span_counts(),
     };
     let text = state.broker.metrics().render(&scraped);
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()

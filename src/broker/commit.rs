@@ -161,9 +161,17 @@ impl Broker {
         let (tx, rx) = oneshot::channel();
         let broker = self.clone();
         let tally = Tally::of(&records, points.writing);
+        // Submitted → durable: the wait for the group commit, its write and its fsync.
+        let span = tracing::debug_span!(
+            "append",
+            records = records.len(),
+            write = points.submitted.trim_end_matches(".submitted"),
+            offset = tracing::field::Empty
+        );
         self.log.submit(now, records, move |result| {
             match &result {
                 Ok(appended) => {
+                    span.record("offset", appended.first.0);
                     failpoint::crash(points.durable);
                     if !tally.is_empty() {
                         broker.metrics.count(&tally);
@@ -179,6 +187,8 @@ impl Broker {
                     tracing::error!(%error, "an append failed; the log refuses further writes");
                 }
             }
+            // Ends before the answer, within the span of the operation that waits for it.
+            drop(span);
             let _ = tx.send(result);
         });
         failpoint::crash(points.submitted);

@@ -9,11 +9,13 @@ use courier_storage::index::DeadEntry;
 use courier_storage::state::queue_inbox;
 use courier_storage::{Agent, Frame, Offset, Record};
 use tokio::sync::Notify;
+use tracing::Instrument;
 
 use super::commit::{Commit, ACK, DEAD_LETTER, EXTEND, LEASE, NACK, REDRIVE};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::delivery::{self, Draw, Outcome, Receipt, Settle};
 use crate::ids::{AgentId, CapabilityName};
+use crate::telemetry::context::TraceParent;
 
 /// What a receive asks for.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +48,33 @@ pub struct DeadView {
     pub frame: Frame,
     /// Why and when it died.
     pub dead: DeadEntry,
+}
+
+/// The target of the `deliver` spans, checked once per receive before building any.
+const DELIVER_TARGET: &str = "courier::broker::consume";
+
+/// Records a message's delivery as a span of its own in the trace of the `traceparent`
+/// stored with it (its parent: the producer's span), linked to the receive that handed it
+/// out; without a valid one, a child of that receive's span.
+fn delivered_span(frame: &Frame, attempt: u32) {
+    let Record::Message(message) = &frame.record else {
+        return;
+    };
+    let producer = message
+        .headers
+        .iter()
+        .find(|(name, _)| name == "traceparent")
+        .and_then(|(_, value)| TraceParent::parse(value));
+    let _span = tracing::debug_span!(
+        target: DELIVER_TARGET,
+        "deliver",
+        trace_id = producer.map(|p| tracing::field::display(p.trace_id)),
+        parent_id = producer.map(|p| tracing::field::display(p.parent_id)),
+        unsampled = producer.filter(|p| !p.sampled).map(|_| true),
+        message_id = message.id.as_str(),
+        offset = frame.offset.0,
+        attempt,
+    );
 }
 
 /// Counts an open receive call while it lives.
@@ -155,6 +184,7 @@ impl Broker {
         let offsets = draws.iter().map(|d| d.lease.slot.offset).collect();
         let frames = self.read_messages(offsets).await?;
         let now = self.clock.now_ms();
+        let traced = tracing::enabled!(target: DELIVER_TARGET, tracing::Level::DEBUG);
         let mut delivered = Vec::with_capacity(draws.len());
         for (draw, frame) in draws.into_iter().zip(frames) {
             // A message that age retention deleted meanwhile is gone: nothing to deliver.
@@ -164,6 +194,9 @@ impl Broker {
             if draw.lease.attempt == 1 {
                 let waited_ms = now.saturating_sub(frame.timestamp_ms);
                 self.metrics.first_delivery_after(waited_ms as f64 / 1000.0);
+            }
+            if traced {
+                delivered_span(&frame, draw.lease.attempt);
             }
             delivered.push(Delivered {
                 frame,
@@ -222,6 +255,23 @@ impl Broker {
     /// Acks, nacks or extends leases of `agent` (of its inbox, or queue leases it holds);
     /// one outcome per receipt, once durable.
     pub async fn settle(
+        self: &Arc<Self>,
+        agent: &AgentId,
+        receipts: &[String],
+        how: Settle,
+    ) -> Result<Vec<Outcome>> {
+        let receipts_n = receipts.len();
+        let span = match how {
+            Settle::Ack => tracing::debug_span!("ack", %agent, receipts = receipts_n),
+            Settle::Nack { dead_letter, .. } => {
+                tracing::debug_span!("nack", %agent, receipts = receipts_n, dead_letter)
+            }
+            Settle::Extend { .. } => tracing::debug_span!("extend", %agent, receipts = receipts_n),
+        };
+        self.settle_now(agent, receipts, how).instrument(span).await
+    }
+
+    async fn settle_now(
         self: &Arc<Self>,
         agent: &AgentId,
         receipts: &[String],

@@ -101,6 +101,7 @@ impl Broker {
 
     /// [`Broker::publish`] of a signed request: once the messages are admitted, its nonce is
     /// spent (refused if used before) in the same lock hold, ahead of their records.
+    #[tracing::instrument(name = "publish", level = "debug", skip_all, fields(messages = outgoing.len()))]
     pub async fn publish_signed(
         self: &Arc<Self>,
         mut outgoing: Vec<Outgoing>,

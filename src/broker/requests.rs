@@ -121,6 +121,7 @@ impl Broker {
     /// Publishes a request durably and waits up to `options.timeout` for its first reply,
     /// whose message is returned. A request whose client id was already answered returns
     /// the stored reply without publishing anything.
+    #[tracing::instrument(name = "request_reply", level = "debug", skip_all, fields(timeout_ms = options.timeout.as_millis()))]
     pub async fn request(
         self: &Arc<Self>,
         mut outgoing: Outgoing,

@@ -150,6 +150,10 @@ pub struct Cli {
     #[arg(id = "tls.key", long = "tls-key")]
     #[arg(env = "COURIER_TLS_KEY")]
     pub tls_key: Option<String>,
+    /// OTLP/HTTP collector (e.g. http://127.0.0.1:4318): trace spans go to <endpoint>/v1/traces in protobuf; needs a build with the cargo feature `otel` [default: off]
+    #[arg(id = "otel.endpoint", long = "otel-endpoint")]
+    #[arg(env = "COURIER_OTEL_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
     /// text | json
     #[arg(long, env = "COURIER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -287,6 +287,9 @@ impl RawConfig {
                 metrics_open: self.required("auth.metrics_open", parse_bool)?,
             },
             tls: self.tls()?,
+            otel: Otel {
+                endpoint: self.parse("otel.endpoint", parse_otel_endpoint)?,
+            },
             insecure: self.insecure,
         };
         config.check()?;
@@ -344,6 +347,8 @@ pub struct Config {
     pub auth: Auth,
     /// TLS certificate and key, when TLS is on.
     pub tls: Option<TlsFiles>,
+    /// Trace export (SPEC §8).
+    pub otel: Otel,
     /// Allow a non-loopback address without auth.
     pub insecure: bool,
 }
@@ -353,6 +358,31 @@ pub struct Config {
 pub struct Metrics {
     /// Inboxes with depth series of their own; the others are summed into one series.
     pub max_agent_series: u32,
+}
+
+/// Trace export over OTLP/HTTP (SPEC §8; the cargo feature `otel`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Otel {
+    /// The collector's OTLP/HTTP base URL; spans go to `<endpoint>/v1/traces`. `None`: no
+    /// export.
+    pub endpoint: Option<String>,
+}
+
+/// `otel.endpoint`: an `http://` or `https://` URL with a host, in a build that can export.
+fn parse_otel_endpoint(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+        .ok_or("expected an http:// or https:// URL, such as http://127.0.0.1:4318")?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || text.chars().any(char::is_whitespace) {
+        return Err("expected a URL with a host, such as http://127.0.0.1:4318".into());
+    }
+    if cfg!(feature = "otel") {
+        Ok(text.to_owned())
+    } else {
+        Err("this courier was built without trace export; build it with the cargo feature `otel` (cargo build --release --features otel)".into())
+    }
 }
 
 /// Authentication and authorization (SPEC §7).

@@ -160,7 +160,7 @@ fn tls_files_go_together() {
 
 #[test]
 fn every_key_has_flag_and_env_names() {
-    assert_eq!(keys().len(), 33);
+    assert_eq!(keys().len(), 34);
     for key in keys() {
         assert_eq!(key.flag, key.name.replace(['.', '_'], "-"));
         let env = format!("COURIER_{}", key.name.replace('.', "_").to_uppercase());

@@ -48,6 +48,8 @@ mod limits;
 mod metrics;
 mod model;
 mod ordering;
+#[cfg(feature = "otel")]
+mod otel;
 mod power_loss;
 mod powerfs;
 mod publish;
@@ -57,4 +59,5 @@ mod slow_clients;
 mod support;
 mod tls;
 mod topics;
+mod traces;
 mod workload;

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::support::{eventually, receipts, TestServer};
 
 /// Every sample of a scrape: `name{labels}` → value.
-fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
+pub fn scrape(server: &TestServer) -> BTreeMap<String, f64> {
     let response = server.get("/metrics");
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(
