@@ -35,14 +35,10 @@ pub const MAX_RECEIPTS: usize = 1000;
 /// Most dead letters one listing returns.
 pub const MAX_DEAD_LETTERS: i64 = 1000;
 
-/// The request's W3C `traceparent` header, if it is valid (an invalid one is ignored, as the
-/// recommendation says: it is not stored with the message).
+/// The request's W3C `traceparent` header, if it has exactly one and it is valid (an invalid
+/// one is ignored, as the recommendation says: it is not stored with the message).
 pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim_matches([' ', '\t']))
-        .filter(|v| v.len() <= 256 && TraceParent::parse(v).is_some())
+    TraceParent::of_request(headers).map(|(text, _)| text)
 }
 
 /// `POST /v1/messages`.

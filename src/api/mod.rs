@@ -34,7 +34,8 @@ use tower_service::Service;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::telemetry::{self, context::TraceParent};
+use crate::telemetry::context::{TraceId, TraceParent};
+use crate::telemetry::{self, spans};
 use error::ApiError;
 use tracing::Instrument;
 
@@ -107,7 +108,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The outermost layer of every route: runs the request in its span
-/// ([`telemetry::request_span`], joining the caller's `traceparent`); answers a handler that
+/// ([`telemetry::request_span`], joining the caller's `traceparent`, and when spans are
+/// exported, [`spans::server`] too); answers a handler that
 /// panics with 500 in the error shape, and logs the panic with the request's method and
 /// route, instead of dropping the connection without an answer; and counts every answer by
 /// route template, method and status class (`courier_http_requests_total`). A service of its own rather than
@@ -143,35 +145,38 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let method = request.method().clone();
         let route = request.extensions().get::<MatchedPath>().cloned();
-        let caller = request
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
-        let span = telemetry::request_span(
-            method_label(&method),
-            route.as_ref().map_or("unmatched", MatchedPath::as_str),
-            caller,
-        );
+        let caller = TraceParent::of_request(request.headers()).map(|(_, parsed)| parsed);
+        let trace_id = caller.map_or_else(TraceId::random, |c| c.trace_id);
+        let method_name = method_label(&method);
+        let route_name = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let span = telemetry::request_span(method_name, route_name, trace_id, caller);
+        let recording = spans::server(method_name, route_name, trace_id, caller);
         let inner = &mut self.0;
         let metrics = self.1.clone();
         let called =
             span.in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| inner.call(request))));
-        let answering = span.clone();
         Box::pin(
             async move {
                 let answered = match called {
-                    Ok(future) => AssertUnwindSafe(future).catch_unwind().await,
+                    Ok(future) => {
+                        let scoped = spans::within(recording.as_ref(), future);
+                        AssertUnwindSafe(scoped).catch_unwind().await
+                    }
                     Err(panic) => Err(panic),
                 };
                 let response = answered
                     .unwrap_or_else(|panic| Ok(panicked(&method, route.as_ref(), &*panic)))?;
-                let status = response.status().as_u16();
-                answering.record("status", status);
+                let status = response.status();
+                if let Some(mut recording) = recording {
+                    recording.int("http.response.status_code", status.as_u16().into());
+                    if status.is_server_error() {
+                        recording.error(format!("answered {status}"));
+                    }
+                }
                 metrics.answered(
                     route.as_ref().map_or("unmatched", MatchedPath::as_str),
                     method_label(&method),
-                    status,
+                    status.as_u16(),
                 );
                 Ok(response)
             }

@@ -21,6 +21,7 @@
 use std::sync::Arc;
 
 use crate::metrics::{Tally, Writing};
+use crate::telemetry::spans::{self, Kind};
 use courier_storage::{failpoint, Appended, Offset, Record};
 use tokio::sync::oneshot;
 
@@ -162,16 +163,20 @@ impl Broker {
         let broker = self.clone();
         let tally = Tally::of(&records, points.writing);
         // Submitted → durable: the wait for the group commit, its write and its fsync.
-        let span = tracing::debug_span!(
-            "append",
-            records = records.len(),
-            write = points.submitted.trim_end_matches(".submitted"),
-            offset = tracing::field::Empty
-        );
+        let mut span = spans::start("append", Kind::Internal);
+        if let Some(span) = &mut span {
+            span.text(
+                "courier.write",
+                points.submitted.trim_end_matches(".submitted"),
+            );
+            span.int("courier.records", records.len() as u64);
+        }
         self.log.submit(now, records, move |result| {
             match &result {
                 Ok(appended) => {
-                    span.record("offset", appended.first.0);
+                    if let Some(span) = &mut span {
+                        span.int("courier.offset", appended.first.0);
+                    }
                     failpoint::crash(points.durable);
                     if !tally.is_empty() {
                         broker.metrics.count(&tally);
@@ -188,7 +193,9 @@ impl Broker {
                 }
             }
             // Ends before the answer, within the span of the operation that waits for it.
-            drop(span);
+            if let Some(span) = span {
+                span.end();
+            }
             let _ = tx.send(result);
         });
         failpoint::crash(points.submitted);

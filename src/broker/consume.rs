@@ -9,13 +9,12 @@ use courier_storage::index::DeadEntry;
 use courier_storage::state::queue_inbox;
 use courier_storage::{Agent, Frame, Offset, Record};
 use tokio::sync::Notify;
-use tracing::Instrument;
 
 use super::commit::{Commit, ACK, DEAD_LETTER, EXTEND, LEASE, NACK, REDRIVE};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::delivery::{self, Draw, Outcome, Receipt, Settle};
 use crate::ids::{AgentId, CapabilityName};
-use crate::telemetry::context::TraceParent;
+use crate::telemetry::spans::{self, Kind, Recording};
 
 /// What a receive asks for.
 #[derive(Debug, Clone, Copy)]
@@ -50,31 +49,22 @@ pub struct DeadView {
     pub dead: DeadEntry,
 }
 
-/// The target of the `deliver` spans, checked once per receive before building any.
-const DELIVER_TARGET: &str = "courier::broker::consume";
-
-/// Records a message's delivery as a span of its own in the trace of the `traceparent`
-/// stored with it (its parent: the producer's span), linked to the receive that handed it
-/// out; without a valid one, a child of that receive's span.
+/// Records a message's delivery as the span `deliver`, in the trace of the `traceparent`
+/// stored with it (see [`spans::delivered`]).
 fn delivered_span(frame: &Frame, attempt: u32) {
     let Record::Message(message) = &frame.record else {
         return;
     };
-    let producer = message
+    let traceparent = message
         .headers
         .iter()
         .find(|(name, _)| name == "traceparent")
-        .and_then(|(_, value)| TraceParent::parse(value));
-    let _span = tracing::debug_span!(
-        target: DELIVER_TARGET,
-        "deliver",
-        trace_id = producer.map(|p| tracing::field::display(p.trace_id)),
-        parent_id = producer.map(|p| tracing::field::display(p.parent_id)),
-        unsampled = producer.filter(|p| !p.sampled).map(|_| true),
-        message_id = message.id.as_str(),
-        offset = frame.offset.0,
-        attempt,
-    );
+        .map(|(_, value)| value.as_str());
+    spans::delivered(traceparent, |span| {
+        span.text("messaging.message.id", &message.id);
+        span.int("courier.offset", frame.offset.0);
+        span.int("courier.attempt", attempt.into());
+    });
 }
 
 /// Counts an open receive call while it lives.
@@ -184,7 +174,7 @@ impl Broker {
         let offsets = draws.iter().map(|d| d.lease.slot.offset).collect();
         let frames = self.read_messages(offsets).await?;
         let now = self.clock.now_ms();
-        let traced = tracing::enabled!(target: DELIVER_TARGET, tracing::Level::DEBUG);
+        let traced = spans::exporting();
         let mut delivered = Vec::with_capacity(draws.len());
         for (draw, frame) in draws.into_iter().zip(frames) {
             // A message that age retention deleted meanwhile is gone: nothing to deliver.
@@ -260,15 +250,17 @@ impl Broker {
         receipts: &[String],
         how: Settle,
     ) -> Result<Vec<Outcome>> {
-        let receipts_n = receipts.len();
-        let span = match how {
-            Settle::Ack => tracing::debug_span!("ack", %agent, receipts = receipts_n),
-            Settle::Nack { dead_letter, .. } => {
-                tracing::debug_span!("nack", %agent, receipts = receipts_n, dead_letter)
-            }
-            Settle::Extend { .. } => tracing::debug_span!("extend", %agent, receipts = receipts_n),
+        let (name, kind) = match how {
+            Settle::Ack => ("ack", Kind::Internal),
+            Settle::Nack { .. } => ("nack", Kind::Internal),
+            Settle::Extend { .. } => ("extend", Kind::Internal),
         };
-        self.settle_now(agent, receipts, how).instrument(span).await
+        let count = receipts.len() as u64;
+        let describe = |span: &mut Recording| {
+            span.text("courier.agent", agent.as_str());
+            span.int("courier.receipts", count);
+        };
+        spans::child(name, kind, describe, self.settle_now(agent, receipts, how)).await
     }
 
     async fn settle_now(

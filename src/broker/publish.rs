@@ -16,6 +16,7 @@ use super::{millis, Broker, Core, Refusal, Result};
 use crate::clock::Stopwatch;
 use crate::delivery::State;
 use crate::ids::{Address, AgentId};
+use crate::telemetry::spans::{self, Kind, Recording};
 
 /// One message to publish, validated by the API.
 #[derive(Debug, Clone)]
@@ -100,9 +101,20 @@ impl Broker {
     }
 
     /// [`Broker::publish`] of a signed request: once the messages are admitted, its nonce is
-    /// spent (refused if used before) in the same lock hold, ahead of their records.
-    #[tracing::instrument(name = "publish", level = "debug", skip_all, fields(messages = outgoing.len()))]
+    /// spent (refused if used before) in the same lock hold, ahead of their records. Runs as
+    /// the span `publish` when spans are exported.
     pub async fn publish_signed(
+        self: &Arc<Self>,
+        outgoing: Vec<Outgoing>,
+        signed: Option<Signed>,
+    ) -> Result<Vec<Published>> {
+        let count = outgoing.len() as u64;
+        let describe = |span: &mut Recording| span.int("messaging.batch.message_count", count);
+        let publishing = self.publish_now(outgoing, signed);
+        spans::child("publish", Kind::Producer, describe, publishing).await
+    }
+
+    async fn publish_now(
         self: &Arc<Self>,
         mut outgoing: Vec<Outgoing>,
         signed: Option<Signed>,

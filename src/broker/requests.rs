@@ -21,6 +21,7 @@ use super::commit::{Commit, ACK};
 use super::publish::{new_id, Outgoing};
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::ids::Address;
+use crate::telemetry::spans::{self, Kind, Recording};
 
 /// Resolves once the reply's settling in the requester's inbox is durable (or failed: then
 /// the reply stays in the inbox, and the call is answered all the same).
@@ -120,9 +121,20 @@ enum Decided {
 impl Broker {
     /// Publishes a request durably and waits up to `options.timeout` for its first reply,
     /// whose message is returned. A request whose client id was already answered returns
-    /// the stored reply without publishing anything.
-    #[tracing::instrument(name = "request_reply", level = "debug", skip_all, fields(timeout_ms = options.timeout.as_millis()))]
+    /// the stored reply without publishing anything. Runs as the span `request_reply` when
+    /// spans are exported.
     pub async fn request(
+        self: &Arc<Self>,
+        outgoing: Outgoing,
+        options: RequestOptions,
+    ) -> Result<Frame> {
+        let timeout_ms = millis(options.timeout);
+        let describe = |span: &mut Recording| span.int("courier.timeout_ms", timeout_ms);
+        let calling = self.call(outgoing, options);
+        spans::child("request_reply", Kind::Internal, describe, calling).await
+    }
+
+    async fn call(
         self: &Arc<Self>,
         mut outgoing: Outgoing,
         options: RequestOptions,

@@ -187,3 +187,25 @@ fn help_lists_every_key_with_its_default() {
         );
     }
 }
+
+#[test]
+fn otel_endpoint_is_an_http_url_and_needs_the_otel_feature() {
+    for bad in ["127.0.0.1:4318", "ftp://c:4318", "http://", "http:// c"] {
+        let mut raw = RawConfig::defaults();
+        raw.merge_command_line(&command_line(&["--otel-endpoint", bad]))
+            .expect("parsed");
+        check_err(&raw, "otel.endpoint");
+    }
+    let mut raw = RawConfig::defaults();
+    raw.merge_command_line(&command_line(&["--otel-endpoint", "http://127.0.0.1:4318"]))
+        .expect("parsed");
+    if cfg!(feature = "otel") {
+        let config = raw.validate().expect("valid");
+        assert_eq!(
+            config.otel.endpoint.as_deref(),
+            Some("http://127.0.0.1:4318")
+        );
+    } else {
+        check_err(&raw, "build it with the cargo feature `otel`");
+    }
+}

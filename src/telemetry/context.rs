@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use axum::http::HeaderMap;
+
 /// A 16-byte trace id, never all zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TraceId(pub u128);
@@ -132,6 +134,20 @@ impl TraceParent {
             parent_id: SpanId::parse(parent_id)?,
             sampled: flags & 1 == 1,
         })
+    }
+}
+
+impl TraceParent {
+    /// The request's `traceparent` header and what it says, if the request has exactly one
+    /// and it is valid: several are as good as none, as the recommendation says.
+    pub fn of_request(headers: &HeaderMap) -> Option<(&str, Self)> {
+        let mut values = headers.get_all("traceparent").iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return None;
+        };
+        let text = value.to_str().ok()?.trim_matches([' ', '\t']);
+        let parsed = Self::parse(text).filter(|_| text.len() <= 256)?;
+        Some((text, parsed))
     }
 }
 

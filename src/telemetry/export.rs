@@ -1,37 +1,29 @@
 //! Span export over OTLP/HTTP in protobuf (feature `otel`, config `otel.endpoint`).
 //!
-//! [`SpanExport`] is a `tracing` layer: it gives each span of a trace (see
-//! [`super::request_span`]) a span id, and once the span closes, hands what it recorded to a
-//! bounded queue without waiting. One thread, [`run`], takes the queue in batches (up to
-//! [`BATCH_SPANS`] spans, or what came within [`BATCH_DELAY`]), encodes them with the
-//! OpenTelemetry protobuf types and POSTs them to `<otel.endpoint>/v1/traces`. A collector
-//! that is down or slow therefore never delays or fails a request: its batches fail (or time
-//! out after [`EXPORT_TIMEOUT`]) on that thread, the queue fills, and what cannot be queued
-//! or sent is dropped and counted ([`ExportCounts`], `courier_trace_spans_dropped_total`).
+//! A span ([`super::spans`]) is recorded as an [`Open`]. When it ends, the thread that ends
+//! it encodes it ([`super::otlp`]) into a bounded queue, waiting
+//! for nothing but the queue's lock and waking nobody unless it completes a batch. One
+//! thread, [`run`], takes the queue whenever it holds [`BATCH_SPANS`] spans or [`BATCH_DELAY`]
+//! passed, wraps it into `ExportTraceServiceRequest`s of at most [`BATCH_SPANS`] spans and
+//! POSTs them to `<otel.endpoint>/v1/traces`. A collector that is down or slow therefore never
+//! delays or fails a request: its batches fail (or time out after [`EXPORT_TIMEOUT`]) on that
+//! thread, the queue fills, and what cannot be queued or sent is dropped and counted
+//! ([`ExportCounts`], `courier_trace_spans_dropped_total`).
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{
-    span, status, ResourceSpans, ScopeSpans, Span, Status,
-};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 use prost::Message;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::Subscriber;
-use tracing_subscriber::layer::Context;
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::Layer;
 
 use super::context::{SpanId, TraceId};
+use super::otlp::{Name, Record, Value};
+use super::spans::{Context, Kind};
 use crate::clock::{unix_nanos, Clock};
 
 /// Finished spans waiting for the exporter; past this, new ones are dropped (and counted).
@@ -56,37 +48,41 @@ pub struct ExportCounts {
     pub export_failed: AtomicU64,
 }
 
-/// The counts of the process's exporter (there is one global subscriber), once it started.
-static COUNTS: OnceLock<Arc<ExportCounts>> = OnceLock::new();
+/// The process's span exporter: spans are recorded from anywhere in the server (the request
+/// path, the log's writer thread), like the global `tracing` subscriber they sit beside.
+static EXPORTER: OnceLock<Exporter> = OnceLock::new();
+
+/// The exporter, once started.
+pub fn exporter() -> Option<&'static Exporter> {
+    EXPORTER.get()
+}
 
 /// The exporter's counts, if spans are being exported.
 pub fn counts() -> Option<&'static ExportCounts> {
-    COUNTS.get().map(|counts| &**counts)
+    EXPORTER.get().map(|exporter| &exporter.counts)
 }
 
-/// What the queue carries.
-enum Item {
-    Span(Box<Finished>),
-    /// Export what is queued, then say so.
-    Flush(SyncSender<()>),
+/// The queue of encoded spans and what became of them.
+#[derive(Debug, Default)]
+pub struct Exporter {
+    queue: Queue,
+    counts: ExportCounts,
 }
 
-/// Starts the export thread; the layer that feeds it.
-pub fn start(endpoint: &str) -> std::io::Result<(SpanExport, Flusher)> {
+/// Starts the export thread (once per process).
+///
+/// # Errors
+/// The thread could not be started, or an exporter runs already.
+pub fn start(endpoint: &str) -> std::io::Result<Flusher> {
     let url = traces_url(endpoint);
-    let counts = COUNTS.get_or_init(Arc::default).clone();
-    let (queue, rx) = mpsc::sync_channel(QUEUE_SPANS);
-    let thread_counts = counts.clone();
+    if EXPORTER.set(Exporter::default()).is_err() {
+        return Err(std::io::Error::other("the span exporter runs already"));
+    }
+    let exporter = EXPORTER.get().expect("set above");
     std::thread::Builder::new()
         .name("courier-otlp".into())
-        .spawn(move || run(&rx, &url, &thread_counts))?;
-    Ok((
-        SpanExport {
-            queue: queue.clone(),
-            counts,
-        },
-        Flusher(queue),
-    ))
+        .spawn(move || run(exporter, &url))?;
+    Ok(Flusher(exporter))
 }
 
 /// `<endpoint>/v1/traces`, unless the endpoint names that path already.
@@ -100,209 +96,165 @@ fn traces_url(endpoint: &str) -> String {
 }
 
 /// Exports what is queued, on demand (at shutdown).
-#[derive(Debug, Clone)]
-pub struct Flusher(SyncSender<Item>);
+#[derive(Debug, Clone, Copy)]
+pub struct Flusher(&'static Exporter);
 
 impl Flusher {
     /// Waits up to `timeout` for the spans queued so far to be exported (or dropped).
     pub fn flush(&self, timeout: Duration) {
-        let (done, wait) = mpsc::sync_channel(1);
-        let clock = Clock::start();
-        let deadline = clock.now_ms().saturating_add(millis(timeout));
-        let mut item = Item::Flush(done);
-        loop {
-            match self.0.try_send(item) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) if clock.now_ms() < deadline => {
-                    item = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(_) => return,
-            }
-        }
-        let left = deadline.saturating_sub(clock.now_ms());
-        let _ = wait.recv_timeout(Duration::from_millis(left));
+        let queue = &self.0.queue;
+        let mut queued = queue.lock();
+        queued.flushes_asked += 1;
+        let asked = queued.flushes_asked;
+        queue.ready.notify_one();
+        let _ = queue
+            .served
+            .wait_timeout_while(queued, timeout, |q| q.flushes_served < asked);
     }
 }
 
-impl std::fmt::Debug for Item {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Span(_) => "Span",
-            Self::Flush(_) => "Flush",
+/// Encoded spans between the threads that end them and the export thread: a buffer under a
+/// mutex, which the export thread takes whole.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<Queued>,
+    /// The export thread waits here for a full batch or a flush request.
+    ready: Condvar,
+    /// Flushers wait here for their request to be served.
+    served: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Queued {
+    /// Each span as field 2 (`spans`) of a `ScopeSpans`: key, length, message.
+    bytes: Vec<u8>,
+    /// Where each span ends in `bytes`.
+    ends: Vec<usize>,
+    /// Flush requests made, and served (the thread exported what was queued before them).
+    flushes_asked: u64,
+    flushes_served: u64,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        // Nothing is left half-changed under this lock: a panic cannot break what it holds.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `span`, or counts it as dropped when the queue is full.
+    fn push(&self, span: &Record, counts: &ExportCounts) {
+        let mut queued = self.lock();
+        if queued.ends.len() >= QUEUE_SPANS {
+            drop(queued);
+            counts.queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        span.encode_as_field(2, &mut queued.bytes);
+        let end = queued.bytes.len();
+        queued.ends.push(end);
+        if queued.ends.len() == BATCH_SPANS {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits up to [`BATCH_DELAY`] for a full batch or a flush request, then swaps what is
+    /// queued into `taken` (empty); the flush requests that this serves.
+    fn take(&self, taken: &mut Queued) -> u64 {
+        let queued = self.lock();
+        let (mut queued, _) = self
+            .ready
+            .wait_timeout_while(queued, BATCH_DELAY, |q| {
+                q.ends.len() < BATCH_SPANS && q.flushes_asked == q.flushes_served
+            })
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::swap(&mut queued.bytes, &mut taken.bytes);
+        std::mem::swap(&mut queued.ends, &mut taken.ends);
+        queued.flushes_asked
+    }
+
+    /// Says that the flush requests up to `asked` are served.
+    fn served(&self, asked: u64) {
+        let mut queued = self.lock();
+        if queued.flushes_served < asked {
+            queued.flushes_served = asked;
+            self.served.notify_all();
+        }
+    }
+}
+
+/// A span while it is recorded; encoded into the queue when dropped.
+#[derive(Debug)]
+pub struct Open(Record);
+
+impl Exporter {
+    /// Starts a span `name` in `trace_id`; `parent` is the parent's id and whether it is
+    /// remote (the caller's, from a `traceparent`); `link` another span it relates to.
+    pub fn open(
+        &'static self,
+        name: Name,
+        kind: Kind,
+        trace_id: TraceId,
+        parent: Option<(SpanId, bool)>,
+        link: Option<Context>,
+    ) -> Open {
+        Open(Record {
+            context: Context {
+                trace_id,
+                span_id: SpanId::random(),
+            },
+            parent,
+            link,
+            name,
+            kind,
+            start_ns: unix_nanos(),
+            end_ns: 0,
+            attributes: Vec::with_capacity(4),
+            error: None,
         })
     }
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The `tracing` layer that records the spans of traces and queues them once closed.
-#[derive(Debug)]
-pub struct SpanExport {
-    queue: SyncSender<Item>,
-    counts: Arc<ExportCounts>,
-}
-
-/// A span of a trace while it is open (in the span's extensions).
-#[derive(Debug)]
-struct Open {
-    trace_id: TraceId,
-    span_id: SpanId,
-    parent_id: Option<SpanId>,
-    /// The parent is the caller's span (from a `traceparent`), not one of ours.
-    remote_parent: bool,
-    /// The span of ours it was created in, when that is in another trace (a delivery links
-    /// the receive that handed it out).
-    link: Option<(TraceId, SpanId)>,
-    sampled: bool,
-    start_ns: u64,
-    attributes: Vec<(&'static str, Attr)>,
-}
-
-/// A finished span, on its way to the exporter.
-#[derive(Debug)]
-struct Finished {
-    name: &'static str,
-    open: Open,
-    end_ns: u64,
-}
-
-/// A span attribute's value.
-#[derive(Debug, Clone, PartialEq)]
-enum Attr {
-    Str(String),
-    Int(i64),
-    Bool(bool),
-    Float(f64),
-}
-
-/// The fields of a span: the trace context ones apart.
-#[derive(Debug, Default)]
-struct Fields {
-    trace_id: Option<TraceId>,
-    parent_id: Option<SpanId>,
-    unsampled: bool,
-    attributes: Vec<(&'static str, Attr)>,
-}
-
-impl Visit for Fields {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "trace_id" => self.trace_id = TraceId::parse(value),
-            "parent_id" => self.parent_id = SpanId::parse(value),
-            name => self.attributes.push((name, Attr::Str(value.to_owned()))),
-        }
+impl Open {
+    /// Where it sits.
+    pub fn context(&self) -> Context {
+        self.0.context
     }
 
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.record_str(field, &format!("{value:?}"));
+    /// Adds a string attribute.
+    pub fn text(&mut self, key: &'static str, value: &str) {
+        self.0.attributes.push((key, Value::Text(value.to_owned())));
     }
 
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.attributes.push((field.name(), Attr::Int(value)));
+    /// Adds a string attribute known at compile time.
+    pub fn static_text(&mut self, key: &'static str, value: &'static str) {
+        self.0.attributes.push((key, Value::Static(value)));
     }
 
-    fn record_u64(&mut self, field: &Field, value: u64) {
+    /// Adds an integer attribute.
+    pub fn int(&mut self, key: &'static str, value: u64) {
         let value = i64::try_from(value).unwrap_or(i64::MAX);
-        self.attributes.push((field.name(), Attr::Int(value)));
+        self.0.attributes.push((key, Value::Int(value)));
     }
 
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        match field.name() {
-            "unsampled" => self.unsampled = value,
-            name => self.attributes.push((name, Attr::Bool(value))),
-        }
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.attributes.push((field.name(), Attr::Float(value)));
+    /// Marks the span failed.
+    pub fn error(&mut self, message: String) {
+        self.0.error = Some(message);
     }
 }
 
-impl<S> Layer<S> for SpanExport
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else {
+impl Drop for Open {
+    /// The span ends: it is encoded into the queue (or counted as dropped).
+    fn drop(&mut self) {
+        let Some(exporter) = EXPORTER.get() else {
             return;
         };
-        let mut fields = Fields::default();
-        attrs.record(&mut fields);
-        let parent = span.parent().and_then(|parent| {
-            let extensions = parent.extensions();
-            let open = extensions.get::<Open>()?;
-            Some((open.trace_id, open.span_id, open.sampled))
-        });
-        let (trace_id, parent_id, remote_parent, link, sampled) = match (fields.trace_id, parent) {
-            (Some(trace_id), parent) => (
-                trace_id,
-                fields.parent_id,
-                fields.parent_id.is_some(),
-                parent.map(|(trace, span, _)| (trace, span)),
-                !fields.unsampled,
-            ),
-            (None, Some((trace_id, parent_id, sampled))) => {
-                (trace_id, Some(parent_id), false, None, sampled)
-            }
-            // Outside any request or delivery (the sweeper's own writes): no trace.
-            (None, None) => return,
-        };
-        span.extensions_mut().insert(Open {
-            trace_id,
-            span_id: SpanId::random(),
-            parent_id,
-            remote_parent,
-            link,
-            sampled,
-            start_ns: unix_nanos(),
-            attributes: fields.attributes,
-        });
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(id) else {
-            return;
-        };
-        let mut extensions = span.extensions_mut();
-        if let Some(open) = extensions.get_mut::<Open>() {
-            let mut fields = Fields::default();
-            values.record(&mut fields);
-            open.attributes.extend(fields.attributes);
-        }
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        let Some(span) = ctx.span(&id) else {
-            return;
-        };
-        let Some(open) = span.extensions_mut().remove::<Open>() else {
-            return;
-        };
-        if !open.sampled {
-            return;
-        }
-        let finished = Box::new(Finished {
-            name: span.name(),
-            open,
-            end_ns: unix_nanos(),
-        });
-        match self.queue.try_send(Item::Span(finished)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.counts.export_failed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.0.end_ns = unix_nanos().max(self.0.start_ns);
+        exporter.queue.push(&self.0, &exporter.counts);
     }
 }
 
-/// The export thread: batches, encodes and sends until the queue closes.
-fn run(rx: &Receiver<Item>, url: &str, counts: &ExportCounts) {
+/// The export thread: takes what is queued, a batch at a time, and sends it.
+fn run(exporter: &Exporter, url: &str) {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(EXPORT_TIMEOUT))
         .http_status_as_error(false)
@@ -310,32 +262,19 @@ fn run(rx: &Receiver<Item>, url: &str, counts: &ExportCounts) {
         .build()
         .into();
     let clock = Clock::start();
+    let envelope = Envelope::new();
+    let counts = &exporter.counts;
     let mut warned_at: Option<u64> = None;
-    let mut batch = Vec::with_capacity(BATCH_SPANS);
+    let mut taken = Queued::default();
+    let mut body = Vec::new();
     loop {
-        let mut flush = None;
-        match rx.recv() {
-            Ok(Item::Span(span)) => batch.push(*span),
-            Ok(Item::Flush(done)) => flush = Some(done),
-            Err(_) => return,
-        }
-        let deadline = clock.now_ms().saturating_add(millis(BATCH_DELAY));
-        while flush.is_none() && batch.len() < BATCH_SPANS {
-            let left = Duration::from_millis(deadline.saturating_sub(clock.now_ms()));
-            match rx.recv_timeout(left) {
-                Ok(Item::Span(span)) => batch.push(*span),
-                Ok(Item::Flush(done)) => flush = Some(done),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        if flush.is_some() {
-            // Everything queued before the flush request.
-            while let Ok(Item::Span(span)) = rx.try_recv() {
-                batch.push(*span);
-            }
-        }
-        for chunk in batch.chunks(BATCH_SPANS) {
-            if let Err(error) = export(&agent, url, chunk, counts) {
+        let flushes = exporter.queue.take(&mut taken);
+        let mut start = 0;
+        for ends in taken.ends.chunks(BATCH_SPANS) {
+            let end = ends.last().copied().unwrap_or(start);
+            envelope.wrap(&taken.bytes[start..end], &mut body);
+            start = end;
+            if let Err(error) = export(&agent, url, &body, ends.len() as u64, counts) {
                 let now = clock.now_ms();
                 if warned_at.is_none_or(|at| now.saturating_sub(at) >= WARN_EVERY_MS) {
                     warned_at = Some(now);
@@ -348,26 +287,81 @@ fn run(rx: &Receiver<Item>, url: &str, counts: &ExportCounts) {
                 }
             }
         }
-        batch.clear();
-        if let Some(done) = flush {
-            let _ = done.send(());
-        }
+        taken.bytes.clear();
+        taken.ends.clear();
+        exporter.queue.served(flushes);
     }
 }
 
-/// Sends one batch; counts it as exported or dropped.
+/// What surrounds the spans of every export request: this server as the resource, Courier
+/// as the instrumentation scope, each encoded once.
+struct Envelope {
+    resource: Vec<u8>,
+    scope: Vec<u8>,
+}
+
+impl Envelope {
+    fn new() -> Self {
+        let text = |key: &str, value: &str| KeyValue {
+            key: key.to_owned(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.to_owned())),
+            }),
+            ..KeyValue::default()
+        };
+        let resource = Resource {
+            attributes: vec![
+                text("service.name", "courier"),
+                text("service.version", env!("CARGO_PKG_VERSION")),
+            ],
+            ..Resource::default()
+        };
+        let scope = InstrumentationScope {
+            name: "courier".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..InstrumentationScope::default()
+        };
+        Self {
+            resource: resource.encode_to_vec(),
+            scope: scope.encode_to_vec(),
+        }
+    }
+
+    /// `ExportTraceServiceRequest { resource_spans: [ResourceSpans { resource, scope_spans:
+    /// [ScopeSpans { scope, spans }] }] }` into `body`, where `spans` are encoded spans as
+    /// [`Queue::push`] writes them.
+    fn wrap(&self, spans: &[u8], body: &mut Vec<u8>) {
+        let field = |len: usize| key_len(1) + encoded_len_varint(len as u64) + len;
+        let scope_spans = field(self.scope.len()) + spans.len();
+        let resource_spans = field(self.resource.len()) + field(scope_spans);
+        body.clear();
+        body.reserve(field(resource_spans));
+        encode_key(1, WireType::LengthDelimited, body);
+        encode_varint(resource_spans as u64, body);
+        encode_key(1, WireType::LengthDelimited, body);
+        encode_varint(self.resource.len() as u64, body);
+        body.extend_from_slice(&self.resource);
+        encode_key(2, WireType::LengthDelimited, body);
+        encode_varint(scope_spans as u64, body);
+        encode_key(1, WireType::LengthDelimited, body);
+        encode_varint(self.scope.len() as u64, body);
+        body.extend_from_slice(&self.scope);
+        body.extend_from_slice(spans);
+    }
+}
+
+/// Sends one request of `n` spans; counts them as exported or dropped.
 fn export(
     agent: &ureq::Agent,
     url: &str,
-    batch: &[Finished],
+    body: &[u8],
+    n: u64,
     counts: &ExportCounts,
 ) -> Result<(), String> {
-    let n = batch.len() as u64;
-    let body = request(batch).encode_to_vec();
     let result = agent
         .post(url)
         .header("Content-Type", "application/x-protobuf")
-        .send(&body[..]);
+        .send(body);
     let outcome = match result {
         Ok(response) if response.status().is_success() => {
             // A partial success names how many spans the collector rejected.
@@ -392,138 +386,11 @@ fn export(
     Err(outcome)
 }
 
-/// The export request of `batch`: one resource (this server), one scope.
-fn request(batch: &[Finished]) -> ExportTraceServiceRequest {
-    let text = |key: &str, value: &str| KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
-        ..KeyValue::default()
-    };
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![
-                    text("service.name", "courier"),
-                    text("service.version", env!("CARGO_PKG_VERSION")),
-                ],
-                ..Resource::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "courier".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..InstrumentationScope::default()
-                }),
-                spans: batch.iter().map(Finished::to_proto).collect(),
-                schema_url: String::new(),
-            }],
-            schema_url: String::new(),
-        }],
-    }
-}
-
-/// Span flags (OTLP): the W3C sampled flag, and whether the parent is remote.
-const SAMPLED: u32 = 0x1;
-const HAS_IS_REMOTE: u32 = 0x100;
-const IS_REMOTE: u32 = 0x200;
-
-impl Finished {
-    fn to_proto(&self) -> Span {
-        let open = &self.open;
-        let attribute = |key: &'static str| {
-            open.attributes
-                .iter()
-                .rev()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v)
-        };
-        let status_code = match attribute("status") {
-            Some(Attr::Int(code)) => Some(*code),
-            _ => None,
-        };
-        let name = match (self.name, attribute("method"), attribute("route")) {
-            ("request", Some(Attr::Str(method)), Some(Attr::Str(route))) => {
-                format!("{method} {route}")
-            }
-            (name, _, _) => name.to_owned(),
-        };
-        let kind = match self.name {
-            "request" => span::SpanKind::Server,
-            "publish" => span::SpanKind::Producer,
-            "deliver" => span::SpanKind::Consumer,
-            _ => span::SpanKind::Internal,
-        };
-        let status = match status_code {
-            Some(code) if code >= 500 => Some(Status {
-                code: status::StatusCode::Error.into(),
-                message: format!("answered {code}"),
-            }),
-            _ => None,
-        };
-        Span {
-            trace_id: open.trace_id.to_bytes().to_vec(),
-            span_id: open.span_id.to_bytes().to_vec(),
-            parent_span_id: open
-                .parent_id
-                .map(|id| id.to_bytes().to_vec())
-                .unwrap_or_default(),
-            flags: SAMPLED | HAS_IS_REMOTE | if open.remote_parent { IS_REMOTE } else { 0 },
-            name,
-            kind: kind.into(),
-            start_time_unix_nano: open.start_ns,
-            end_time_unix_nano: self.end_ns.max(open.start_ns),
-            attributes: open.attributes.iter().map(Attr::to_proto).collect(),
-            links: open
-                .link
-                .map(|(trace_id, span_id)| span::Link {
-                    trace_id: trace_id.to_bytes().to_vec(),
-                    span_id: span_id.to_bytes().to_vec(),
-                    flags: SAMPLED | HAS_IS_REMOTE,
-                    ..span::Link::default()
-                })
-                .into_iter()
-                .collect(),
-            status,
-            ..Span::default()
-        }
-    }
-}
-
-impl Attr {
-    fn to_proto((key, value): &(&'static str, Self)) -> KeyValue {
-        KeyValue {
-            key: attribute_name(key),
-            value: Some(AnyValue {
-                value: Some(match value {
-                    Self::Str(s) => any_value::Value::StringValue(s.clone()),
-                    Self::Int(i) => any_value::Value::IntValue(*i),
-                    Self::Bool(b) => any_value::Value::BoolValue(*b),
-                    Self::Float(f) => any_value::Value::DoubleValue(*f),
-                }),
-            }),
-            ..KeyValue::default()
-        }
-    }
-}
-
-/// An attribute's name in OpenTelemetry's semantic conventions where one fits, else
-/// `courier.<field>`.
-fn attribute_name(field: &str) -> String {
-    match field {
-        "method" => "http.request.method".into(),
-        "route" => "http.route".into(),
-        "status" => "http.response.status_code".into(),
-        "message_id" => "messaging.message.id".into(),
-        "messages" => "messaging.batch.message_count".into(),
-        other => format!("courier.{other}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::Span;
 
     #[test]
     fn the_traces_path_is_added_to_a_base_endpoint_once() {
@@ -539,5 +406,34 @@ mod tests {
             traces_url("https://c.example/otlp/v1/traces"),
             "https://c.example/otlp/v1/traces"
         );
+    }
+
+    #[test]
+    fn queued_spans_wrapped_in_the_envelope_decode_as_an_export_request() {
+        let spans: Vec<Span> = (1..=3u8)
+            .map(|n| Span {
+                trace_id: vec![n; 16],
+                span_id: vec![n; 8],
+                name: format!("span {n}"),
+                ..Span::default()
+            })
+            .collect();
+        let mut queued = Vec::new();
+        for span in &spans {
+            prost::encoding::message::encode(2, span, &mut queued);
+        }
+        let mut body = Vec::new();
+        Envelope::new().wrap(&queued, &mut body);
+        let request = ExportTraceServiceRequest::decode(&body[..]).expect("a valid request");
+        assert_eq!(request.resource_spans.len(), 1);
+        let resource = &request.resource_spans[0];
+        assert_eq!(
+            resource.resource.as_ref().expect("resource").attributes[0].key,
+            "service.name"
+        );
+        assert_eq!(resource.scope_spans.len(), 1);
+        let scope = &resource.scope_spans[0];
+        assert_eq!(scope.scope.as_ref().expect("scope").name, "courier");
+        assert_eq!(scope.spans, spans);
     }
 }

@@ -1,18 +1,19 @@
 //! Logging and tracing (SPEC §8).
 //!
 //! - Logs: `tracing` to stderr, text or JSON, filtered by `RUST_LOG` or else `log_level`.
-//! - Traces: every request runs in a [`request_span`] that joins the caller's W3C
-//!   `traceparent` ([`context`]), so every log line written while answering it carries its
-//!   `trace_id`. The broker's work has spans of its own at `debug` level: `publish`,
-//!   `append` (submitted → durable: the group commit and its fsync), `deliver` (one per
-//!   message handed out, in the trace of the `traceparent` stored with the message),
-//!   `ack`/`nack`/`extend` and `request_reply`. Nothing records them unless `RUST_LOG` asks
-//!   for them or, with the cargo feature `otel` and `otel.endpoint` set, the span exporter
-//!   ([`export`]) does, which sends them over OTLP/HTTP.
+//! - Trace context: every request runs in a `tracing` span ([`request_span`]) that joins the
+//!   caller's W3C `traceparent` ([`context`]), so every log line written while answering it
+//!   carries its `trace_id`.
+//! - Spans for export ([`spans`]): the request, `publish`, `append`, `deliver`,
+//!   `ack`/`nack`/`extend` and `request_reply`, recorded only with the cargo feature `otel`
+//!   and `otel.endpoint` set, and sent over OTLP/HTTP by [`export`].
 
 pub mod context;
 #[cfg(feature = "otel")]
 pub mod export;
+#[cfg(feature = "otel")]
+pub mod otlp;
+pub mod spans;
 
 use std::time::Duration;
 
@@ -45,32 +46,24 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber. Stdout is left to the one line that names the address.
+/// Installs the global subscriber, and starts the span exporter when `otel.endpoint` is set.
+/// Stdout is left to the one line that names the address.
 ///
 /// # Errors
 /// The span exporter's thread could not be started.
 pub fn init(config: &Config) -> std::io::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sled=warn", config.log_level)));
-    #[cfg(feature = "otel")]
-    if let Some(endpoint) = &config.otel.endpoint {
-        let (spans, flusher) = export::start(endpoint)?;
-        // Each layer its own filter: the exporter takes every span of Courier's, whatever
-        // the log level.
-        let ours = tracing_subscriber::filter::Targets::new()
-            .with_target("courier", tracing::Level::DEBUG);
-        tracing_subscriber::registry()
-            .with(logs(config.log_format).with_filter(filter))
-            .with(spans.with_filter(ours))
-            .init();
-        return Ok(Telemetry {
-            flusher: Some(flusher),
-        });
-    }
     tracing_subscriber::registry()
         .with(filter)
         .with(logs(config.log_format))
         .init();
+    #[cfg(feature = "otel")]
+    if let Some(endpoint) = &config.otel.endpoint {
+        return Ok(Telemetry {
+            flusher: Some(export::start(endpoint)?),
+        });
+    }
     Ok(Telemetry::default())
 }
 
@@ -101,20 +94,23 @@ pub fn span_counts() -> Option<SpanCounts> {
     None
 }
 
-/// The span a request runs in, joining `caller`'s trace when the request carried a valid
-/// `traceparent` (else starting a trace of its own). Its fields: `method`, `route` (the
-/// template), `trace_id`, the caller's span as `parent_id`, `unsampled` when the caller
-/// does not record the trace (then nothing of it is exported), and `status` once answered.
-pub fn request_span(method: &str, route: &str, caller: Option<TraceParent>) -> Span {
-    let trace_id = caller.map_or_else(TraceId::random, |c| c.trace_id);
-    tracing::info_span!(
+/// The `tracing` span a request runs in, in trace `trace_id` (the caller's, from its
+/// `traceparent`, else a new one): its fields `method`, `route` (the template), `trace_id` and
+/// the caller's span as `parent_id` are in every log line written while answering. At level
+/// ERROR so that no log level hides it: a span's level only decides whether it is recorded,
+/// and the warnings and errors of a request are the lines that most need its trace id.
+pub fn request_span(
+    method: &str,
+    route: &str,
+    trace_id: TraceId,
+    caller: Option<TraceParent>,
+) -> Span {
+    tracing::error_span!(
         target: "courier::request",
         "request",
         method = %method,
         route = %route,
         trace_id = %trace_id,
         parent_id = caller.map(|c| tracing::field::display(c.parent_id)),
-        unsampled = caller.filter(|c| !c.sampled).map(|_| true),
-        status = tracing::field::Empty,
     )
 }

@@ -117,3 +117,50 @@ fn only_a_valid_traceparent_is_stored_with_the_message() {
         ]
     );
 }
+
+#[test]
+fn warnings_carry_the_trace_id_whatever_the_log_level() {
+    let mut server = TestServer::unstarted(&["--auth-mode", "token", "--log-level", "warn"]);
+    server.set_env(
+        "COURIER_ADMIN_TOKEN",
+        Some("cour_admin_0123456789abcdef0123456789"),
+    );
+    server.restart();
+    let response = server.raw(
+        "GET",
+        "/v1/agents",
+        None,
+        None,
+        &[
+            (
+                "authorization",
+                "Bearer cour_wrong_0123456789abcdef0123456789",
+            ),
+            ("traceparent", TRACEPARENT),
+        ],
+    );
+    assert_eq!(response.status, 401, "{response:?}");
+    let logs = server.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("authentication failed"))
+        .unwrap_or_else(|| panic!("no authentication line in:\n{logs}"));
+    assert!(line.contains(&format!("trace_id={TRACE_ID}")), "{line}");
+}
+
+#[test]
+fn a_traceparent_sent_twice_is_ignored() {
+    let server = TestServer::start(&[]);
+    server.register("planner", json!({}));
+    let body = br#"{"to":"agent:planner","from":"a","body":1}"#;
+    let r = server.raw(
+        "POST",
+        "/v1/messages",
+        Some(body),
+        Some("application/json"),
+        &[("traceparent", TRACEPARENT), ("traceparent", TRACEPARENT)],
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let messages = server.receive("planner", json!({"wait_ms": 0}));
+    assert_eq!(messages[0]["headers"], json!({}));
+}

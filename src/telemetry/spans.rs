@@ -1,0 +1,258 @@
+//! The spans Courier records for export: one per request (`<METHOD> <route>`), and inside it
+//! `publish`, `append` (submitted → durable: the group commit and its fsync), `deliver` (one
+//! per message handed out, in the trace of the `traceparent` stored with it), `ack` / `nack` /
+//! `extend` and `request_reply`.
+//!
+//! They are recorded only with the cargo feature `otel` and `otel.endpoint` set, and only in a
+//! trace its caller records (see [`super::export`]); otherwise every function here costs a
+//! check of one pointer. The current span of a request travels in a task-local: a child
+//! started anywhere in the request's task (or carried into the log's completion callback,
+//! as `append` is) joins it. These are not `tracing` spans: the request's `tracing` span
+//! ([`super::request_span`]) is what the logs read; these are built for export alone, without
+//! the subscriber's per-span bookkeeping.
+
+use std::future::Future;
+
+#[cfg(feature = "otel")]
+use futures_util::future::Either;
+
+use super::context::{SpanId, TraceId, TraceParent};
+#[cfg(feature = "otel")]
+use super::{export, otlp::Name};
+
+/// What a span is, in OTLP's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Answers a request from outside (the request span).
+    Server,
+    /// Publishes messages.
+    Producer,
+    /// Hands a message to its consumer.
+    Consumer,
+    /// Anything else.
+    Internal,
+}
+
+/// Where a span sits: its trace and its own id (what its children name as parent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Context {
+    /// The trace.
+    pub trace_id: TraceId,
+    /// The span.
+    pub span_id: SpanId,
+}
+
+#[cfg(feature = "otel")]
+tokio::task_local! {
+    /// The span the current task works in.
+    static CURRENT: Context;
+}
+
+/// A span being recorded: ends, and is queued for export, when dropped.
+#[derive(Debug)]
+pub struct Recording {
+    #[cfg(feature = "otel")]
+    open: export::Open,
+}
+
+impl Recording {
+    /// Where it sits.
+    pub fn context(&self) -> Context {
+        #[cfg(feature = "otel")]
+        return self.open.context();
+        #[cfg(not(feature = "otel"))]
+        unreachable!("no span is recorded without the feature `otel`")
+    }
+
+    /// Adds a string attribute.
+    pub fn text(&mut self, key: &'static str, value: &str) {
+        #[cfg(feature = "otel")]
+        self.open.text(key, value);
+        #[cfg(not(feature = "otel"))]
+        let _ = (key, value);
+    }
+
+    /// Adds a string attribute known at compile time (no copy).
+    pub fn static_text(&mut self, key: &'static str, value: &'static str) {
+        #[cfg(feature = "otel")]
+        self.open.static_text(key, value);
+        #[cfg(not(feature = "otel"))]
+        let _ = (key, value);
+    }
+
+    /// Adds an integer attribute.
+    pub fn int(&mut self, key: &'static str, value: u64) {
+        #[cfg(feature = "otel")]
+        self.open.int(key, value);
+        #[cfg(not(feature = "otel"))]
+        let _ = (key, value);
+    }
+
+    /// Ends the span now (as dropping it does).
+    pub fn end(self) {}
+
+    /// Marks the span failed, with what went wrong.
+    pub fn error(&mut self, message: String) {
+        #[cfg(feature = "otel")]
+        self.open.error(message);
+        #[cfg(not(feature = "otel"))]
+        let _ = message;
+    }
+}
+
+/// Whether spans are being exported (then [`delivered`] is worth its header lookup).
+pub fn exporting() -> bool {
+    #[cfg(feature = "otel")]
+    return export::exporter().is_some();
+    #[cfg(not(feature = "otel"))]
+    false
+}
+
+/// The span of a request (`<method> <route>`, kind server) in trace `trace_id`, a child of
+/// the caller's span when it sent a `traceparent`; `None` when nothing is exported or the
+/// caller does not record this trace.
+pub fn server(
+    method: &'static str,
+    route: &str,
+    trace_id: TraceId,
+    caller: Option<TraceParent>,
+) -> Option<Recording> {
+    #[cfg(feature = "otel")]
+    {
+        if caller.is_some_and(|c| !c.sampled) {
+            return None;
+        }
+        let exporter = export::exporter()?;
+        let mut span = exporter.open(
+            Name::Owned(format!("{method} {route}")),
+            Kind::Server,
+            trace_id,
+            caller.map(|c| (c.parent_id, true)),
+            None,
+        );
+        span.static_text("http.request.method", method);
+        span.text("http.route", route);
+        Some(Recording { open: span })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = (method, route, trace_id, caller);
+        None
+    }
+}
+
+/// Starts a span `name`, a child of the current task's span; `None` outside a recorded
+/// request. For work that ends elsewhere (`append` ends in the log's completion callback).
+pub fn start(name: &'static str, kind: Kind) -> Option<Recording> {
+    #[cfg(feature = "otel")]
+    {
+        let exporter = export::exporter()?;
+        let parent = CURRENT.try_with(|current| *current).ok()?;
+        let open = exporter.open(
+            Name::Static(name),
+            kind,
+            parent.trace_id,
+            Some((parent.span_id, false)),
+            None,
+        );
+        Some(Recording { open })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = (name, kind);
+        None
+    }
+}
+
+/// `future`, run in `span` (if any): spans started inside are its children. Without a span,
+/// `future` itself, unwrapped.
+#[cfg(feature = "otel")]
+pub fn within<F: Future>(span: Option<&Recording>, future: F) -> impl Future<Output = F::Output> {
+    match span {
+        Some(span) => Either::Right(CURRENT.scope(span.context(), future)),
+        None => Either::Left(future),
+    }
+}
+
+/// `future` itself: without the feature `otel` nothing is recorded.
+#[cfg(not(feature = "otel"))]
+pub fn within<F: Future>(span: Option<&Recording>, future: F) -> impl Future<Output = F::Output> {
+    let _ = span;
+    future
+}
+
+/// `future`, run as a span `name` of its own, a child of the current one, described by
+/// `describe`; the span ends when the future does (or is dropped). Outside a recorded
+/// request, `future` itself, unwrapped (no copy of a large future into wrappers).
+#[cfg(feature = "otel")]
+pub fn child<F: Future>(
+    name: &'static str,
+    kind: Kind,
+    describe: impl FnOnce(&mut Recording),
+    future: F,
+) -> impl Future<Output = F::Output> {
+    match start(name, kind) {
+        Some(mut span) => {
+            describe(&mut span);
+            Either::Right(async move {
+                let output = CURRENT.scope(span.context(), future).await;
+                span.end();
+                output
+            })
+        }
+        None => Either::Left(future),
+    }
+}
+
+/// `future` itself: without the feature `otel` nothing is recorded.
+#[cfg(not(feature = "otel"))]
+pub fn child<F: Future>(
+    name: &'static str,
+    kind: Kind,
+    describe: impl FnOnce(&mut Recording),
+    future: F,
+) -> impl Future<Output = F::Output> {
+    let _ = (name, kind, describe);
+    future
+}
+
+/// Records a message's delivery (`deliver`, kind consumer, no duration): in the trace of its
+/// stored `traceparent` (the producer's span its parent), linked to the current span (the
+/// receive that hands it out); without a valid one, a child of the current span.
+pub fn delivered(traceparent: Option<&str>, describe: impl FnOnce(&mut Recording)) {
+    #[cfg(feature = "otel")]
+    {
+        let Some(exporter) = export::exporter() else {
+            return;
+        };
+        let current = CURRENT.try_with(|current| *current).ok();
+        let span = match traceparent.and_then(TraceParent::parse) {
+            Some(producer) if !producer.sampled => return,
+            Some(producer) => exporter.open(
+                Name::Static("deliver"),
+                Kind::Consumer,
+                producer.trace_id,
+                Some((producer.parent_id, true)),
+                current,
+            ),
+            None => {
+                let Some(current) = current else {
+                    return;
+                };
+                exporter.open(
+                    Name::Static("deliver"),
+                    Kind::Consumer,
+                    current.trace_id,
+                    Some((current.span_id, false)),
+                    None,
+                )
+            }
+        };
+        let mut recording = Recording { open: span };
+        describe(&mut recording);
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = (traceparent, describe);
+    }
+}
