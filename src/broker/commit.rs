@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use crate::metrics::{Tally, Writing};
-use crate::telemetry::spans::{self, Kind};
+use crate::telemetry::spans::{self, Kind, Recording};
 use courier_storage::{failpoint, Appended, Offset, Record};
 use tokio::sync::oneshot;
 
@@ -80,12 +80,18 @@ type AppendRx = oneshot::Receiver<std::result::Result<Appended, courier_storage:
 
 /// Records submitted under the broker lock, on their way to disk.
 #[must_use = "a change is answered only once durable: await `durable`"]
-pub(super) struct Commit(AppendRx);
+pub(super) struct Commit {
+    rx: AppendRx,
+    /// The span `append` (when spans are exported): submitted → durable, ended by the task
+    /// that waits for it, so the log's writer thread does no tracing work.
+    span: Option<Recording>,
+}
 
 impl Commit {
     /// Waits until the records are durable (per the fsync policy); where they landed.
     pub(super) async fn durable(self) -> Result<Appended> {
-        match self.0.await {
+        let Self { rx, mut span } = self;
+        let answer = match rx.await {
             Ok(Ok(appended)) => Ok(appended),
             Ok(Err(error)) => Err(Refusal::Unavailable(format!(
                 "the write failed and the server stopped accepting writes ({error}); restart it to recover"
@@ -93,7 +99,14 @@ impl Commit {
             Err(_) => Err(Refusal::Unavailable(
                 "the log closed before the write completed".into(),
             )),
+        };
+        if let Some(span) = &mut span {
+            match &answer {
+                Ok(appended) => span.int("courier.offset", appended.first.0),
+                Err(refusal) => span.error(refusal.to_string()),
+            }
         }
+        answer
     }
 
     /// Nobody waits for these records: the sweeper's own decisions, which the next start
@@ -165,18 +178,13 @@ impl Broker {
         // Submitted → durable: the wait for the group commit, its write and its fsync.
         let mut span = spans::start("append", Kind::Internal);
         if let Some(span) = &mut span {
-            span.text(
-                "courier.write",
-                points.submitted.trim_end_matches(".submitted"),
-            );
+            let write = points.submitted.trim_end_matches(".submitted");
+            span.static_text("courier.write", write);
             span.int("courier.records", records.len() as u64);
         }
         self.log.submit(now, records, move |result| {
             match &result {
                 Ok(appended) => {
-                    if let Some(span) = &mut span {
-                        span.int("courier.offset", appended.first.0);
-                    }
                     failpoint::crash(points.durable);
                     if !tally.is_empty() {
                         broker.metrics.count(&tally);
@@ -192,14 +200,10 @@ impl Broker {
                     tracing::error!(%error, "an append failed; the log refuses further writes");
                 }
             }
-            // Ends before the answer, within the span of the operation that waits for it.
-            if let Some(span) = span {
-                span.end();
-            }
             let _ = tx.send(result);
         });
         failpoint::crash(points.submitted);
-        Commit(rx)
+        Commit { rx, span }
     }
 }
 
