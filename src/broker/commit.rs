@@ -111,7 +111,11 @@ impl Commit {
 
     /// Nobody waits for these records: the sweeper's own decisions, which the next start
     /// decides again from the recovered state if a crash loses them.
-    pub(super) fn detach(self) {}
+    pub(super) fn detach(self) {
+        if let Some(span) = self.span {
+            span.discard();
+        }
+    }
 }
 
 impl Broker {

@@ -49,7 +49,7 @@ pub struct ExportCounts {
 }
 
 /// The process's span exporter: spans are recorded from anywhere in the server (the request
-/// path, the log's writer thread), like the global `tracing` subscriber they sit beside.
+/// path and the tasks it spawns), like the global `tracing` subscriber they sit beside.
 static EXPORTER: OnceLock<Exporter> = OnceLock::new();
 
 /// The exporter, once started.
@@ -182,9 +182,9 @@ impl Queue {
     }
 }
 
-/// A span while it is recorded; encoded into the queue when dropped.
+/// A span while it is recorded; encoded into the queue when dropped (unless discarded).
 #[derive(Debug)]
-pub struct Open(Record);
+pub struct Open(Record, bool);
 
 impl Exporter {
     /// Starts a span `name` in `trace_id`; `parent` is the parent's id and whether it is
@@ -197,20 +197,23 @@ impl Exporter {
         parent: Option<(SpanId, bool)>,
         link: Option<Context>,
     ) -> Open {
-        Open(Record {
-            context: Context {
-                trace_id,
-                span_id: SpanId::random(),
+        Open(
+            Record {
+                context: Context {
+                    trace_id,
+                    span_id: SpanId::random(),
+                },
+                parent,
+                link,
+                name,
+                kind,
+                start_ns: unix_nanos(),
+                end_ns: 0,
+                attributes: Vec::with_capacity(4),
+                error: None,
             },
-            parent,
-            link,
-            name,
-            kind,
-            start_ns: unix_nanos(),
-            end_ns: 0,
-            attributes: Vec::with_capacity(4),
-            error: None,
-        })
+            false,
+        )
     }
 }
 
@@ -240,12 +243,17 @@ impl Open {
     pub fn error(&mut self, message: String) {
         self.0.error = Some(message);
     }
+
+    /// Drops the span without queueing it.
+    pub fn discard(mut self) {
+        self.1 = true;
+    }
 }
 
 impl Drop for Open {
     /// The span ends: it is encoded into the queue (or counted as dropped).
     fn drop(&mut self) {
-        let Some(exporter) = EXPORTER.get() else {
+        let Some(exporter) = EXPORTER.get().filter(|_| !self.1) else {
             return;
         };
         self.0.end_ns = unix_nanos().max(self.0.start_ns);
@@ -270,11 +278,21 @@ fn run(exporter: &Exporter, url: &str) {
     loop {
         let flushes = exporter.queue.take(&mut taken);
         let mut start = 0;
+        let mut failed = false;
         for ends in taken.ends.chunks(BATCH_SPANS) {
+            if failed {
+                // The collector just failed or timed out: the rest of this take is dropped
+                // rather than tried for up to 10 s more each.
+                counts
+                    .export_failed
+                    .fetch_add(ends.len() as u64, Ordering::Relaxed);
+                continue;
+            }
             let end = ends.last().copied().unwrap_or(start);
             envelope.wrap(&taken.bytes[start..end], &mut body);
             start = end;
             if let Err(error) = export(&agent, url, &body, ends.len() as u64, counts) {
+                failed = true;
                 let now = clock.now_ms();
                 if warned_at.is_none_or(|at| now.saturating_sub(at) >= WARN_EVERY_MS) {
                     warned_at = Some(now);

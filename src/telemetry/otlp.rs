@@ -152,8 +152,11 @@ impl Record {
     }
 
     fn flags(&self) -> u32 {
-        let remote = self.parent.is_some_and(|(_, remote)| remote);
-        SAMPLED | HAS_IS_REMOTE | if remote { IS_REMOTE } else { 0 }
+        match self.parent {
+            Some((_, true)) => SAMPLED | HAS_IS_REMOTE | IS_REMOTE,
+            Some((_, false)) => SAMPLED | HAS_IS_REMOTE,
+            None => SAMPLED,
+        }
     }
 
     /// The encoded length of the `Span` message.
@@ -323,7 +326,7 @@ mod tests {
         assert!(span.links.is_empty());
         assert_eq!(span.status, None);
         assert_eq!(span.kind, i32::from(span::SpanKind::Internal));
-        assert_eq!(span.flags, 0x101);
+        assert_eq!(span.flags, 0x1);
     }
 
     fn hex(bytes: &[u8]) -> String {

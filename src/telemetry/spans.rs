@@ -6,8 +6,8 @@
 //! They are recorded only with the cargo feature `otel` and `otel.endpoint` set, and only in a
 //! trace its caller records (see [`super::export`]); otherwise every function here costs a
 //! check of one pointer. The current span of a request travels in a task-local: a child
-//! started anywhere in the request's task (or carried into the log's completion callback,
-//! as `append` is) joins it. These are not `tracing` spans: the request's `tracing` span
+//! started anywhere in the request's task joins it (`append` is started there and ended when
+//! its write is awaited; a write nobody awaits is not exported). These are not `tracing` spans: the request's `tracing` span
 //! ([`super::request_span`]) is what the logs read; these are built for export alone, without
 //! the subscriber's per-span bookkeeping.
 
@@ -91,6 +91,13 @@ impl Recording {
     /// Ends the span now (as dropping it does).
     pub fn end(self) {}
 
+    /// Drops the span without exporting it (work that nobody waits for, whose end is not
+    /// known).
+    pub fn discard(self) {
+        #[cfg(feature = "otel")]
+        self.open.discard();
+    }
+
     /// Marks the span failed, with what went wrong.
     pub fn error(&mut self, message: String) {
         #[cfg(feature = "otel")]
@@ -142,7 +149,7 @@ pub fn server(
 }
 
 /// Starts a span `name`, a child of the current task's span; `None` outside a recorded
-/// request. For work that ends elsewhere (`append` ends in the log's completion callback).
+/// request. For work that ends elsewhere (`append` ends when its `Commit` is awaited).
 pub fn start(name: &'static str, kind: Kind) -> Option<Recording> {
     #[cfg(feature = "otel")]
     {
