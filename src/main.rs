@@ -60,13 +60,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let telemetry = match courier::telemetry::init(&config) {
-        Ok(telemetry) => telemetry,
-        Err(error) => {
-            eprintln!("courier: cannot start the trace span exporter: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+    if let Err(error) = courier::telemetry::init(&config) {
+        eprintln!("courier: cannot start the trace span exporter: {error}");
+        return ExitCode::FAILURE;
+    }
     if courier_storage::failpoint::setup_from_env() {
         tracing::warn!(
             failpoints = std::env::var("FAILPOINTS").unwrap_or_default(),
@@ -85,7 +82,7 @@ fn main() -> ExitCode {
     };
     let served = runtime.block_on(serve(config));
     // The spans of the last requests, if they are exported.
-    telemetry.flush(std::time::Duration::from_secs(5));
+    courier::telemetry::flush(std::time::Duration::from_secs(5));
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -109,10 +109,10 @@ pub fn router(state: AppState) -> Router {
 
 /// The outermost layer of every route: runs the request in its span
 /// ([`telemetry::request_span`], joining the caller's `traceparent`, and when spans are
-/// exported, [`spans::server`] too); answers a handler that
-/// panics with 500 in the error shape, and logs the panic with the request's method and
-/// route, instead of dropping the connection without an answer; and counts every answer by
-/// route template, method and status class (`courier_http_requests_total`). A service of its own rather than
+/// exported, [`spans::server`] too); answers a handler that panics with 500 in the error
+/// shape, and logs the panic with the request's method and route, instead of dropping the
+/// connection without an answer; and counts every answer by route template, method and
+/// status class (`courier_http_requests_total`). A service of its own rather than
 /// `middleware::from_fn`, which costs three allocations per request where this costs one.
 #[derive(Debug, Clone)]
 struct GuardLayer(Arc<Metrics>);
@@ -148,7 +148,7 @@ where
         let caller = TraceParent::of_request(request.headers()).map(|(_, parsed)| parsed);
         let trace_id = caller.map_or_else(TraceId::random, |c| c.trace_id);
         let method_name = method_label(&method);
-        let route_name = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let route_name = route_label(route.as_ref());
         let span = telemetry::request_span(method_name, route_name, trace_id, caller);
         let recording = spans::server(method_name, route_name, trace_id, caller);
         let inner = &mut self.0;
@@ -173,16 +173,18 @@ where
                         recording.error(format!("answered {status}"));
                     }
                 }
-                metrics.answered(
-                    route.as_ref().map_or("unmatched", MatchedPath::as_str),
-                    method_label(&method),
-                    status.as_u16(),
-                );
+                metrics.answered(route_label(route.as_ref()), method_name, status.as_u16());
                 Ok(response)
             }
             .instrument(span),
         )
     }
+}
+
+/// A request's route template as a label (of its span and its metric): `unmatched` for
+/// one no route took.
+fn route_label(route: Option<&MatchedPath>) -> &str {
+    route.map_or("unmatched", MatchedPath::as_str)
 }
 
 /// A request method as a metric label: the methods of HTTP, else `other` (labels stay

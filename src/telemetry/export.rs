@@ -73,7 +73,7 @@ pub struct Exporter {
 ///
 /// # Errors
 /// The thread could not be started, or an exporter runs already.
-pub fn start(endpoint: &str) -> std::io::Result<Flusher> {
+pub fn start(endpoint: &str) -> std::io::Result<()> {
     let url = traces_url(endpoint);
     if EXPORTER.set(Exporter::default()).is_err() {
         return Err(std::io::Error::other("the span exporter runs already"));
@@ -82,7 +82,7 @@ pub fn start(endpoint: &str) -> std::io::Result<Flusher> {
     std::thread::Builder::new()
         .name("courier-otlp".into())
         .spawn(move || run(exporter, &url))?;
-    Ok(Flusher(exporter))
+    Ok(())
 }
 
 /// `<endpoint>/v1/traces`, unless the endpoint names that path already.
@@ -95,14 +95,10 @@ fn traces_url(endpoint: &str) -> String {
     }
 }
 
-/// Exports what is queued, on demand (at shutdown).
-#[derive(Debug, Clone, Copy)]
-pub struct Flusher(&'static Exporter);
-
-impl Flusher {
+impl Exporter {
     /// Waits up to `timeout` for the spans queued so far to be exported (or dropped).
     pub fn flush(&self, timeout: Duration) {
-        let queue = &self.0.queue;
+        let queue = &self.queue;
         let mut queued = queue.lock();
         queued.flushes_asked += 1;
         let asked = queued.flushes_asked;
@@ -184,7 +180,10 @@ impl Queue {
 
 /// A span while it is recorded; encoded into the queue when dropped (unless discarded).
 #[derive(Debug)]
-pub struct Open(Record, bool);
+pub struct Open {
+    record: Record,
+    discarded: bool,
+}
 
 impl Exporter {
     /// Starts a span `name` in `trace_id`; `parent` is the parent's id and whether it is
@@ -197,8 +196,8 @@ impl Exporter {
         parent: Option<(SpanId, bool)>,
         link: Option<Context>,
     ) -> Open {
-        Open(
-            Record {
+        Open {
+            record: Record {
                 context: Context {
                     trace_id,
                     span_id: SpanId::random(),
@@ -212,52 +211,54 @@ impl Exporter {
                 attributes: Vec::with_capacity(4),
                 error: None,
             },
-            false,
-        )
+            discarded: false,
+        }
     }
 }
 
 impl Open {
     /// Where it sits.
     pub fn context(&self) -> Context {
-        self.0.context
+        self.record.context
     }
 
     /// Adds a string attribute.
     pub fn text(&mut self, key: &'static str, value: &str) {
-        self.0.attributes.push((key, Value::Text(value.to_owned())));
+        self.record
+            .attributes
+            .push((key, Value::Text(value.to_owned())));
     }
 
     /// Adds a string attribute known at compile time.
     pub fn static_text(&mut self, key: &'static str, value: &'static str) {
-        self.0.attributes.push((key, Value::Static(value)));
+        self.record.attributes.push((key, Value::Static(value)));
     }
 
     /// Adds an integer attribute.
     pub fn int(&mut self, key: &'static str, value: u64) {
         let value = i64::try_from(value).unwrap_or(i64::MAX);
-        self.0.attributes.push((key, Value::Int(value)));
+        self.record.attributes.push((key, Value::Int(value)));
     }
 
     /// Marks the span failed.
     pub fn error(&mut self, message: String) {
-        self.0.error = Some(message);
+        self.record.error = Some(message);
     }
 
     /// Drops the span without queueing it.
     pub fn discard(mut self) {
-        self.1 = true;
+        self.discarded = true;
     }
 }
 
 impl Drop for Open {
     /// The span ends: it is encoded into the queue (or counted as dropped).
     fn drop(&mut self) {
-        let Some(exporter) = EXPORTER.get().filter(|_| !self.1) else {
+        let Some(exporter) = EXPORTER.get().filter(|_| !self.discarded) else {
             return;
         };
-        self.0.end_ns = unix_nanos().max(self.0.start_ns);
-        exporter.queue.push(&self.0, &exporter.counts);
+        self.record.end_ns = unix_nanos().max(self.record.start_ns);
+        exporter.queue.push(&self.record, &exporter.counts);
     }
 }
 

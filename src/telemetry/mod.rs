@@ -27,23 +27,15 @@ use crate::config::{Config, LogFormat};
 use crate::metrics::SpanCounts;
 use context::{TraceId, TraceParent};
 
-/// What stays of the logging and tracing set-up: the span exporter, if any.
-#[derive(Debug, Default)]
-pub struct Telemetry {
+/// Waits up to `timeout` for the spans finished so far to be exported, if spans are
+/// exported (at shutdown).
+pub fn flush(timeout: Duration) {
     #[cfg(feature = "otel")]
-    flusher: Option<export::Flusher>,
-}
-
-impl Telemetry {
-    /// Waits up to `timeout` for the spans finished so far to be exported (at shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        #[cfg(feature = "otel")]
-        if let Some(flusher) = &self.flusher {
-            flusher.flush(timeout);
-        }
-        #[cfg(not(feature = "otel"))]
-        let _ = timeout;
+    if let Some(exporter) = export::exporter() {
+        exporter.flush(timeout);
     }
+    #[cfg(not(feature = "otel"))]
+    let _ = timeout;
 }
 
 /// Installs the global subscriber, and starts the span exporter when `otel.endpoint` is set.
@@ -51,7 +43,7 @@ impl Telemetry {
 ///
 /// # Errors
 /// The span exporter's thread could not be started.
-pub fn init(config: &Config) -> std::io::Result<Telemetry> {
+pub fn init(config: &Config) -> std::io::Result<()> {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},sled=warn", config.log_level)));
     tracing_subscriber::registry()
@@ -60,11 +52,9 @@ pub fn init(config: &Config) -> std::io::Result<Telemetry> {
         .init();
     #[cfg(feature = "otel")]
     if let Some(endpoint) = &config.otel.endpoint {
-        return Ok(Telemetry {
-            flusher: Some(export::start(endpoint)?),
-        });
+        export::start(endpoint)?;
     }
-    Ok(Telemetry::default())
+    Ok(())
 }
 
 /// The log lines, in `format`, to stderr.

@@ -233,28 +233,23 @@ pub fn delivered(traceparent: Option<&str>, describe: impl FnOnce(&mut Recording
             return;
         };
         let current = CURRENT.try_with(|current| *current).ok();
-        let span = match traceparent.and_then(TraceParent::parse) {
+        let (trace_id, parent, link) = match traceparent.and_then(TraceParent::parse) {
             Some(producer) if !producer.sampled => return,
-            Some(producer) => exporter.open(
-                Name::Static("deliver"),
-                Kind::Consumer,
-                producer.trace_id,
-                Some((producer.parent_id, true)),
-                current,
-            ),
+            Some(producer) => (producer.trace_id, (producer.parent_id, true), current),
             None => {
                 let Some(current) = current else {
                     return;
                 };
-                exporter.open(
-                    Name::Static("deliver"),
-                    Kind::Consumer,
-                    current.trace_id,
-                    Some((current.span_id, false)),
-                    None,
-                )
+                (current.trace_id, (current.span_id, false), None)
             }
         };
+        let span = exporter.open(
+            Name::Static("deliver"),
+            Kind::Consumer,
+            trace_id,
+            Some(parent),
+            link,
+        );
         let mut recording = Recording { open: span };
         describe(&mut recording);
     }

@@ -24,7 +24,7 @@ use prost::Message;
 use serde_json::json;
 
 use crate::metrics::scrape;
-use crate::support::{eventually, post_in_background, receipts, Response, TestServer};
+use crate::support::{eventually, post_in_background, receipts, TestServer};
 
 /// How the receiver answers.
 #[derive(Clone, Copy)]
@@ -116,21 +116,6 @@ fn child<'a>(spans: &'a [Span], name: &str, parent: &[u8]) -> &'a Span {
     found[0]
 }
 
-fn post_traced(
-    server: &TestServer,
-    path: &str,
-    body: &serde_json::Value,
-    traceparent: &str,
-) -> Response {
-    server.raw(
-        "POST",
-        path,
-        Some(&serde_json::to_vec(body).unwrap()),
-        Some("application/json"),
-        &[("traceparent", traceparent)],
-    )
-}
-
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const PRODUCER: &str = "b7ad6b7169203331";
 const CONSUMER: &str = "00f067aa0ba902b7";
@@ -144,7 +129,7 @@ fn a_publish_receive_ack_is_exported_as_one_trace_of_nested_spans() {
     // A trace its caller does not record: nothing of it is exported.
     let unsampled = format!("00-{UNSAMPLED}-{PRODUCER}-00");
     let message = json!({"to": "agent:worker", "from": "planner", "body": "skip me"});
-    let published = post_traced(&server, "/v1/messages", &message, &unsampled);
+    let published = server.post_traced("/v1/messages", &message, &unsampled);
     assert_eq!(published.status, 201);
     let skipped = server.receive("worker", json!({"wait_ms": 0}));
     let receipt = skipped[0]["receipt"].as_str().unwrap();
@@ -186,13 +171,13 @@ fn a_publish_receive_ack_is_exported_as_one_trace_of_nested_spans() {
 fn publish_receive_ack(server: &TestServer) -> String {
     let producer = format!("00-{TRACE}-{PRODUCER}-01");
     let message = json!({"to": "agent:worker", "from": "planner", "body": {"task": 1}});
-    let published = post_traced(server, "/v1/messages", &message, &producer);
+    let published = server.post_traced("/v1/messages", &message, &producer);
     assert_eq!(published.status, 201, "{published:?}");
     let delivered = server.receive("worker", json!({"wait_ms": 0}));
     assert_eq!(delivered[0]["headers"]["traceparent"], json!(producer));
     let consumer = format!("00-{TRACE}-{CONSUMER}-01");
     let ack = json!({"receipts": receipts(&delivered)});
-    let acked = post_traced(server, "/v1/agents/worker/ack", &ack, &consumer);
+    let acked = server.post_traced("/v1/agents/worker/ack", &ack, &consumer);
     assert_eq!(acked.status, 200);
     published.json["id"].as_str().unwrap().to_owned()
 }
@@ -335,7 +320,7 @@ fn a_request_and_its_reply_have_spans_of_their_own() {
     let reply = json!({"from": "worker", "in_reply_to": id, "body": {"a": 1}});
     let consumer = format!("00-{TRACE}-{CONSUMER}-01");
     assert_eq!(
-        post_traced(&server, "/v1/messages", &reply, &consumer).status,
+        server.post_traced("/v1/messages", &reply, &consumer).status,
         201
     );
     let (answer, _) = call.join().unwrap();

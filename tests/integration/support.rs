@@ -248,6 +248,18 @@ impl TestServer {
         self.request("POST", path, Some(&body))
     }
 
+    /// POST with a JSON body and a `traceparent` header.
+    pub fn post_traced(&self, path: &str, body: &Value, traceparent: &str) -> Response {
+        let bytes = serde_json::to_vec(body).unwrap();
+        self.raw(
+            "POST",
+            path,
+            Some(&bytes),
+            Some("application/json"),
+            &[("traceparent", traceparent)],
+        )
+    }
+
     /// PUT with a JSON body.
     pub fn put(&self, path: &str, body: Value) -> Response {
         self.request("PUT", path, Some(&body))

@@ -16,13 +16,7 @@ fn dead_letter_under(server: &TestServer, traceparent: &str) {
     server.publish("worker", json!("doomed"));
     let messages = server.receive("worker", json!({"wait_ms": 0}));
     let body = json!({"receipts": receipts(&messages), "dead_letter": true});
-    let response = server.raw(
-        "POST",
-        "/v1/agents/worker/nack",
-        Some(&serde_json::to_vec(&body).unwrap()),
-        Some("application/json"),
-        &[("traceparent", traceparent)],
-    );
+    let response = server.post_traced("/v1/agents/worker/nack", &body, traceparent);
     assert_eq!(response.status, 200, "{response:?}");
 }
 
