@@ -38,6 +38,14 @@ pub(super) struct CrashPoints {
     writing: Writing,
 }
 
+impl CrashPoints {
+    /// The kind of write (`publish`, `lease`, ...): its crash points' common prefix.
+    fn write(&self) -> &'static str {
+        let name = self.submitted;
+        name.split_once('.').map_or(name, |(write, _)| write)
+    }
+}
+
 const fn points(submitted: &'static str, durable: &'static str) -> CrashPoints {
     CrashPoints {
         submitted,
@@ -182,8 +190,7 @@ impl Broker {
         // Submitted → durable: the wait for the group commit, its write and its fsync.
         let mut span = spans::start("append", Kind::Internal);
         if let Some(span) = &mut span {
-            let write = points.submitted.trim_end_matches(".submitted");
-            span.static_text("courier.write", write);
+            span.static_text("courier.write", points.write());
             span.int("courier.records", records.len() as u64);
         }
         self.log.submit(now, records, move |result| {

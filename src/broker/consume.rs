@@ -260,7 +260,8 @@ impl Broker {
             span.text("courier.agent", agent.as_str());
             span.int("courier.receipts", count);
         };
-        spans::child(name, kind, describe, self.settle_now(agent, receipts, how)).await
+        let _span = spans::enter(name, kind, describe);
+        self.settle_now(agent, receipts, how).await
     }
 
     async fn settle_now(

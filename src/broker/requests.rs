@@ -130,8 +130,8 @@ impl Broker {
     ) -> Result<Frame> {
         let timeout_ms = millis(options.timeout);
         let describe = |span: &mut Recording| span.int("courier.timeout_ms", timeout_ms);
-        let calling = self.call(outgoing, options);
-        spans::child("request_reply", Kind::Internal, describe, calling).await
+        let _span = spans::enter("request_reply", Kind::Internal, describe);
+        self.call(outgoing, options).await
     }
 
     async fn call(

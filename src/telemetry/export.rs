@@ -6,9 +6,9 @@
 //! thread, [`run`], takes the queue whenever it holds [`BATCH_SPANS`] spans or [`BATCH_DELAY`]
 //! passed, wraps it into `ExportTraceServiceRequest`s of at most [`BATCH_SPANS`] spans and
 //! POSTs them to `<otel.endpoint>/v1/traces`. A collector that is down or slow therefore never
-//! delays or fails a request: its batches fail (or time out after [`EXPORT_TIMEOUT`]) on that
-//! thread, the queue fills, and what cannot be queued or sent is dropped and counted
-//! ([`ExportCounts`], `courier_trace_spans_dropped_total`).
+//! delays or fails a request: its batches fail (or time out, a step at a time, after
+//! [`EXPORT_TIMEOUT`]) on that thread, the queue fills, and what cannot be queued or sent is
+//! dropped and counted ([`ExportCounts`], `courier_trace_spans_dropped_total`).
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +27,13 @@ use super::spans::{Context, Kind};
 use crate::clock::{unix_nanos, Clock};
 
 /// Finished spans waiting for the exporter; past this, new ones are dropped (and counted).
-pub const QUEUE_SPANS: usize = 4096;
+pub const QUEUE_SPANS: usize = 8192;
 /// Most spans in one export request.
-pub const BATCH_SPANS: usize = 512;
+pub const BATCH_SPANS: usize = 2048;
 /// Longest a finished span waits for its batch to fill.
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
-/// Longest one export request may take before its batch counts as dropped.
+/// Longest one step of an export request (connecting, sending, waiting for the answer,
+/// reading it) may take before its batch counts as dropped.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two warnings about failing exports.
 const WARN_EVERY_MS: u64 = 60_000;
@@ -154,10 +155,12 @@ impl Queue {
     }
 
     /// Waits up to [`BATCH_DELAY`] for a full batch or a flush request, then swaps what is
-    /// queued into `taken` (empty); the flush requests that this serves.
+    /// queued into `taken` (empty); the flush requests that this serves. Woken by full
+    /// batches, it takes only whole ones: the rest waits for its own batch to fill (or its
+    /// delay to pass) instead of going out as a small request of its own.
     fn take(&self, taken: &mut Queued) -> u64 {
         let queued = self.lock();
-        let (mut queued, _) = self
+        let (mut queued, waited) = self
             .ready
             .wait_timeout_while(queued, BATCH_DELAY, |q| {
                 q.ends.len() < BATCH_SPANS && q.flushes_asked == q.flushes_served
@@ -165,6 +168,17 @@ impl Queue {
             .unwrap_or_else(PoisonError::into_inner);
         std::mem::swap(&mut queued.bytes, &mut taken.bytes);
         std::mem::swap(&mut queued.ends, &mut taken.ends);
+        let whole = taken.ends.len() - taken.ends.len() % BATCH_SPANS;
+        let flushing = queued.flushes_asked != queued.flushes_served;
+        if !waited.timed_out() && !flushing && whole > 0 && whole < taken.ends.len() {
+            let cut = taken.ends[whole - 1];
+            queued.bytes.extend_from_slice(&taken.bytes[cut..]);
+            queued
+                .ends
+                .extend(taken.ends[whole..].iter().map(|end| end - cut));
+            taken.bytes.truncate(cut);
+            taken.ends.truncate(whole);
+        }
         queued.flushes_asked
     }
 
@@ -264,8 +278,15 @@ impl Drop for Open {
 
 /// The export thread: takes what is queued, a batch at a time, and sends it.
 fn run(exporter: &Exporter, url: &str) {
+    // Each step has its own limit rather than one for the whole call: with an overall limit,
+    // ureq resolves the host on a new thread for every request.
+    let limit = Some(EXPORT_TIMEOUT);
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(EXPORT_TIMEOUT))
+        .timeout_connect(limit)
+        .timeout_send_request(limit)
+        .timeout_send_body(limit)
+        .timeout_recv_response(limit)
+        .timeout_recv_body(limit)
         .http_status_as_error(false)
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -454,5 +475,51 @@ mod tests {
         let scope = &resource.scope_spans[0];
         assert_eq!(scope.scope.as_ref().expect("scope").name, "courier");
         assert_eq!(scope.spans, spans);
+    }
+
+    /// The names of the spans in `taken`, in order.
+    fn names(taken: &Queued) -> Vec<String> {
+        let mut body = Vec::new();
+        Envelope::new().wrap(&taken.bytes, &mut body);
+        let request = ExportTraceServiceRequest::decode(&body[..]).expect("a valid request");
+        let spans = &request.resource_spans[0].scope_spans[0].spans;
+        assert_eq!(spans.len(), taken.ends.len());
+        spans.iter().map(|span| span.name.clone()).collect()
+    }
+
+    #[test]
+    fn a_full_batch_is_taken_whole_and_the_rest_waits_for_its_own() {
+        let queue = Queue::default();
+        let counts = ExportCounts::default();
+        let span = |n: usize| Record {
+            context: Context {
+                trace_id: TraceId::random(),
+                span_id: SpanId::random(),
+            },
+            parent: None,
+            link: None,
+            name: Name::Owned(format!("span {n}")),
+            kind: Kind::Internal,
+            start_ns: 1,
+            end_ns: 2,
+            attributes: Vec::new(),
+            error: None,
+        };
+        let queued = BATCH_SPANS + 188;
+        for n in 0..queued {
+            queue.push(&span(n), &counts);
+        }
+        let mut taken = Queued::default();
+        queue.take(&mut taken);
+        let expected =
+            |range: std::ops::Range<usize>| range.map(|n| format!("span {n}")).collect::<Vec<_>>();
+        assert_eq!(names(&taken), expected(0..BATCH_SPANS));
+
+        taken.bytes.clear();
+        taken.ends.clear();
+        queue.lock().flushes_asked += 1;
+        let asked = queue.take(&mut taken);
+        assert_eq!(asked, 1);
+        assert_eq!(names(&taken), expected(BATCH_SPANS..queued));
     }
 }

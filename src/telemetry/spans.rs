@@ -5,12 +5,16 @@
 //!
 //! They are recorded only with the cargo feature `otel` and `otel.endpoint` set, and only in a
 //! trace its caller records (see [`super::export`]); otherwise every function here costs a
-//! check of one pointer. The current span of a request travels in a task-local: a child
-//! started anywhere in the request's task joins it (`append` is started there and ended when
-//! its write is awaited; a write nobody awaits is not exported). These are not `tracing` spans: the request's `tracing` span
-//! ([`super::request_span`]) is what the logs read; these are built for export alone, without
-//! the subscriber's per-span bookkeeping.
+//! check of one pointer. The current span of a request travels in a task-local, set for the
+//! request's task once ([`within`]) and changed by [`enter`] while a child span lives: a
+//! child started anywhere in the request's task joins it (`append` is started there and ended
+//! when its write is awaited; a write nobody awaits is not exported). No future is wrapped
+//! per child span, so a span costs no copies of the (large) futures it covers. These are not
+//! `tracing` spans: the request's `tracing` span ([`super::request_span`]) is what the logs
+//! read; these are built for export alone, without the subscriber's per-span bookkeeping.
 
+#[cfg(feature = "otel")]
+use std::cell::Cell;
 use std::future::Future;
 
 #[cfg(feature = "otel")]
@@ -45,7 +49,7 @@ pub struct Context {
 #[cfg(feature = "otel")]
 tokio::task_local! {
     /// The span the current task works in.
-    static CURRENT: Context;
+    static CURRENT: Cell<Context>;
 }
 
 /// A span being recorded: ends, and is queued for export, when dropped.
@@ -154,7 +158,7 @@ pub fn start(name: &'static str, kind: Kind) -> Option<Recording> {
     #[cfg(feature = "otel")]
     {
         let exporter = export::exporter()?;
-        let parent = CURRENT.try_with(|current| *current).ok()?;
+        let parent = CURRENT.try_with(Cell::get).ok()?;
         let open = exporter.open(
             Name::Static(name),
             kind,
@@ -176,7 +180,7 @@ pub fn start(name: &'static str, kind: Kind) -> Option<Recording> {
 #[cfg(feature = "otel")]
 pub fn within<F: Future>(span: Option<&Recording>, future: F) -> impl Future<Output = F::Output> {
     match span {
-        Some(span) => Either::Right(CURRENT.scope(span.context(), future)),
+        Some(span) => Either::Right(CURRENT.scope(Cell::new(span.context()), future)),
         None => Either::Left(future),
     }
 }
@@ -188,39 +192,51 @@ pub fn within<F: Future>(span: Option<&Recording>, future: F) -> impl Future<Out
     future
 }
 
-/// `future`, run as a span `name` of its own, a child of the current one, described by
-/// `describe`; the span ends when the future does (or is dropped). Outside a recorded
-/// request, `future` itself, unwrapped (no copy of a large future into wrappers).
-#[cfg(feature = "otel")]
-pub fn child<F: Future>(
+/// A span entered in the current task ([`enter`]): spans started in the task while it lives
+/// are its children. Dropping it ends the span and makes its parent current again.
+#[derive(Debug)]
+pub struct Entered {
+    #[cfg(feature = "otel")]
+    #[expect(
+        dead_code,
+        reason = "held so that the span ends when the guard is dropped"
+    )]
+    span: Recording,
+    #[cfg(feature = "otel")]
+    parent: Context,
+}
+
+/// Starts a span `name`, a child of the current one described by `describe`, and makes it
+/// the task's current span until the returned guard is dropped (keep it across the work it
+/// covers: `let _span = enter(..); work.await`). Spans entered in one task nest: one task
+/// does not run two entered spans side by side. `None` outside a recorded request.
+pub fn enter(
     name: &'static str,
     kind: Kind,
     describe: impl FnOnce(&mut Recording),
-    future: F,
-) -> impl Future<Output = F::Output> {
-    match start(name, kind) {
-        Some(mut span) => {
-            describe(&mut span);
-            Either::Right(async move {
-                let output = CURRENT.scope(span.context(), future).await;
-                span.end();
-                output
-            })
-        }
-        None => Either::Left(future),
+) -> Option<Entered> {
+    #[cfg(feature = "otel")]
+    {
+        let mut span = start(name, kind)?;
+        describe(&mut span);
+        let parent = CURRENT
+            .try_with(|current| current.replace(span.context()))
+            .ok()?;
+        Some(Entered { span, parent })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = (name, kind, describe);
+        None
     }
 }
 
-/// `future` itself: without the feature `otel` nothing is recorded.
-#[cfg(not(feature = "otel"))]
-pub fn child<F: Future>(
-    name: &'static str,
-    kind: Kind,
-    describe: impl FnOnce(&mut Recording),
-    future: F,
-) -> impl Future<Output = F::Output> {
-    let _ = (name, kind, describe);
-    future
+#[cfg(feature = "otel")]
+impl Drop for Entered {
+    /// The span's parent is current again (the span itself ends as it is dropped next).
+    fn drop(&mut self) {
+        let _ = CURRENT.try_with(|current| current.set(self.parent));
+    }
 }
 
 /// Records a message's delivery (`deliver`, kind consumer, no duration): in the trace of its
@@ -232,7 +248,7 @@ pub fn delivered(traceparent: Option<&str>, describe: impl FnOnce(&mut Recording
         let Some(exporter) = export::exporter() else {
             return;
         };
-        let current = CURRENT.try_with(|current| *current).ok();
+        let current = CURRENT.try_with(Cell::get).ok();
         let (trace_id, parent, link) = match traceparent.and_then(TraceParent::parse) {
             Some(producer) if !producer.sampled => return,
             Some(producer) => (producer.trace_id, (producer.parent_id, true), current),

@@ -199,6 +199,10 @@ fn assert_publish_spans(spans: &[Span]) {
     let publish = child(spans, "publish", &request.span_id);
     assert_eq!(publish.kind, i32::from(SpanKind::Producer));
     let append = child(spans, "append", &publish.span_id);
+    assert_eq!(
+        string_attribute(append, "courier.write").as_deref(),
+        Some("publish")
+    );
     for (outer, inner) in [(request, publish), (publish, append)] {
         assert_eq!(hex(&inner.trace_id), TRACE);
         assert!(outer.start_time_unix_nano <= inner.start_time_unix_nano);
@@ -226,7 +230,11 @@ fn assert_delivery_spans(spans: &[Span], id: &str) {
     assert_eq!(receive.trace_id, deliver.links[0].trace_id);
     assert_ne!(hex(&receive.trace_id), TRACE);
     assert!(receive.parent_span_id.is_empty());
-    child(spans, "append", &receive.span_id);
+    let lease = child(spans, "append", &receive.span_id);
+    assert_eq!(
+        string_attribute(lease, "courier.write").as_deref(),
+        Some("lease")
+    );
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {
@@ -273,7 +281,7 @@ fn a_collector_that_is_down_fails_no_request_and_its_spans_are_counted_as_droppe
 fn a_collector_that_hangs_delays_no_request_and_what_overflows_is_counted() {
     let (collector, _spans) = receiver(Collector::Hanging);
     let server = TestServer::start(&["--otel-endpoint", &format!("http://{collector}")]);
-    // One span per request, until the exporter's queue (4,096) overflows while its batches
+    // One span per request, until the exporter's queue (8,192) overflows while its batches
     // hang (10 s each).
     let mut slowest = Duration::ZERO;
     let started = Instant::now();
