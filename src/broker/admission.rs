@@ -185,6 +185,14 @@ impl Broker {
         signed: &Signed,
         now: u64,
     ) -> Result<Commit> {
+        let record = Self::nonce_record(core, signed, now)?;
+        self.commit_now(core, NONCE, now, vec![record])
+    }
+
+    /// The `NonceUsed` record that spends a signed request's nonce, to be committed now
+    /// (alone, or ahead of the request's messages in their submission); refused if the
+    /// nonce was used within its window or its window has ended.
+    pub(super) fn nonce_record(core: &Core, signed: &Signed, now: u64) -> Result<Record> {
         Self::check_nonce(core, Some(signed), now)?;
         // A window that has ended, by the server's clock or by the record clock (which
         // forgets nonces and can be ahead after the system clock was set back), could not
@@ -192,11 +200,10 @@ impl Broker {
         if signed.until_ms <= now.max(core.delivery.record_clock_ms()) {
             return Err(Refusal::SignatureExpired);
         }
-        let record = Record::NonceUsed {
+        Ok(Record::NonceUsed {
             signer: signed.signer.clone(),
             nonce: signed.nonce.clone(),
             until_ms: signed.until_ms,
-        };
-        self.commit_now(core, NONCE, now, vec![record])
+        })
     }
 }

@@ -13,8 +13,11 @@
 //!   order. For records that need their own offset (messages) or must not be seen before
 //!   they are durable (registrations).
 //!
-//! Both take the lock's contents (`&mut Core`) as an argument, so neither can be called
-//! without holding it: records are submitted in the order they were decided. Both return a
+//! [`Broker::commit_now_and_when_durable`] does both in one submission, the records applied
+//! now first in the log (a signed publish's nonce ahead of its messages).
+//!
+//! All take the lock's contents (`&mut Core`) as an argument, so none can be called without
+//! holding it: records are submitted in the order they were decided. All return a
 //! [`Commit`], which the operation awaits (after releasing the lock) before it answers, so
 //! concurrent requests share one group commit and nobody is answered before durable.
 
@@ -93,14 +96,25 @@ pub(super) struct Commit {
     /// The span `append` (when spans are exported): submitted → durable, ended by the task
     /// that waits for it, so the log's writer thread does no tracing work.
     span: Option<Recording>,
+    /// Records ahead of the caller's in the submission (applied now): left out of the
+    /// [`Appended`] that `durable` returns.
+    skip: u64,
+}
+
+/// Where an append's records after its first `skip` landed.
+fn skipped(appended: Appended, skip: u64) -> Appended {
+    Appended {
+        first: Offset(appended.first.0 + skip),
+        count: appended.count.saturating_sub(skip),
+    }
 }
 
 impl Commit {
     /// Waits until the records are durable (per the fsync policy); where they landed.
     pub(super) async fn durable(self) -> Result<Appended> {
-        let Self { rx, mut span } = self;
+        let Self { rx, mut span, skip } = self;
         let answer = match rx.await {
-            Ok(Ok(appended)) => Ok(appended),
+            Ok(Ok(appended)) => Ok(skipped(appended, skip)),
             Ok(Err(error)) => Err(Refusal::Unavailable(format!(
                 "the write failed and the server stopped accepting writes ({error}); restart it to recover"
             ))),
@@ -138,9 +152,21 @@ impl Broker {
         records: Vec<Record>,
     ) -> Result<Commit> {
         self.check_writable()?;
+        self.apply_now(core, &records, now);
+        Ok(self.submit(
+            points,
+            now,
+            records,
+            0,
+            None::<fn(&mut Core, Appended) -> _>,
+        ))
+    }
+
+    /// The in-memory effect of records committed now ([`Broker::commit_now`]).
+    fn apply_now(self: &Arc<Self>, core: &mut Core, records: &[Record], now: u64) {
         let mut woken = Vec::new();
         let mut released = false;
-        for record in &records {
+        for record in records {
             debug_assert!(
                 !matches!(
                     record,
@@ -159,7 +185,6 @@ impl Broker {
         }
         core.waiters.wake(&woken);
         self.poke_sweeper(core);
-        Ok(self.submit(points, now, records, None::<fn(&mut Core, Appended) -> _>))
     }
 
     /// Submits `records`; once they are durable, `apply` (on the log's writer thread, under
@@ -174,7 +199,30 @@ impl Broker {
         apply: impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static,
     ) -> Result<Commit> {
         self.check_writable()?;
-        Ok(self.submit(points, now, records, Some(apply)))
+        Ok(self.submit(points, now, records, 0, Some(apply)))
+    }
+
+    /// [`Broker::commit_now`] of `ahead` and [`Broker::commit_when_durable`] of `records`
+    /// in one submission, `ahead` first in the log: one write, one completion, and `records`
+    /// never durable without `ahead` (a signed publish's nonce and its messages). `apply`
+    /// and the returned [`Commit`] see where `records` landed.
+    pub(super) fn commit_now_and_when_durable(
+        self: &Arc<Self>,
+        core: &mut Core,
+        points: CrashPoints,
+        now: u64,
+        ahead: Vec<Record>,
+        records: Vec<Record>,
+        apply: impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static,
+    ) -> Result<Commit> {
+        self.check_writable()?;
+        if !ahead.is_empty() {
+            self.apply_now(core, &ahead, now);
+        }
+        let skip = ahead.len() as u64;
+        let mut all = ahead;
+        all.extend(records);
+        Ok(self.submit(points, now, all, skip, Some(apply)))
     }
 
     fn submit(
@@ -182,6 +230,7 @@ impl Broker {
         points: CrashPoints,
         now: u64,
         records: Vec<Record>,
+        skip: u64,
         apply: Option<impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static>,
     ) -> Commit {
         let (tx, rx) = oneshot::channel();
@@ -202,7 +251,7 @@ impl Broker {
                     }
                     if let Some(apply) = apply {
                         let mut core = broker.lock();
-                        let woken = apply(&mut core, *appended);
+                        let woken = apply(&mut core, skipped(*appended, skip));
                         core.waiters.wake(&woken);
                         broker.poke_sweeper(&core);
                     }
@@ -214,7 +263,7 @@ impl Broker {
             let _ = tx.send(result);
         });
         failpoint::crash(points.submitted);
-        Commit { rx, span }
+        Commit { rx, span, skip }
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::admission::Signed;
 use super::admission::{Candidate, Remembered};
-use super::commit::{Commit, PUBLISH};
+use super::commit::{Commit, NONCE, PUBLISH};
 use super::registry::Registry;
 use super::{millis, Broker, Core, Refusal, Result};
 use crate::clock::Stopwatch;
@@ -62,6 +62,9 @@ struct Staged {
     append: Option<(Vec<Written>, Commit)>,
     /// The client ids being committed by this publish.
     client_ids: Vec<String>,
+    /// The nonce of a signed publish whose messages were all duplicates, committed alone
+    /// (else it is written ahead of the messages, in their commit).
+    spent: Option<Commit>,
 }
 
 /// The inboxes an address stands for: where routing is decided, in one place. A topic goes
@@ -123,17 +126,14 @@ impl Broker {
         let stopwatch = Stopwatch::start();
         self.check_id_owners(&outgoing).await?;
         let now = self.clock.now_ms();
-        let (staged, spent) = {
+        let staged = {
             let mut core = self.lock();
             Self::check_nonce(&core, signed.as_ref(), now)?;
             let recalled = self.admit(&mut core, &mut outgoing, now)?;
-            let spent = signed
-                .map(|signed| self.spend_nonce(&mut core, &signed, now))
+            let nonce = signed
+                .map(|signed| Self::nonce_record(&core, &signed, now))
                 .transpose()?;
-            (
-                self.stage_publish(&mut core, outgoing, recalled, now)?,
-                spent,
-            )
+            self.stage_publish(&mut core, outgoing, recalled, nonce, now)?
         };
         let mut results = staged.results;
         if let Some((written, commit)) = staged.append {
@@ -173,8 +173,8 @@ impl Broker {
                 destinations: 0,
             });
         }
-        if let Some(spent) = spent {
-            // Before the messages in the log, so durable by now unless all were duplicates.
+        if let Some(spent) = staged.spent {
+            // The nonce of a signed publish that wrote no message.
             spent.durable().await?;
         }
         let mut results: Vec<Published> = results
@@ -314,6 +314,7 @@ impl Broker {
         core: &mut Core,
         outgoing: Vec<Outgoing>,
         recalled: Vec<Option<Remembered>>,
+        nonce: Option<Record>,
         now: u64,
     ) -> Result<Staged> {
         // Checked before any id is marked as being committed.
@@ -324,6 +325,7 @@ impl Broker {
             waits: Vec::new(),
             append: None,
             client_ids: Vec::new(),
+            spent: None,
         };
         let mut written = Vec::new();
         let mut records = Vec::new();
@@ -367,18 +369,27 @@ impl Broker {
             written.push((i, message.id.clone(), message.destinations.len()));
             records.push(Record::Message(message));
         }
+        let ahead = Vec::from_iter(nonce);
         if records.is_empty() {
+            if !ahead.is_empty() {
+                staged.spent = Some(self.commit_now(core, NONCE, now, ahead)?);
+            }
             return Ok(staged);
         }
-        staged.append = Some((written, self.commit_messages(core, records, ids, now)?));
+        staged.append = Some((
+            written,
+            self.commit_messages(core, ahead, records, ids, now)?,
+        ));
         Ok(staged)
     }
 
-    /// Submits `Message` records; once durable, each arrives in its inboxes with its offset,
-    /// and its client id (if any) is remembered and answered to the duplicates waiting on it.
+    /// Submits `Message` records (after `ahead`, a signed publish's nonce, committed now);
+    /// once durable, each arrives in its inboxes with its offset, and its client id (if any)
+    /// is remembered and answered to the duplicates waiting on it.
     fn commit_messages(
         self: &Arc<Self>,
         core: &mut Core,
+        ahead: Vec<Record>,
         records: Vec<Record>,
         ids: Vec<Option<(String, watch::Sender<Option<u64>>)>>,
         now: u64,
@@ -392,19 +403,26 @@ impl Broker {
             })
             .collect();
         let broker = self.clone();
-        self.commit_when_durable(core, PUBLISH, now, records, move |core, appended| {
-            let mut woken = Vec::new();
-            for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
-                let offset = Offset(appended.first.0 + n as u64);
-                woken.extend(core.delivery.arrive(arrival, offset, now));
-                broker.answer_calls(core, arrival, offset, now);
-                if let Some((id, tx)) = id {
-                    core.admission.committed(&id);
-                    tx.send_replace(Some(offset.0));
+        self.commit_now_and_when_durable(
+            core,
+            PUBLISH,
+            now,
+            ahead,
+            records,
+            move |core, appended| {
+                let mut woken = Vec::new();
+                for (n, (arrival, id)) in arrivals.iter().zip(ids).enumerate() {
+                    let offset = Offset(appended.first.0 + n as u64);
+                    woken.extend(core.delivery.arrive(arrival, offset, now));
+                    broker.answer_calls(core, arrival, offset, now);
+                    if let Some((id, tx)) = id {
+                        core.admission.committed(&id);
+                        tx.send_replace(Some(offset.0));
+                    }
                 }
-            }
-            woken
-        })
+                woken
+            },
+        )
     }
 }
 
