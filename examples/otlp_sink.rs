@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::post;
@@ -39,6 +40,7 @@ async fn main() -> std::io::Result<()> {
                 ([(CONTENT_TYPE, "application/x-protobuf")], Bytes::new())
             }),
         )
+        .layer(DefaultBodyLimit::disable())
         .with_state(taken.clone());
     let listener = tokio::net::TcpListener::bind(&address).await?;
     println!("otlp sink listening on http://{address}/v1/traces");

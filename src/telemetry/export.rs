@@ -3,10 +3,11 @@
 //! A span ([`super::spans`]) is recorded as an [`Open`]. When it ends, the thread that ends
 //! it encodes it ([`super::otlp`]) into a bounded queue, waiting
 //! for nothing but the queue's lock and waking nobody unless it completes a batch. One
-//! thread, [`run`], takes the queue whenever it holds [`BATCH_SPANS`] spans or [`BATCH_DELAY`]
-//! passed, wraps it into `ExportTraceServiceRequest`s of at most [`BATCH_SPANS`] spans and
-//! POSTs them to `<otel.endpoint>/v1/traces`. A collector that is down or slow therefore never
-//! delays or fails a request: its batches fail (or time out, a step at a time, after
+//! thread, [`run`], takes the whole batches of [`BATCH_SPANS`] spans the queue holds (or all
+//! of it, when [`BATCH_DELAY`] passed without a full batch or a flush is asked for), wraps them
+//! into `ExportTraceServiceRequest`s of at most [`BATCH_SPANS`] spans and POSTs them to
+//! `<otel.endpoint>/v1/traces`. A collector that is down or slow therefore never delays or
+//! fails a request: its batches fail (or time out, a step at a time, after
 //! [`EXPORT_TIMEOUT`]) on that thread, the queue fills, and what cannot be queued or sent is
 //! dropped and counted ([`ExportCounts`], `courier_trace_spans_dropped_total`).
 
@@ -30,10 +31,11 @@ use crate::clock::{unix_nanos, Clock};
 pub const QUEUE_SPANS: usize = 8192;
 /// Most spans in one export request.
 pub const BATCH_SPANS: usize = 2048;
-/// Longest a finished span waits for its batch to fill.
+/// Longest the export thread waits for a batch to fill before it sends what is queued (a span
+/// left over from a full batch taken while an export ran may wait for that export too).
 pub const BATCH_DELAY: Duration = Duration::from_secs(1);
-/// Longest one step of an export request (connecting, sending, waiting for the answer,
-/// reading it) may take before its batch counts as dropped.
+/// Longest one step of an export request (resolving a host name, connecting, sending,
+/// waiting for the answer, reading it) may take before its batch counts as dropped.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two warnings about failing exports.
 const WARN_EVERY_MS: u64 = 60_000;
@@ -86,6 +88,19 @@ pub fn start(endpoint: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Whether `url`'s host is a name (to be resolved), not an IP address.
+fn names_a_host(url: &str) -> bool {
+    let host = url
+        .parse::<axum::http::Uri>()
+        .ok()
+        .and_then(|uri| uri.host().map(str::to_owned));
+    host.is_none_or(|host| {
+        host.trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_err()
+    })
+}
+
 /// `<endpoint>/v1/traces`, unless the endpoint names that path already.
 fn traces_url(endpoint: &str) -> String {
     let base = endpoint.trim_end_matches('/');
@@ -111,7 +126,7 @@ impl Exporter {
 }
 
 /// Encoded spans between the threads that end them and the export thread: a buffer under a
-/// mutex, which the export thread takes whole.
+/// mutex, which the export thread takes a whole batch at a time (or all of it).
 #[derive(Debug, Default)]
 struct Queue {
     state: Mutex<Queued>,
@@ -278,10 +293,12 @@ impl Drop for Open {
 
 /// The export thread: takes what is queued, a batch at a time, and sends it.
 fn run(exporter: &Exporter, url: &str) {
-    // Each step has its own limit rather than one for the whole call: with an overall limit,
-    // ureq resolves the host on a new thread for every request.
+    // Each step has its own limit rather than one for the whole call: a limit on resolving
+    // makes ureq resolve the host on a new thread for every request, so it is set only when
+    // there is a name to resolve (an IP address is parsed, not looked up).
     let limit = Some(EXPORT_TIMEOUT);
     let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_resolve(limit.filter(|_| names_a_host(url)))
         .timeout_connect(limit)
         .timeout_send_request(limit)
         .timeout_send_body(limit)
@@ -446,6 +463,14 @@ mod tests {
             traces_url("https://c.example/otlp/v1/traces"),
             "https://c.example/otlp/v1/traces"
         );
+    }
+
+    #[test]
+    fn only_a_host_name_is_resolved_with_a_time_limit() {
+        assert!(!names_a_host("http://127.0.0.1:4318/v1/traces"));
+        assert!(!names_a_host("http://[::1]:4318/v1/traces"));
+        assert!(names_a_host("http://collector:4318/v1/traces"));
+        assert!(names_a_host("https://otel.example.com/v1/traces"));
     }
 
     #[test]

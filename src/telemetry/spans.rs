@@ -92,9 +92,6 @@ impl Recording {
         let _ = (key, value);
     }
 
-    /// Ends the span now (as dropping it does).
-    pub fn end(self) {}
-
     /// Drops the span without exporting it (work that nobody waits for, whose end is not
     /// known).
     pub fn discard(self) {

@@ -48,29 +48,33 @@ fn receiver(behaviour: Collector) -> (SocketAddr, Arc<Mutex<Vec<Span>>>) {
             .build()
             .expect("runtime");
         runtime.block_on(async move {
-            let app = axum::Router::new().route(
-                "/v1/traces",
-                post(move |body: Bytes| async move {
-                    if let Collector::Hanging = behaviour {
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                    let request = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                    let mut spans = received.lock().unwrap();
-                    for resource in request.resource_spans {
-                        let service = resource.resource.expect("a resource").attributes;
-                        assert!(service.iter().any(|kv| kv.key == "service.name"
-                            && kv.value.as_ref().and_then(|v| v.value.as_ref())
-                                == Some(&AnyValue::StringValue("courier".into()))));
-                        for scope in resource.scope_spans {
-                            spans.extend(scope.spans);
+            let app = axum::Router::new()
+                .route(
+                    "/v1/traces",
+                    post(move |body: Bytes| async move {
+                        if let Collector::Hanging = behaviour {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
                         }
-                    }
-                    (
-                        [("content-type", "application/x-protobuf")],
-                        ExportTraceServiceResponse::default().encode_to_vec(),
-                    )
-                }),
-            );
+                        let request =
+                            ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                        let mut spans = received.lock().unwrap();
+                        for resource in request.resource_spans {
+                            let service = resource.resource.expect("a resource").attributes;
+                            assert!(service.iter().any(|kv| kv.key == "service.name"
+                                && kv.value.as_ref().and_then(|v| v.value.as_ref())
+                                    == Some(&AnyValue::StringValue("courier".into()))));
+                            for scope in resource.scope_spans {
+                                spans.extend(scope.spans);
+                            }
+                        }
+                        (
+                            [("content-type", "application/x-protobuf")],
+                            ExportTraceServiceResponse::default().encode_to_vec(),
+                        )
+                    }),
+                )
+                // A collector takes large requests; axum's default limit is 2 MB.
+                .layer(axum::extract::DefaultBodyLimit::disable());
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             axum::serve(listener, app).await.expect("serve");
         });
