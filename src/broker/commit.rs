@@ -216,9 +216,10 @@ impl Broker {
         apply: impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static,
     ) -> Result<Commit> {
         self.check_writable()?;
-        if !ahead.is_empty() {
-            self.apply_now(core, &ahead, now);
+        if ahead.is_empty() {
+            return Ok(self.submit(points, now, records, 0, Some(apply)));
         }
+        self.apply_now(core, &ahead, now);
         let skip = ahead.len() as u64;
         let mut all = ahead;
         all.extend(records);
