@@ -215,10 +215,10 @@ impl Broker {
         records: Vec<Record>,
         apply: impl FnOnce(&mut Core, Appended) -> Vec<Arc<str>> + Send + 'static,
     ) -> Result<Commit> {
-        self.check_writable()?;
         if ahead.is_empty() {
-            return Ok(self.submit(points, now, records, 0, Some(apply)));
+            return self.commit_when_durable(core, points, now, records, apply);
         }
+        self.check_writable()?;
         self.apply_now(core, &ahead, now);
         let skip = ahead.len() as u64;
         let mut all = ahead;
