@@ -72,7 +72,11 @@ pub fn check(
         .map_err(|_| refused("no bearer token to check the signature with".into()))?;
     let key = hmac::Key::new(hmac::HMAC_SHA256, token.as_bytes());
     let mut context = hmac::Context::with_key(&key);
-    context.update(format!("{}.{}.", parsed.time_s, parsed.nonce).as_bytes());
+    let mut digits = [0u8; 20];
+    context.update(decimal(parsed.time_s, &mut digits));
+    context.update(b".");
+    context.update(parsed.nonce.as_bytes());
+    context.update(b".");
     context.update(body);
     let expected = context.sign();
     if !constant_time_eq(expected.as_ref(), &parsed.mac) {
@@ -90,7 +94,7 @@ pub fn check(
 struct Parsed {
     time_s: u64,
     nonce: String,
-    mac: Vec<u8>,
+    mac: [u8; 32],
 }
 
 /// Parses `t=…,n=…,s=…` (in any order, each once).
@@ -126,17 +130,29 @@ fn parse(text: &str) -> Option<Parsed> {
 }
 
 /// 64 hex digits → 32 bytes.
-fn hex(text: &str) -> Option<Vec<u8>> {
+fn hex(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 {
         return None;
     }
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| {
-            let digit = |b: u8| char::from(b).to_digit(16);
-            u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()
-        })
-        .collect()
+    let digit = |b: u8| char::from(b).to_digit(16);
+    let mut mac = [0u8; 32];
+    for (byte, pair) in mac.iter_mut().zip(text.as_bytes().chunks_exact(2)) {
+        *byte = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+    }
+    Some(mac)
+}
+
+/// `value` in decimal, as `format!` writes it, into `buf` (a `u64` has at most 20 digits).
+fn decimal(mut value: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,7 +165,7 @@ mod tests {
         let parsed = parse(&format!("t=17,n=abc-1_x,s={s}")).unwrap();
         assert_eq!(parsed.time_s, 17);
         assert_eq!(parsed.nonce, "abc-1_x");
-        assert_eq!(parsed.mac, vec![0xab; 32]);
+        assert_eq!(parsed.mac, [0xab; 32]);
         assert_eq!(parse(&format!("s={s}, n=abc-1_x, t=17")), Some(parsed));
         for bad in [
             String::new(),
@@ -164,6 +180,14 @@ mod tests {
             "t=17,n=abc".into(),
         ] {
             assert_eq!(parse(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn writes_times_in_decimal_as_format_does() {
+        let mut buf = [0u8; 20];
+        for value in [0, 7, 10, 1_764_000_000, u64::MAX] {
+            assert_eq!(decimal(value, &mut buf), value.to_string().as_bytes());
         }
     }
 }

@@ -168,8 +168,7 @@ impl Broker {
         let Some(signed) = signed else {
             return Ok(());
         };
-        let key = courier_storage::state::nonce_key(&signed.signer, &signed.nonce);
-        if core.delivery.nonce_used(&key, now) {
+        if core.delivery.nonce_used(&signed.signer, &signed.nonce, now) {
             return Err(Refusal::NonceReused);
         }
         Ok(())
@@ -185,15 +184,15 @@ impl Broker {
         signed: &Signed,
         now: u64,
     ) -> Result<Commit> {
-        let record = Self::nonce_record(core, signed, now)?;
+        let record = Self::nonce_record(core, signed.clone(), now)?;
         self.commit_now(core, NONCE, now, vec![record])
     }
 
     /// The `NonceUsed` record that spends a signed request's nonce, to be committed now
     /// (alone, or ahead of the request's messages in their submission); refused if the
     /// nonce was used within its window or its window has ended.
-    pub(super) fn nonce_record(core: &Core, signed: &Signed, now: u64) -> Result<Record> {
-        Self::check_nonce(core, Some(signed), now)?;
+    pub(super) fn nonce_record(core: &Core, signed: Signed, now: u64) -> Result<Record> {
+        Self::check_nonce(core, Some(&signed), now)?;
         // A window that has ended, by the server's clock or by the record clock (which
         // forgets nonces and can be ahead after the system clock was set back), could not
         // be remembered: the nonce would be forgotten at once and could be used again.
@@ -201,8 +200,8 @@ impl Broker {
             return Err(Refusal::SignatureExpired);
         }
         Ok(Record::NonceUsed {
-            signer: signed.signer.clone(),
-            nonce: signed.nonce.clone(),
+            signer: signed.signer,
+            nonce: signed.nonce,
             until_ms: signed.until_ms,
         })
     }

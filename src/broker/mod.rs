@@ -370,7 +370,12 @@ pub fn recover_state(
         state.load_request(&id, request);
     }
     for (until_ms, key) in index.nonces()? {
-        state.load_nonce(&key, until_ms);
+        let (signer, nonce) = courier_storage::state::split_nonce_key(&key).ok_or_else(|| {
+            courier_storage::Error::IndexDamaged {
+                why: format!("the used nonce {key:?} has no signer"),
+            }
+        })?;
+        state.load_nonce(signer, nonce, until_ms);
     }
     for (id, offset, until_ms) in index.remembered()? {
         state.load_remembered(&id, offset, until_ms);

@@ -131,7 +131,7 @@ impl Broker {
             Self::check_nonce(&core, signed.as_ref(), now)?;
             let recalled = self.admit(&mut core, &mut outgoing, now)?;
             let nonce = signed
-                .map(|signed| Self::nonce_record(&core, &signed, now))
+                .map(|signed| Self::nonce_record(&core, signed, now))
                 .transpose()?;
             self.stage_publish(&mut core, outgoing, recalled, nonce, now)?
         };

@@ -15,10 +15,12 @@
 //! so it can always be rebuilt from the index, which is itself rebuilt from the log.
 
 pub mod backoff;
+mod nonces;
 mod receipt;
 mod routing;
 mod store;
 
+pub use nonces::{NonceKey, Nonces};
 pub use receipt::{Outcome, Receipt, Settle};
 pub use routing::TopicView;
 
@@ -194,11 +196,8 @@ pub struct State {
     requests: HashMap<String, RequestValue>,
     /// Expiries of `requests`, earliest first.
     request_expiries: BTreeSet<(u64, String)>,
-    /// Used nonces of signed requests: key → until when.
-    nonces: HashMap<Arc<str>, u64>,
-    /// The same by until when, earliest first (the nonces signed in one second share a
-    /// time). A key whose time changed since stays listed under its old one too.
-    nonce_expiries: BTreeMap<u64, Vec<Arc<str>>>,
+    /// Used nonces of signed requests.
+    nonces: Nonces,
 }
 
 /// A message chosen by [`State::lease`]: from the agent's inbox, or from a capability queue.
@@ -417,10 +416,9 @@ impl State {
         self.clock_ms
     }
 
-    /// Whether the nonce `key` ([`courier_storage::state::nonce_key`]) was used and still
-    /// counts at `now_ms`.
-    pub fn nonce_used(&self, key: &str, now_ms: u64) -> bool {
-        self.nonces.get(key).is_some_and(|until| *until >= now_ms)
+    /// Whether `signer`'s `nonce` was used and still counts at `now_ms`.
+    pub fn nonce_used(&self, signer: &str, nonce: &str, now_ms: u64) -> bool {
+        self.nonces.used(signer, nonce, now_ms)
     }
 
     /// Whether `inbox` exists: a registered agent's, or a queue that messages entered.

@@ -58,8 +58,8 @@ impl State {
     }
 
     /// Loads a used nonce as the index holds it (start-up).
-    pub fn load_nonce(&mut self, key: &str, until_ms: u64) {
-        let Ok(()) = self.put_nonce(key, until_ms);
+    pub fn load_nonce(&mut self, signer: &str, nonce: &str, until_ms: u64) {
+        let Ok(()) = self.put_nonce(signer, nonce, until_ms);
     }
 
     /// Sets the truncation mark as the index holds it (start-up).
@@ -179,9 +179,9 @@ impl State {
                 .is_some_and(|(until, _)| *until <= self.clock_ms)
         };
         let nonces_due = self
-            .nonce_expiries
-            .first_key_value()
-            .is_some_and(|(until, _)| *until <= self.clock_ms);
+            .nonces
+            .next_expiry()
+            .is_some_and(|until| until <= self.clock_ms);
         if due(&self.expiries) || due(&self.request_expiries) || nonces_due {
             let Ok(()) = machine::prune_dedupe(self, self.clock_ms);
         }
@@ -366,25 +366,13 @@ impl Store for State {
         Ok(())
     }
 
-    fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Infallible> {
-        let key: Arc<str> = key.into();
-        self.nonces.insert(key.clone(), until_ms);
-        self.nonce_expiries.entry(until_ms).or_default().push(key);
+    fn put_nonce(&mut self, signer: &str, nonce: &str, until_ms: u64) -> Result<(), Infallible> {
+        self.nonces.put(signer, nonce, until_ms);
         Ok(())
     }
 
     fn forget_nonces(&mut self, clock_ms: u64) -> Result<(), Infallible> {
-        while let Some(entry) = self.nonce_expiries.first_entry() {
-            if *entry.key() > clock_ms {
-                break;
-            }
-            let until = *entry.key();
-            for key in entry.remove() {
-                if self.nonces.get(&key) == Some(&until) {
-                    self.nonces.remove(&key);
-                }
-            }
-        }
+        self.nonces.forget(clock_ms);
         Ok(())
     }
 

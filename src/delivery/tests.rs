@@ -337,20 +337,19 @@ fn receipts_round_trip_and_reject_garbage() {
 #[test]
 fn a_used_nonce_counts_until_its_time_then_is_forgotten_by_the_record_clock() {
     let mut state = State::default();
-    let key = courier_storage::state::nonce_key("alice", "n1");
     let used = Record::NonceUsed {
         signer: "alice".into(),
         nonce: "n1".into(),
         until_ms: 10_000,
     };
     state.apply(&used, Offset(0), 1_000);
-    assert!(state.nonce_used(&key, 5_000));
-    assert!(state.nonce_used(&key, 10_000));
+    assert!(state.nonce_used("alice", "n1", 5_000));
+    assert!(state.nonce_used("alice", "n1", 10_000));
     assert!(
-        !state.nonce_used(&key, 10_001),
+        !state.nonce_used("alice", "n1", 10_001),
         "past its window it no longer counts"
     );
-    assert!(!state.nonce_used(&courier_storage::state::nonce_key("bob", "n1"), 5_000));
+    assert!(!state.nonce_used("bob", "n1", 5_000));
     // A later record's time passes the window: the nonce is forgotten.
     let later = Record::NonceUsed {
         signer: "bob".into(),
@@ -358,8 +357,12 @@ fn a_used_nonce_counts_until_its_time_then_is_forgotten_by_the_record_clock() {
         until_ms: 90_000,
     };
     state.apply(&later, Offset(1), 20_000);
-    assert!(!state.nonces.contains_key(key.as_str()));
-    assert_eq!(state.nonce_expiries.len(), 1);
+    assert!(
+        !state.nonce_used("alice", "n1", 0),
+        "forgotten, not only past"
+    );
+    assert_eq!(state.nonces.len(), 1);
+    assert_eq!(state.nonces.next_expiry(), Some(90_000));
     // Used again later (a replay after its window): it counts until its new time, and the
     // old time passing does not forget it.
     let again = |until_ms| Record::NonceUsed {
@@ -367,11 +370,13 @@ fn a_used_nonce_counts_until_its_time_then_is_forgotten_by_the_record_clock() {
         nonce: "n3".into(),
         until_ms,
     };
-    let carol = courier_storage::state::nonce_key("carol", "n3");
     state.apply(&again(30_000), Offset(2), 20_000);
     state.apply(&again(60_000), Offset(3), 20_000);
     state.apply(&later, Offset(4), 30_000);
-    assert!(state.nonce_used(&carol, 50_000));
+    assert!(state.nonce_used("carol", "n3", 50_000));
     state.apply(&later, Offset(5), 60_000);
-    assert!(!state.nonces.contains_key(carol.as_str()));
+    assert!(
+        !state.nonce_used("carol", "n3", 0),
+        "forgotten at its new time"
+    );
 }

@@ -303,8 +303,9 @@ pub trait Store {
     /// Unlists the request expiry `(until_ms, id)`, and forgets the request itself if
     /// `forget`.
     fn unlist_request(&mut self, until_ms: u64, id: &str, forget: bool) -> Result<(), Self::Error>;
-    /// Remembers the used nonce `key` ([`nonce_key`]) until `until_ms`.
-    fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<(), Self::Error>;
+    /// Remembers the nonce `nonce` of `signer` as used until `until_ms` (a holder that keys
+    /// nonces by one string uses [`nonce_key`]).
+    fn put_nonce(&mut self, signer: &str, nonce: &str, until_ms: u64) -> Result<(), Self::Error>;
     /// Forgets the used nonces remembered until `clock_ms` or before. A holder may drop
     /// them later (the index drops a whole bucket of them at a checkpoint), but never again
     /// reports one as used.
@@ -401,7 +402,7 @@ fn apply_bookkeeping<S: Store + ?Sized>(store: &mut S, record: &Record) -> Resul
             signer,
             nonce,
             until_ms,
-        } => store.put_nonce(&nonce_key(signer, nonce), *until_ms),
+        } => store.put_nonce(signer, nonce, *until_ms),
         _ => Ok(()),
     }
 }
@@ -409,6 +410,11 @@ fn apply_bookkeeping<S: Store + ?Sized>(store: &mut S, record: &Record) -> Resul
 /// The key of a used nonce: its signer and the nonce, apart (neither holds a space).
 pub fn nonce_key(signer: &str, nonce: &str) -> String {
     format!("{signer} {nonce}")
+}
+
+/// The signer and the nonce of a [`nonce_key`]; `None` for a string that is not one.
+pub fn split_nonce_key(key: &str) -> Option<(&str, &str)> {
+    key.split_once(' ')
 }
 
 /// A published message enters its inboxes; what it means to dedupe, topics and requests.

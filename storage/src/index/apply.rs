@@ -15,7 +15,7 @@ use super::{decode_value, encode_value, DedupeValue};
 use crate::error::{Error, Result};
 use crate::position::PositionRun;
 use crate::record::{Agent, Frame, Slot};
-use crate::state::{self, DeadEntry, EntryValue, RequestValue, Store, TopicSeen, Was};
+use crate::state::{self, nonce_key, DeadEntry, EntryValue, RequestValue, Store, TopicSeen, Was};
 use crate::Offset;
 
 /// Applies `frames` (consecutive, in log order) and their positions `runs`, then forgets the
@@ -305,8 +305,8 @@ impl Store for Txn<'_> {
         Ok(())
     }
 
-    fn put_nonce(&mut self, key: &str, until_ms: u64) -> Result<()> {
-        self.nonces.push((until_ms, key.to_owned()));
+    fn put_nonce(&mut self, signer: &str, nonce: &str, until_ms: u64) -> Result<()> {
+        self.nonces.push((until_ms, nonce_key(signer, nonce)));
         Ok(())
     }
 
