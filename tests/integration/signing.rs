@@ -16,6 +16,11 @@ struct Signer {
 }
 
 impl Signer {
+    /// `POST /v1/messages` of `body` with this signer's token and `signature`.
+    fn publish(&self, server: &TestServer, body: &[u8], signature: &str) -> Response {
+        send(server, "/v1/messages", &self.token, body, Some(signature))
+    }
+
     /// `Courier-Signature` of `body` at `time_s` with `nonce`.
     fn header(&self, time_s: u64, nonce: &str, body: &[u8]) -> String {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.token.as_bytes());
@@ -136,9 +141,7 @@ fn t14_bad_signatures_write_nothing() {
     let (server, admin, alice, bob) = setup();
     let (body, now) = (alice_to_bob(), now_s());
     let before = end(&server, &admin);
-    let publish = |body: &[u8], signature: &str| {
-        send(&server, "/v1/messages", &alice.token, body, Some(signature))
-    };
+    let publish = |body: &[u8], signature: &str| alice.publish(&server, body, signature);
 
     let unsigned = send(&server, "/v1/messages", &alice.token, &body, None);
     refused(&unsigned, "no signature");
@@ -174,13 +177,7 @@ fn t14_signatures_299_s_off_pass_and_replays_of_each_kind_are_refused() {
     for skew in [-299i64, 299] {
         let time = time_off(skew);
         let signature = alice.header(time, &format!("ok{}", skew + 1000), &body);
-        let response = send(
-            &server,
-            "/v1/messages",
-            &alice.token,
-            &body,
-            Some(&signature),
-        );
+        let response = alice.publish(&server, &body, &signature);
         assert_eq!(response.status, 201, "skew {skew}: {response:?}");
     }
     // A replay of an accepted publish, batch or request is refused and writes nothing.
@@ -207,26 +204,14 @@ fn t14_used_nonces_survive_sigkill_and_are_each_signers_own() {
     let (mut server, admin, alice, bob) = setup();
     let (body, now) = (alice_to_bob(), now_s());
     let signature = alice.header(now, "once", &body);
-    let first = send(
-        &server,
-        "/v1/messages",
-        &alice.token,
-        &body,
-        Some(&signature),
-    );
+    let first = alice.publish(&server, &body, &signature);
     assert_eq!(first.status, 201, "{first:?}");
     // Seen nonces survive SIGKILL: the replay is still refused after a restart.
     server.kill9();
     server.restart();
     let restarted = end(&server, &admin);
     refused(
-        &send(
-            &server,
-            "/v1/messages",
-            &alice.token,
-            &body,
-            Some(&alice.header(now, "once", &body)),
-        ),
+        &alice.publish(&server, &body, &alice.header(now, "once", &body)),
         "a replay after a restart",
     );
     assert_eq!(
@@ -237,7 +222,7 @@ fn t14_used_nonces_survive_sigkill_and_are_each_signers_own() {
     // A nonce is the signer's own: bob may use "once" too.
     let bobs = serde_json::to_vec(&json!({"to": "agent:alice", "from": "bob", "body": 3})).unwrap();
     let signature = bob.header(now, "once", &bobs);
-    let response = send(&server, "/v1/messages", &bob.token, &bobs, Some(&signature));
+    let response = bob.publish(&server, &bobs, &signature);
     assert_eq!(response.status, 201, "{response:?}");
     // And so may the admin (signing with the admin token), once.
     let root = Signer { token: admin };
@@ -247,21 +232,9 @@ fn t14_used_nonces_survive_sigkill_and_are_each_signers_own() {
 /// Publishes `body` signed by `signer` with `nonce` (201), then replays it (401).
 fn once_then_refused(server: &TestServer, signer: &Signer, body: &[u8], nonce: &str) {
     let signature = signer.header(now_s(), nonce, body);
-    let first = send(
-        server,
-        "/v1/messages",
-        &signer.token,
-        body,
-        Some(&signature),
-    );
+    let first = signer.publish(server, body, &signature);
     assert_eq!(first.status, 201, "{first:?}");
-    let replay = send(
-        server,
-        "/v1/messages",
-        &signer.token,
-        body,
-        Some(&signature),
-    );
+    let replay = signer.publish(server, body, &signature);
     refused(&replay, &format!("the replay of nonce {nonce}"));
 }
 
@@ -294,13 +267,7 @@ fn a_signed_publish_writes_its_nonce_ahead_of_its_messages_and_answers_their_off
     let now = now_s();
     let before = end(&server, &admin);
     let body = alice_to_bob();
-    let one = send(
-        &server,
-        "/v1/messages",
-        &alice.token,
-        &body,
-        Some(&alice.header(now, "one", &body)),
-    );
+    let one = alice.publish(&server, &body, &alice.header(now, "one", &body));
     assert_eq!(one.status, 201, "{one:?}");
     assert_eq!(
         one.json["offset"],
@@ -354,36 +321,18 @@ fn a_signed_publish_of_duplicates_spends_its_nonce_alone() {
         serde_json::to_vec(&json!({"to": "agent:bob", "from": "alice", "body": 2, "id": "two"}))
             .unwrap();
     let signature = alice.header(now, "first", &first);
-    let published = send(
-        &server,
-        "/v1/messages",
-        &alice.token,
-        &first,
-        Some(&signature),
-    );
+    let published = alice.publish(&server, &first, &signature);
     assert_eq!(published.status, 201, "{published:?}");
     // The same message again, with a new nonce: only the nonce is written, and it is spent.
     let again = first;
     let written = end(&server, &admin);
     let signature = alice.header(now, "dup", &again);
-    let dup = send(
-        &server,
-        "/v1/messages",
-        &alice.token,
-        &again,
-        Some(&signature),
-    );
+    let dup = alice.publish(&server, &again, &signature);
     assert_eq!(dup.status, 200, "{dup:?}");
     assert_eq!(dup.json["duplicate"], json!(true));
     assert_eq!(dup.json["offset"], published.json["offset"]);
     assert_eq!(end(&server, &admin), written + 1, "the nonce alone");
-    let replay = send(
-        &server,
-        "/v1/messages",
-        &alice.token,
-        &again,
-        Some(&signature),
-    );
+    let replay = alice.publish(&server, &again, &signature);
     refused(&replay, "the replay of a duplicate's nonce");
 }
 
@@ -427,13 +376,7 @@ fn a_signed_publish_crashed_before_its_answer_is_there_once_after_the_retry() {
         );
         server.set_env("FAILPOINTS", None);
         server.restart();
-        let retry = send(
-            &server,
-            "/v1/messages",
-            &alice.token,
-            &body,
-            Some(&signature),
-        );
+        let retry = alice.publish(&server, &body, &signature);
         assert!(
             retry.status == 201 || retry.status == 401,
             "{point}: the retry: {retry:?}"
