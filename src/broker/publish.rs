@@ -369,13 +369,13 @@ impl Broker {
             written.push((i, message.id.clone(), message.destinations.len()));
             records.push(Record::Message(message));
         }
-        let ahead = Vec::from_iter(nonce);
         if records.is_empty() {
-            if !ahead.is_empty() {
-                staged.spent = Some(self.commit_now(core, NONCE, now, ahead)?);
+            if let Some(nonce) = nonce {
+                staged.spent = Some(self.commit_now(core, NONCE, now, vec![nonce])?);
             }
             return Ok(staged);
         }
+        let ahead = Vec::from_iter(nonce);
         staged.append = Some((
             written,
             self.commit_messages(core, ahead, records, ids, now)?,
